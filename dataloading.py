@@ -1,0 +1,126 @@
+"""Tensors for training and evaluation, built from what convert.py wrote.
+
+Everything here is tensor operations on the training device: the original does the same on
+the GPU, and on a CPU a Python loop over ml-20m's 99 M samples per epoch would dominate.
+"""
+import os
+
+import torch
+
+DATA_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt")
+
+
+class DataError(Exception):
+    """Unusable input data; the message says which file and what to do."""
+
+
+def load_dataset(data_dir):
+    """The three tensors of a converted dataset, checked for shape and dtype."""
+    tensors = {}
+    for name in DATA_FILES:
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            raise DataError(
+                f"{path}: not found; convert the ratings first with "
+                f"`python convert.py --path RATINGS --output {data_dir}`"
+            )
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for damaged files
+            raise DataError(f"{path}: cannot be read ({type(error).__name__}); "
+                            f"re-run convert.py to rewrite it") from None
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.dtype != torch.int64:
+            raise DataError(f"{path}: expected a 2-D int64 tensor; re-run convert.py to rewrite it")
+        tensors[name] = tensor
+    train, test, negatives = (tensors[name] for name in DATA_FILES)
+    if train.shape[1] != 2 or test.shape[1] != 2 or len(train) == 0:
+        raise DataError(f"{data_dir}: train/test ratings must be non-empty [N, 2] tensors; "
+                        f"re-run convert.py")
+    if len(negatives) != len(test):
+        raise DataError(f"{data_dir}: test_negatives.pt has {len(negatives)} rows but "
+                        f"test_ratings.pt has {len(test)}; re-run convert.py")
+    return train, test, negatives
+
+
+def dataset_sizes(train, test, negatives):
+    """(nb_users, nb_items): max id + 1 as the original, over the test ids as well.
+
+    The original counts training ids only; an item seen only as some user's test positive (or
+    drawn as a test negative) would then index past the embedding table. Where every test id
+    also occurs in training, as in ml-20m, both counts agree.
+    """
+    nb_users = int(max(train[:, 0].max(), test[:, 0].max())) + 1
+    nb_items = int(max(train[:, 1].max(), test[:, 1].max(), negatives.max())) + 1
+    return nb_users, nb_items
+
+
+def create_test_data(test_ratings, test_negatives):
+    """Candidates for evaluation: per user its negatives followed by its test positive.
+
+    Returns users [U], items [U, C] and a bool mask [U, C] of repeats: every occurrence of an
+    item after its first in the row, so an item (the positive included) is ranked once.
+    """
+    users = test_ratings[:, 0]
+    items = torch.cat((test_negatives, test_ratings[:, 1:2]), dim=1)
+    sorted_items, order = torch.sort(items, dim=1, stable=True)
+    repeat_sorted = torch.zeros_like(items, dtype=torch.bool)
+    repeat_sorted[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
+    duplicate_mask = torch.empty_like(repeat_sorted).scatter_(1, order, repeat_sorted)
+    return users, items, duplicate_mask
+
+
+def positive_ranks(scores, items, duplicate_mask):
+    """0-based rank of each row's positive (its last column) among the row's candidates.
+
+    Repeats are scored -1 (below any sigmoid) as in the original. The positive is ranked at the
+    first column holding its item, and ties go to the earlier column, like a stable sort.
+    """
+    scores = scores.masked_fill(duplicate_mask, -1.0)
+    first_column = (items == items[:, -1:]).int().argmax(dim=1, keepdim=True)
+    positive_score = scores.gather(1, first_column)
+    columns = torch.arange(items.shape[1], device=items.device)
+    ahead = (scores > positive_score) | ((scores == positive_score) & (columns < first_column))
+    return ahead.sum(dim=1)
+
+
+def hit_rate_and_ndcg(ranks, k):
+    """HR@k and NDCG@k from 0-based positive ranks: a hit when rank < k, gain 1/log2(rank+2)."""
+    ranks = ranks.double()
+    hits = ranks < k
+    gains = torch.where(hits, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
+    return hits.double().mean().item(), gains.mean().item()
+
+
+def share_bounds(total, world_size, rank):
+    """[begin, end) of rank's contiguous share when `total` rows are cut into world_size parts."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def epoch_samples(train_users, train_items, nb_items, negative_samples, world_size, rank,
+                  generator):
+    """One epoch's shuffled (users, items, labels) for this rank.
+
+    Negatives are approximate, as in the original: uniform items with no check against the
+    user's positives. Every rank draws the same negatives from the same generator state, then
+    keeps and shuffles its own contiguous share, so the shares are disjoint and cover the epoch.
+    """
+    device = train_users.device
+    nb_positives = len(train_users)
+    negative_items = torch.randint(0, nb_items, (nb_positives * negative_samples,),
+                                   generator=generator, device=device, dtype=train_items.dtype)
+    items = torch.cat((train_items, negative_items))
+    del negative_items
+    begin, end = share_bounds(len(items), world_size, rank)
+    order = torch.randperm(end - begin, generator=generator, device=device).add_(begin)
+    labels = order < nb_positives
+    # Sample i's user is train_users[i % nb_positives]: the negatives repeat the positives'
+    # users, so that array need not be built.
+    users = train_users[order % nb_positives]
+    return users, items[order], labels
+
+
+def batches(users, items, labels, batch_size):
+    """Full batches only: the last, partial batch is dropped as in the original."""
+    for start in range(0, len(users) - batch_size + 1, batch_size):
+        end = start + batch_size
+        yield users[start:end], items[start:end], labels[start:end]

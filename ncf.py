@@ -1,0 +1,460 @@
+"""Train and evaluate NeuMF on a dataset written by convert.py (NVIDIA's NCF recipe).
+
+    python ncf.py --data DIR                      # train; best weights -> CHECKPOINT_DIR/model.pth
+    python ncf.py --data DIR --mode test --load_checkpoint_path model.pth
+    torchrun --nproc_per_node=N ncf.py --data DIR # one process per GPU (NCCL) or CPU share (gloo)
+"""
+import argparse
+import datetime
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import dataloading
+from checkpoint import (CheckpointError, atomic_save, check_matches, load_checkpoint,
+                        model_state)
+from logger import JsonLogger
+from neumf import NeuMF
+
+# Harmless to change on --resume (a warning); anything else that differs changes the model or
+# the data an epoch is made of, so the run could not equal an uninterrupted one (a refusal).
+RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "topk",
+                        "valid_batch_size", "resume", "local_rank", "mode",
+                        "load_checkpoint_path", "data"}
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
+
+
+class RunError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a Neural Collaborative Filtering model")
+    parser.add_argument("--data", type=str, required=True,
+                        help="directory with the files convert.py writes")
+    parser.add_argument("-e", "--epochs", type=int, default=30)
+    parser.add_argument("-b", "--batch_size", type=int, default=2 ** 20,
+                        help="samples per optimiser step, summed over all processes")
+    parser.add_argument("--valid_batch_size", type=int, default=2 ** 20)
+    parser.add_argument("-f", "--factors", type=int, default=64, help="MF embedding width")
+    parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64],
+                        help="MLP layer sizes; the first is split between user and item")
+    parser.add_argument("-n", "--negative_samples", type=int, default=4)
+    parser.add_argument("-l", "--learning_rate", type=float, default=0.0045)
+    parser.add_argument("-k", "--topk", type=int, default=10)
+    parser.add_argument("-s", "--seed", type=int, default=1)
+    parser.add_argument("-t", "--threshold", type=float, default=1.0,
+                        help="stop once HR@k reaches this")
+    parser.add_argument("-b1", "--beta1", type=float, default=0.25)
+    parser.add_argument("-b2", "--beta2", type=float, default=0.5)
+    parser.add_argument("--eps", type=float, default=1e-8)
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--checkpoint_dir", type=str, default="/data/checkpoints/")
+    parser.add_argument("--load_checkpoint_path", type=str, default=None)
+    parser.add_argument("--mode", choices=["train", "test"], default="train")
+    parser.add_argument("--grads_accumulated", type=int, default=1,
+                        help="batches per optimiser step")
+    parser.add_argument("--opt_level", choices=["O0", "O2"], default="O2",
+                        help="O2: mixed precision on CUDA; O0: float32")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (same as O2)")
+    parser.add_argument("--log_path", type=str, default="log.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from CHECKPOINT_DIR/last.pth")
+    # torch.distributed.launch passes --local-rank=N (newer) or --local_rank N (older).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args
+
+
+def check_args(args, parser):
+    positive = {"--epochs": args.epochs, "--batch_size": args.batch_size,
+                "--valid_batch_size": args.valid_batch_size, "--factors": args.factors,
+                "--topk": args.topk, "--grads_accumulated": args.grads_accumulated}
+    for flag, value in positive.items():
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.negative_samples < 0:
+        parser.error(f"--negative_samples must be 0 or more, got {args.negative_samples}")
+    if any(size < 1 for size in args.layers) or args.layers[0] % 2:
+        parser.error(f"--layers must be positive and the first even (it is split between "
+                     f"user and item embeddings), got {' '.join(map(str, args.layers))}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.learning_rate <= 0 or args.eps <= 0:
+        parser.error("--learning_rate and --eps must be positive")
+    if not (0.0 <= args.beta1 < 1.0 and 0.0 <= args.beta2 < 1.0):
+        parser.error("--beta1 and --beta2 must be in [0, 1)")
+    if args.mode == "test" and not args.load_checkpoint_path:
+        parser.error("--mode test needs --load_checkpoint_path")
+
+
+@dataclass
+class Context:
+    device: torch.device
+    rank: int
+    world_size: int
+    is_main: bool
+    use_amp: bool
+
+
+def init_distributed(args):
+    """Pick the device once: LOCAL_RANK's GPU + NCCL, else the GPU, else the CPU + gloo."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
+    rank = int(os.environ.get("RANK", local_rank))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size > 1:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
+    use_amp = (args.amp or args.opt_level == "O2") and device.type == "cuda"
+    return Context(device, rank, world_size, rank == 0, use_amp)
+
+
+def log_line(ctx, message):
+    if ctx.is_main:
+        print(message, flush=True)
+
+
+def prepare_checkpoint_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise RunError(f"--checkpoint_dir {path}: cannot write there ({error.strerror}); "
+                       f"pass --checkpoint_dir with a writable directory") from None
+
+
+def build_model(args, nb_users, nb_items, ctx):
+    torch.manual_seed(args.seed)
+    model = NeuMF(nb_users, nb_items, args.factors, args.layers, dropout=args.dropout)
+    model = model.to(ctx.device)
+    if ctx.world_size > 1:
+        return model, torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return model, model
+
+
+def build_optimizer(args, model):
+    # fused Adam computes the same update as the loop version, in one kernel per step.
+    return torch.optim.Adam(model.parameters(), lr=args.learning_rate,
+                            betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
+
+
+def epoch_generator(seed, epoch, device):
+    """The generator an epoch's negatives and shuffle are drawn from.
+
+    Seeded from (seed, epoch) rather than carried over, so every rank draws the same negatives
+    whatever its share size, and a resumed run needs no saved data-generator state.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return generator
+
+
+def steps_per_epoch(nb_samples, args, ctx):
+    """Optimiser steps every rank takes: from the smallest share, so no rank waits on another."""
+    local_batch = args.batch_size // ctx.world_size
+    full_batches = (nb_samples // ctx.world_size) // local_batch
+    return full_batches // args.grads_accumulated
+
+
+def check_epoch_holds_a_step(nb_positives, args, ctx):
+    nb_samples = nb_positives * (1 + args.negative_samples)
+    if args.batch_size < ctx.world_size:
+        raise RunError(f"--batch_size {args.batch_size} is smaller than the {ctx.world_size} "
+                       f"processes; each process needs at least one sample per batch")
+    if steps_per_epoch(nb_samples, args, ctx) == 0:
+        fitting = 2 ** int(math.log2(max(1, nb_samples // args.grads_accumulated)))
+        raise RunError(
+            f"--batch_size {args.batch_size} x --grads_accumulated {args.grads_accumulated} "
+            f"exceeds an epoch of {nb_samples:,} samples ({nb_positives:,} positives x "
+            f"(1 + {args.negative_samples} negatives)), so no full batch would be trained; "
+            f"use -b {fitting} or smaller")
+
+
+def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items, epoch, args,
+                ctx):
+    """One epoch; returns the mean training loss over all ranks."""
+    ddp_model.train()
+    generator = epoch_generator(args.seed, epoch, ctx.device)
+    users, items, labels = dataloading.epoch_samples(
+        train_users, train_items, nb_items, args.negative_samples, ctx.world_size, ctx.rank,
+        generator)
+    local_batch = args.batch_size // ctx.world_size
+    steps = steps_per_epoch(len(train_users) * (1 + args.negative_samples), args, ctx)
+    epoch_batches = dataloading.batches(users, items, labels, local_batch)
+    loss_sum = torch.zeros((), device=ctx.device)
+    for _ in progress(range(steps), ctx, f"epoch {epoch}"):
+        for micro_step in range(args.grads_accumulated):
+            user, item, label = next(epoch_batches)
+            last_micro_step = micro_step == args.grads_accumulated - 1
+            # DDP all-reduces gradients only on the batch that completes a step.
+            sync = nullcontext() if last_micro_step or ctx.world_size == 1 else ddp_model.no_sync()
+            with sync:
+                with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=ctx.use_amp):
+                    logits = ddp_model(user, item).view(-1)
+                    loss = F.binary_cross_entropy_with_logits(logits.float(), label.float())
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    if ctx.world_size > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / max(1, steps * args.grads_accumulated * ctx.world_size)
+
+
+def progress(iterable, ctx, description):
+    """A progress bar on an interactive terminal (main rank only); the bare iterable otherwise."""
+    if not (ctx.is_main and sys.stdout.isatty()):
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+
+
+def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
+    """HR@k and NDCG@k over all test users; each rank scores a contiguous share of users.
+
+    Ranks exchange every user's positive rank (not partial sums), so the metrics are computed
+    from the same numbers in the same order whatever the number of processes.
+    """
+    model.eval()
+    nb_users, nb_candidates = test_items.shape
+    begin, end = dataloading.share_bounds(nb_users, ctx.world_size, ctx.rank)
+    rows_per_batch = max(1, args.valid_batch_size // nb_candidates)
+    ranks = torch.zeros(nb_users, dtype=torch.int64, device=ctx.device)
+    with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=torch.float16,
+                                                enabled=ctx.use_amp):
+        for start in range(begin, end, rows_per_batch):
+            stop = min(start + rows_per_batch, end)
+            items = test_items[start:stop]
+            users = test_users[start:stop, None].expand_as(items)
+            scores = model(users.reshape(-1), items.reshape(-1), sigmoid=True)
+            scores = scores.float().view(items.shape)
+            ranks[start:stop] = dataloading.positive_ranks(
+                scores, items, duplicate_mask[start:stop]) + 1
+    if ctx.world_size > 1:
+        ranks = ranks.clone()
+        dist.all_reduce(ranks)
+    return dataloading.hit_rate_and_ndcg(ranks - 1, args.topk)
+
+
+def synchronize(ctx):
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+
+
+def load_data(args, ctx):
+    train, test, negatives = dataloading.load_dataset(args.data)
+    nb_users, nb_items = dataloading.dataset_sizes(train, test, negatives)
+    # int32 ids halve the memory of an epoch's samples; embeddings accept them directly.
+    id_dtype = torch.int32 if max(nb_users, nb_items) < 2 ** 31 else torch.int64
+    train_users = train[:, 0].to(ctx.device, id_dtype)
+    train_items = train[:, 1].to(ctx.device, id_dtype)
+    test_users, test_items, duplicate_mask = (
+        tensor.to(ctx.device) for tensor in dataloading.create_test_data(test, negatives))
+    return (nb_users, nb_items, train_users, train_items,
+            test_users.to(id_dtype), test_items.to(id_dtype), duplicate_mask)
+
+
+def save_checkpoint(path, model, optimizer, scaler, epoch, best, args, nb_users, nb_items,
+                    nb_train):
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "args": vars(args),
+        "data": {"nb_users": nb_users, "nb_items": nb_items, "nb_train": nb_train},
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+    }
+    atomic_save(state, path)
+
+
+def check_resume_args(saved_args, args, path):
+    current = vars(args)
+    differing = sorted(key for key in current if key in saved_args and
+                       current[key] != saved_args[key])
+    refused = [f"{key} ({saved_args[key]} -> {current[key]})" for key in differing
+               if key not in RESUME_HARMLESS_ARGS]
+    if refused:
+        raise RunError(f"{path}: cannot resume: {', '.join(refused)} differ from the saved run, "
+                       f"which would change the model or its data; start a new run in another "
+                       f"--checkpoint_dir, or resume with the saved values")
+    return [f"--{key} {saved_args[key]} -> {current[key]}" for key in differing
+            if key not in ("resume", "local_rank", "data")]
+
+
+def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_train):
+    path = os.path.join(args.checkpoint_dir, "last.pth")
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "args"} <= set(state):
+        raise CheckpointError(f"{path}: not a training state written by ncf.py (no resume data)")
+    saved_data = state["data"]
+    check_matches(model_state(state, path), path, nb_users, nb_items)
+    if saved_data["nb_train"] != nb_train:
+        raise RunError(f"{path}: checkpoint was trained on {saved_data['nb_train']} training "
+                       f"positives, --data has {nb_train}; resume with the same data")
+    changes = check_resume_args(state["args"], args, path)
+    for change in changes:
+        log_line(ctx, f"warning: resuming with a changed setting: {change}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
+    log_line(ctx, f"Resuming from {path}: {state['epoch']} epochs done, best HR@{args.topk} "
+                  f"{state['best']['hr']:.4f} at epoch {state['best']['epoch']}")
+    return state["epoch"], state["best"]
+
+
+def run_test(args, ctx, model, test_data, nb_users, nb_items):
+    state = model_state(load_checkpoint(args.load_checkpoint_path), args.load_checkpoint_path)
+    check_matches(state, args.load_checkpoint_path, nb_users, nb_items, args.factors, args.layers)
+    model.load_state_dict(state)
+    synchronize(ctx)
+    start = time.time()
+    hr, ndcg = val_epoch(model, *test_data, args, ctx)
+    synchronize(ctx)
+    val_time = time.time() - start
+    throughput = test_data[1].numel() / val_time
+    log_line(ctx, f"HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, "
+                  f"val_time = {val_time:.2f}, eval_throughput = {throughput:.0f} samples/s")
+    return {"hr": hr, "ndcg": ndcg, "eval_throughput": throughput}
+
+
+def train(args, ctx, model, ddp_model, data, logger):
+    nb_users, nb_items, train_users, train_items, *test_data = data
+    nb_samples = len(train_users) * (1 + args.negative_samples)
+    optimizer = build_optimizer(args, model)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.use_amp)
+    first_epoch, best = 0, {"hr": 0.0, "ndcg": 0.0, "epoch": -1, "train_seconds": 0.0,
+                            "time_to_best": None, "time_to_target": None}
+    if args.resume:
+        first_epoch, best = resume_state(args, ctx, model, optimizer, scaler, nb_users,
+                                         nb_items, len(train_users))
+    logger.log("resume" if args.resume else "start", first_epoch=first_epoch)
+    history = []
+    for epoch in range(first_epoch, args.epochs):
+        synchronize(ctx)
+        start = time.time()
+        train_loss = train_epoch(ddp_model, optimizer, scaler, train_users, train_items,
+                                 nb_items, epoch, args, ctx)
+        synchronize(ctx)
+        train_time = time.time() - start
+        hr, ndcg = val_epoch(model, *test_data, args, ctx)
+        synchronize(ctx)
+        val_time = time.time() - start - train_time
+        best["train_seconds"] += train_time
+        record = {"epoch": epoch, f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg,
+                  "train_loss": train_loss, "train_throughput": nb_samples / train_time,
+                  "eval_throughput": test_data[1].numel() / val_time,
+                  "train_epoch_time": train_time, "validation_epoch_time": val_time}
+        history.append(record)
+        log_line(ctx, f"Epoch {epoch}: HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f},"
+                      f" train_time = {train_time:.2f}, val_time = {val_time:.2f}")
+        logger.log("epoch", **record)
+        if hr > best["hr"]:
+            best.update(hr=hr, ndcg=ndcg, epoch=epoch, time_to_best=best["train_seconds"])
+            if ctx.is_main:
+                atomic_save(model.state_dict(), os.path.join(args.checkpoint_dir, "model.pth"))
+        reached = hr >= args.threshold
+        if reached and best["time_to_target"] is None:
+            best["time_to_target"] = best["train_seconds"]
+        if ctx.is_main:
+            save_checkpoint(os.path.join(args.checkpoint_dir, "last.pth"), model, optimizer,
+                            scaler, epoch + 1, best, args, nb_users, nb_items, len(train_users))
+        if reached:
+            log_line(ctx, f"HR@{args.topk} {hr:.4f} reached --threshold {args.threshold}; "
+                          f"stopping")
+            break
+    return summarize(history, best, args, ctx, logger)
+
+
+def summarize(history, best, args, ctx, logger):
+    summary = {"best_accuracy": best["hr"], "best_ndcg": best["ndcg"],
+               "best_epoch": best["epoch"], "time_to_target": best["time_to_target"],
+               "time_to_best_model": best["time_to_best"], "epochs_run": len(history)}
+    if history:
+        train_rates = [record["train_throughput"] for record in history]
+        eval_rates = [record["eval_throughput"] for record in history]
+        summary.update(best_train_throughput=max(train_rates),
+                       best_eval_throughput=max(eval_rates),
+                       mean_train_throughput=float(np.mean(train_rates)),
+                       mean_eval_throughput=float(np.mean(eval_rates)))
+        log_line(ctx, f"Best HR@{args.topk} = {best['hr']:.4f} (NDCG@{args.topk} = "
+                      f"{best['ndcg']:.4f}) at epoch {best['epoch']}; best train throughput "
+                      f"{summary['best_train_throughput']:.0f} samples/s, best eval throughput "
+                      f"{summary['best_eval_throughput']:.0f} samples/s")
+    logger.log("summary", **summary)
+    return summary
+
+
+def run(args):
+    ctx = init_distributed(args)
+    try:
+        if args.mode == "train" and ctx.is_main:
+            prepare_checkpoint_dir(args.checkpoint_dir)
+        if args.mode == "train" and not args.resume:
+            last = os.path.join(args.checkpoint_dir, "last.pth")
+            if ctx.is_main and os.path.exists(last):
+                log_line(ctx, f"note: {last} exists and will be replaced; pass --resume to "
+                              f"continue it instead")
+        if (args.amp or args.opt_level == "O2") and ctx.device.type != "cuda":
+            log_line(ctx, "note: mixed precision needs CUDA; training in float32 on the CPU "
+                          "(bfloat16 matrix products run far slower than float32 on most CPUs)")
+        data = load_data(args, ctx)
+        nb_users, nb_items = data[0], data[1]
+        model, ddp_model = build_model(args, nb_users, nb_items, ctx)
+        logger = JsonLogger(args.log_path if ctx.is_main else None, append=args.resume)
+        logger.log("args", **vars(args), world_size=ctx.world_size, device=str(ctx.device),
+                   mixed_precision=ctx.use_amp, nb_users=nb_users, nb_items=nb_items)
+        if args.mode == "test":
+            return run_test(args, ctx, model, data[4:], nb_users, nb_items)
+        check_epoch_holds_a_step(len(data[2]), args, ctx)
+        # Saved with the training state so --resume can refuse a different world size.
+        args.world_size = ctx.world_size
+        return train(args, ctx, model, ddp_model, data, logger)
+    finally:
+        if ctx.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (RunError, dataloading.DataError, CheckpointError) as error:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"{prefix}ncf.py: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", message=".*torch.distributed.launch.*")
+    main()

@@ -1,0 +1,45 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+REAL_DATA = os.path.join(ROOT, "..", "shared", "data", "ml-latest-small", "ratings.csv")
+
+
+def write_clustered_dataset(directory, nb_users=300, nb_items=200, clusters=10,
+                            per_user=20, negatives=100, seed=0):
+    """A converted dataset (the three .pt files) with planted taste clusters.
+
+    User u likes the items of cluster u % clusters: 80 % of its positives, the test positive
+    included, come from that cluster, the rest are uniform. A model that learns the clusters
+    ranks the test positive high; chance is 10 / (negatives + 1).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cluster_items = [torch.arange(c, nb_items, clusters) for c in range(clusters)]
+    train_rows, test_rows, negative_rows = [], [], []
+    for user in range(nb_users):
+        own = cluster_items[user % clusters]
+        picks = own[torch.randperm(len(own), generator=generator)[:per_user + 1]]
+        noise = torch.randint(0, nb_items, (per_user // 4,), generator=generator)
+        items = torch.unique(torch.cat((picks[:-1], noise)))
+        items = items[items != picks[-1]]
+        train_rows += [(user, int(item)) for item in items]
+        test_rows.append((user, int(picks[-1])))
+        allowed = torch.ones(nb_items, dtype=torch.bool)
+        allowed[items] = False
+        pool = allowed.nonzero().view(-1)
+        negative_rows.append(pool[torch.randint(0, len(pool), (negatives,), generator=generator)])
+    os.makedirs(directory, exist_ok=True)
+    torch.save(torch.tensor(train_rows, dtype=torch.int64), os.path.join(directory, "train_ratings.pt"))
+    torch.save(torch.tensor(test_rows, dtype=torch.int64), os.path.join(directory, "test_ratings.pt"))
+    torch.save(torch.stack(negative_rows).to(torch.int64), os.path.join(directory, "test_negatives.pt"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def clustered_data(tmp_path_factory):
+    return write_clustered_dataset(str(tmp_path_factory.mktemp("clustered")))
