@@ -1,0 +1,107 @@
+"""Multi-process runs through PyTorch's own launcher (torchrun), on CPU with gloo."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args, timeout=180, **launcher):
+    options = {"nproc_per_node": 2, **launcher}
+    command = [sys.executable, "-m", "torch.distributed.run"]
+    command += [f"--{key}={value}" for key, value in options.items()]
+    if "rdzv_endpoint" not in options:
+        command += ["--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command + ["ncf.py", *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def epoch_lines(output):
+    return [line for line in output.splitlines() if line.startswith("Epoch ")]
+
+
+def result_line(output):
+    match = re.search(r"HR@10 = ([0-9.]+), NDCG@10 = ([0-9.]+), val_time", output)
+    assert match, output
+    return match.groups()
+
+
+def test_two_processes_train_one_model_and_match_single_process_evaluation(clustered_data,
+                                                                           tmp_path):
+    checkpoints = tmp_path / "ck"
+    run = torchrun("--data", clustered_data, "-e", "3", "-b", "2048", "--checkpoint_dir",
+                   str(checkpoints), "--log_path", str(tmp_path / "log.json"))
+    assert run.returncode == 0, run.stderr
+    lines = epoch_lines(run.stdout)
+    assert [line.split(":")[0] for line in lines] == ["Epoch 0", "Epoch 1", "Epoch 2"]
+    best = max(float(re.search(r"HR@10 = ([0-9.]+)", line).group(1)) for line in lines)
+    assert best > 0.5
+    assert sorted(os.listdir(checkpoints)) == ["last.pth", "model.pth"]
+    state = torch.load(checkpoints / "model.pth", weights_only=True)
+    assert not any(key.startswith("module.") for key in state)
+
+    model = str(checkpoints / "model.pth")
+    test_flags = ["--data", clustered_data, "--mode", "test", "--load_checkpoint_path", model,
+                  "--log_path", str(tmp_path / "test.json"), "--valid_batch_size", "3000"]
+    two = torchrun(*test_flags)
+    assert two.returncode == 0, two.stderr
+    one = subprocess.run([sys.executable, "ncf.py", *test_flags], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert result_line(two.stdout) == result_line(one.stdout)
+    assert float(result_line(one.stdout)[0]) == best
+
+
+def test_same_seed_gives_the_same_curve(clustered_data, tmp_path):
+    curves = []
+    for attempt in range(2):
+        run = torchrun("--data", clustered_data, "-e", "2", "-b", "2048", "--checkpoint_dir",
+                       str(tmp_path / f"ck{attempt}"), "--log_path", str(tmp_path / "log.json"))
+        assert run.returncode == 0, run.stderr
+        curves.append([line.split(", train_time")[0] for line in epoch_lines(run.stdout)])
+    assert curves[0] == curves[1] and len(curves[0]) == 2
+
+
+def test_a_failing_rank_ends_the_run_promptly_with_its_message(clustered_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    start = time.time()
+    run = torchrun("--data", clustered_data, "-e", "3", "-b", "2048", "--checkpoint_dir",
+                   str(blocker / "ck"), "--log_path", str(tmp_path / "log.json"), timeout=120)
+    assert run.returncode != 0
+    assert time.time() - start < 60
+    assert "[rank 0] ncf.py: error: --checkpoint_dir" in run.stderr
+    assert "Epoch" not in run.stdout
+
+
+def test_two_nodes_rendezvous_over_loopback(clustered_data, tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+         "--rdzv_id=ncf-test", "ncf.py", "--data", clustered_data, "-e", "2", "-b", "2048",
+         "--checkpoint_dir", str(tmp_path / f"ck{node}"), "--log_path",
+         str(tmp_path / f"log{node}.json")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in range(2)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    printed = [len(epoch_lines(out)) for out, _ in outputs]
+    assert sorted(printed) == [0, 2]
+    saved = [os.path.exists(tmp_path / f"ck{node}" / "model.pth") for node in range(2)]
+    assert sorted(saved) == [False, True]

@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neumf import NeuMF, _ReluDropout, relu_dropout
+
+
+def reference_forward(model, user, item):
+    """The original's forward written out with plain functional ops (eval mode)."""
+    mf = model.mf_user_embed.weight[user] * model.mf_item_embed.weight[item]
+    mlp = torch.cat((model.mlp_user_embed.weight[user], model.mlp_item_embed.weight[item]), 1)
+    for layer in model.mlp:
+        mlp = F.relu(mlp @ layer.weight.T + layer.bias)
+    return torch.cat((mf, mlp), 1) @ model.final.weight.T + model.final.bias
+
+
+def test_parameter_names_and_shapes_match_the_original():
+    model = NeuMF(7, 5, 8, [16, 12, 6])
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    assert shapes == {
+        "mf_user_embed.weight": (7, 8), "mf_item_embed.weight": (5, 8),
+        "mlp_user_embed.weight": (7, 8), "mlp_item_embed.weight": (5, 8),
+        "mlp.0.weight": (12, 16), "mlp.0.bias": (12,),
+        "mlp.1.weight": (6, 12), "mlp.1.bias": (6,),
+        "final.weight": (1, 14), "final.bias": (1,),
+    }
+
+
+def test_initialisation_follows_the_original():
+    torch.manual_seed(0)
+    model = NeuMF(4000, 3000, 64, [256, 256, 128, 64])
+    for table in (model.mf_user_embed, model.mf_item_embed, model.mlp_user_embed,
+                  model.mlp_item_embed):
+        assert abs(table.weight.std().item() - 0.01) < 0.0005
+        assert abs(table.weight.mean().item()) < 0.0005
+    for layer in model.mlp:
+        fan_out, fan_in = layer.weight.shape
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        assert layer.weight.abs().max().item() <= limit
+        # uniform(-a, a) has standard deviation a / sqrt(3)
+        assert abs(layer.weight.std().item() - limit / math.sqrt(3)) < 0.02 * limit
+    lecun = math.sqrt(3.0 / model.final.weight.shape[1])
+    assert model.final.weight.abs().max().item() <= lecun
+    assert model.final.weight.abs().max().item() > 0.8 * lecun
+
+
+def test_forward_shape_sigmoid_and_reference():
+    torch.manual_seed(0)
+    model = NeuMF(10, 20, 4, [8, 6, 4], dropout=0.5).eval()
+    user = torch.tensor([0, 3, 9, 3])
+    item = torch.tensor([19, 0, 5, 5])
+    logits = model(user, item)
+    assert logits.shape == (4, 1)
+    torch.testing.assert_close(logits, reference_forward(model, user, item))
+    torch.testing.assert_close(model(user, item, sigmoid=True), torch.sigmoid(logits))
+    int32_logits = model(user.int(), item.int())
+    torch.testing.assert_close(int32_logits, logits)
+
+
+def test_odd_first_layer_is_refused():
+    with pytest.raises(ValueError, match="must be even"):
+        NeuMF(3, 3, 4, [7, 4])
+
+
+@pytest.mark.parametrize("shape,p", [((64, 32), 0.5), ((5, 3), 0.5), ((64, 32), 0.3)])
+def test_relu_dropout_keeps_relu_outputs_scaled(shape, p):
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    out = relu_dropout(x, p, training=True)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    assert not (kept & (x <= 0)).any()
+    if x.numel() >= 2048:
+        share = kept.sum().item() / (x > 0).sum().item()
+        assert abs(share - (1 - p)) < 0.05
+    torch.testing.assert_close(relu_dropout(x, p, training=False), F.relu(x))
+
+
+def test_default_dropout_mask_is_fair_per_element():
+    torch.manual_seed(2)
+    x = torch.ones(4096, 64)
+    kept = relu_dropout(x, 0.5, training=True) != 0
+    # every bit position of the random bytes must be a fair coin, not just the total
+    per_column = kept.float().mean(dim=0)
+    assert per_column.min().item() > 0.45 and per_column.max().item() < 0.55
+    assert abs(kept.float().mean().item() - 0.5) < 0.01
+
+
+def test_fused_relu_dropout_gradient_equals_unfused():
+    torch.manual_seed(3)
+    x = torch.randn(32, 16, requires_grad=True)
+    keep = torch.rand(32, 16) < 0.5
+    grad_out = torch.randn(32, 16)
+    _ReluDropout.apply(x, keep.clone(), 2.0).backward(grad_out)
+    fused_grad = x.grad.clone()
+    x.grad = None
+    (F.relu(x) * keep * 2.0).backward(grad_out)
+    torch.testing.assert_close(fused_grad, x.grad)

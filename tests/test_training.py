@@ -1,0 +1,141 @@
+import json
+import os
+
+import pytest
+import torch
+
+import ncf
+from logger import read_log
+
+
+def train_args(data, tmp_path, *extra):
+    return ["--data", data, "--checkpoint_dir", str(tmp_path / "ck"),
+            "--log_path", str(tmp_path / "log.json"), "-b", "2048", *extra]
+
+
+def test_training_learns_and_model_pth_reproduces_best_hr(clustered_data, tmp_path, capsys):
+    summary = ncf.main(train_args(clustered_data, tmp_path, "-e", "4", "--threshold", "1.1"))
+    out = capsys.readouterr().out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("Epoch ")]
+    assert len(epoch_lines) == 4
+    assert epoch_lines[0].startswith("Epoch 0: HR@10 = ")
+    assert "train_time = " in epoch_lines[0] and "val_time = " in epoch_lines[0]
+    # chance is 10/101; planted clusters are learnable
+    assert summary["best_accuracy"] > 0.5
+    state = torch.load(tmp_path / "ck" / "model.pth", weights_only=True)
+    assert not any(key.startswith("module.") for key in state)
+    tested = ncf.main(["--data", clustered_data, "--mode", "test", "--load_checkpoint_path",
+                       str(tmp_path / "ck" / "model.pth"), "--log_path",
+                       str(tmp_path / "test.json")])
+    assert tested["hr"] == summary["best_accuracy"]
+    assert tested["ndcg"] == summary["best_ndcg"]
+
+    records = read_log(tmp_path / "log.json")
+    kinds = [record["type"] for record in records]
+    assert kinds[0] == "args" and kinds.count("epoch") == 4 and kinds[-1] == "summary"
+    epoch = records[kinds.index("epoch")]
+    for key in ("epoch", "hr@10", "ndcg@10", "train_loss", "train_throughput",
+                "eval_throughput", "train_epoch_time", "validation_epoch_time", "timestamp"):
+        assert key in epoch
+    best = max((r for r in records if r["type"] == "epoch"), key=lambda r: r["hr@10"])
+    assert records[-1]["best_accuracy"] == best["hr@10"]
+    assert records[-1]["best_epoch"] == best["epoch"]
+
+
+def test_threshold_stops_early(clustered_data, tmp_path, capsys):
+    summary = ncf.main(train_args(clustered_data, tmp_path, "-e", "10", "--threshold", "0.2"))
+    assert summary["epochs_run"] < 10
+    assert summary["time_to_target"] is not None
+    assert "reached --threshold" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grads_accumulated,batch,expected_steps", [(1, 2048, 17), (3, 2048, 5),
+                                                                    (2, 1000, 17)])
+def test_optimiser_steps_per_epoch(clustered_data, tmp_path, monkeypatch, grads_accumulated,
+                                   batch, expected_steps):
+    train = torch.load(os.path.join(clustered_data, "train_ratings.pt"), weights_only=True)
+    samples = len(train) * 5
+    assert (samples // batch) // grads_accumulated == expected_steps
+    steps = []
+    build = ncf.build_optimizer
+
+    def counting_optimizer(args, model):
+        optimizer = build(args, model)
+        optimizer.register_step_post_hook(lambda *_: steps.append(1))
+        return optimizer
+
+    monkeypatch.setattr(ncf, "build_optimizer", counting_optimizer)
+    args = train_args(clustered_data, tmp_path, "-e", "1", "--grads_accumulated",
+                      str(grads_accumulated))
+    args[args.index("-b") + 1] = str(batch)
+    ncf.main(args)
+    assert len(steps) == expected_steps
+
+
+@pytest.mark.parametrize("flags", [["--opt_level", "O2"], ["--amp"], ["--opt_level", "O0"]])
+def test_precision_flags_run_on_cpu(clustered_data, tmp_path, capsys, flags):
+    summary = ncf.main(train_args(clustered_data, tmp_path, "-e", "1", *flags))
+    out = capsys.readouterr().out
+    assert summary["epochs_run"] == 1
+    mixed = flags != ["--opt_level", "O0"]
+    assert ("training in float32 on the CPU" in out) == mixed
+
+
+def test_oversize_batch_is_refused_before_training(clustered_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(train_args(clustered_data, tmp_path, "-e", "1", "-b", str(2 ** 20)))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--batch_size 1048576" in err and "no full batch" in err and "use -b 32768" in err
+    assert not (tmp_path / "ck" / "last.pth").exists()
+
+
+def test_unwritable_checkpoint_dir_fails_at_start(clustered_data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(["--data", clustered_data, "--checkpoint_dir", str(blocker / "ck"),
+                  "--log_path", str(tmp_path / "log.json"), "-b", "2048"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"--checkpoint_dir {blocker / 'ck'}: cannot write there" in captured.err
+    assert "Epoch" not in captured.out
+
+
+def test_missing_data_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(train_args(str(tmp_path / "nothing"), tmp_path))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ncf.py: error: ") and "train_ratings.pt: not found" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--layers", "255", "64"], "first even"),
+    (["-b", "0"], "--batch_size must be at least 1"),
+    (["--mode", "test"], "--mode test needs --load_checkpoint_path"),
+    (["--dropout", "1.5"], "--dropout must be in"),
+])
+def test_bad_flags_exit_2(clustered_data, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(train_args(clustered_data, tmp_path, *flags))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_both_local_rank_spellings_are_accepted():
+    assert ncf.parse_args(["--data", "d", "--local-rank=3"]).local_rank == 3
+    assert ncf.parse_args(["--data", "d", "--local_rank", "2"]).local_rank == 2
+
+
+def test_defaults_match_the_original():
+    args = ncf.parse_args(["--data", "d"])
+    assert (args.epochs, args.batch_size, args.valid_batch_size, args.factors) == (30, 2 ** 20, 2 ** 20, 64)
+    assert args.layers == [256, 256, 128, 64]
+    assert (args.negative_samples, args.learning_rate, args.topk, args.seed) == (4, 0.0045, 10, 1)
+    assert (args.threshold, args.beta1, args.beta2, args.eps, args.dropout) == (1.0, 0.25, 0.5, 1e-8, 0.5)
+    assert (args.checkpoint_dir, args.mode, args.grads_accumulated, args.opt_level) == (
+        "/data/checkpoints/", "train", 1, "O2")
+    assert args.log_path == "log.json" and args.load_checkpoint_path is None
