@@ -1,0 +1,127 @@
+"""Draw the learning curve of a training run: HR@k and NDCG@k per epoch, and training loss.
+
+    python plot_curve.py --log log.json --output curve.png
+
+Reads the JSON-lines log ncf.py writes (--log_path). Needs matplotlib, an optional dependency:
+pip install -r requirements-optional.txt
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+
+class PlotError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Plot HR@k, NDCG@k and training loss per epoch")
+    parser.add_argument("--log", type=str, required=True, help="log.json written by ncf.py")
+    parser.add_argument("--output", type=str, default="curve.png", help="PNG file to write")
+    return parser.parse_args(argv)
+
+
+def read_curve(path):
+    """{"epoch": [...], "train_loss": [...], "hr@k": [...], "ndcg@k": [...]} from a log.
+
+    A resumed run logs again the epoch it was killed in; the last record of an epoch is the
+    one the finished run's weights come from, so it wins. A metric missing from a record
+    (a resumed run may change --topk) or logged as null (not finite) is NaN: a gap in the line.
+    """
+    if not os.path.isfile(path):
+        raise PlotError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
+                        f"(its --log_path)")
+    by_epoch = {}
+    with open(path) as log_file:
+        for number, line in enumerate(log_file, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                # A run killed while writing leaves one cut line; the records around it count.
+                print(f"plot_curve.py: warning: {path} line {number} is not JSON; skipped",
+                      file=sys.stderr)
+                continue
+            if isinstance(record, dict) and record.get("type") == "epoch" and "epoch" in record:
+                by_epoch[record["epoch"]] = record
+    if not by_epoch:
+        raise PlotError(f"--log {path}: no epoch records; pass the log.json of a training run "
+                        f"(ncf.py --mode train) that finished at least one epoch")
+    epochs = sorted(by_epoch)
+    records = [by_epoch[epoch] for epoch in epochs]
+    metrics = sorted({key for record in records for key in record
+                      if key.startswith(("hr@", "ndcg@"))})
+    curve = {"epoch": epochs}
+    for key in ["train_loss"] + metrics:
+        curve[key] = [_number(record.get(key)) for record in records]
+    return curve
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def draw(curve, title, output):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise PlotError("matplotlib is needed to draw the curve: pip install matplotlib "
+                        "(or pip install -r requirements-optional.txt)") from None
+    figure = Figure(figsize=(8, 7), layout="constrained")
+    FigureCanvasAgg(figure)
+    accuracy, loss = figure.subplots(2, 1, sharex=True)
+    epochs = curve["epoch"]
+    for key in curve:
+        if key.startswith(("hr@", "ndcg@")):
+            accuracy.plot(epochs, curve[key], marker="o", markersize=3, label=key.upper())
+    hr_keys = [key for key in curve if key.startswith("hr@")]
+    if hr_keys:
+        key = hr_keys[0]
+        finite = [(value, epoch) for epoch, value in zip(epochs, curve[key])
+                  if not math.isnan(value)]
+        if finite:
+            best, best_epoch = max(finite, key=lambda pair: (pair[0], -pair[1]))
+            accuracy.plot([best_epoch], [best], marker="*", markersize=14, linestyle="none",
+                          color="gold", markeredgecolor="black",
+                          label=f"best {key.upper()} {best:.4f} (epoch {best_epoch})")
+    accuracy.set_ylabel("metric")
+    accuracy.set_title(title)
+    accuracy.grid(alpha=0.3)
+    accuracy.legend()
+    loss.plot(epochs, curve["train_loss"], marker="o", markersize=3, color="tab:red")
+    loss.set_ylabel("training loss")
+    loss.set_xlabel("epoch")
+    loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss.grid(alpha=0.3)
+    directory = os.path.dirname(os.path.abspath(output))
+    temporary = f"{output}.tmp{os.getpid()}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        figure.savefig(temporary, format="png", dpi=100)
+        os.replace(temporary, output)
+    except OSError as error:
+        raise PlotError(f"--output {output}: cannot write there ({error.strerror})") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        curve = read_curve(args.log)
+        draw(curve, f"Learning curve: {args.log}", args.output)
+    except PlotError as error:
+        print(f"plot_curve.py: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"Wrote {args.output} ({len(curve['epoch'])} epochs)")
+    return curve
+
+
+if __name__ == "__main__":
+    main()

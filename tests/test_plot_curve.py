@@ -1,0 +1,105 @@
+import json
+import math
+import struct
+import sys
+
+import pytest
+
+import plot_curve
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_log(path, records, extra_lines=()):
+    lines = [json.dumps(record) for record in records] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def epoch(number, hr, ndcg, loss, k=10):
+    return {"timestamp": number, "type": "epoch", "epoch": number, f"hr@{k}": hr,
+            f"ndcg@{k}": ndcg, "train_loss": loss}
+
+
+def test_last_record_of_an_epoch_wins_and_epochs_are_sorted(tmp_path, capsys):
+    # A run killed during epoch 1 and resumed: epoch 1 logged twice, a cut line between.
+    log = write_log(tmp_path / "log.json", [
+        {"type": "args", "data": "somewhere"},
+        epoch(0, 0.40, 0.20, 0.50),
+        epoch(1, 0.45, 0.22, 0.45),
+        {"type": "resume", "first_epoch": 1},
+        epoch(1, 0.47, 0.23, 0.44),
+        epoch(2, 0.60, 0.35, None),
+        {"type": "summary", "best_accuracy": 0.6},
+    ], extra_lines=['{"type": "epoch", "epo'])
+    curve = plot_curve.read_curve(str(log))
+    assert curve["epoch"] == [0, 1, 2]
+    assert curve["hr@10"] == [0.40, 0.47, 0.60]
+    assert curve["ndcg@10"] == [0.20, 0.23, 0.35]
+    assert curve["train_loss"][:2] == [0.50, 0.44] and math.isnan(curve["train_loss"][2])
+    assert set(curve) == {"epoch", "hr@10", "ndcg@10", "train_loss"}
+    assert "line 8 is not JSON" in capsys.readouterr().err
+
+
+def test_a_changed_topk_gives_one_series_per_k(tmp_path):
+    log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5, k=10),
+                                            epoch(1, 0.3, 0.1, 0.4, k=5)])
+    curve = plot_curve.read_curve(str(log))
+    assert curve["hr@10"][0] == 0.4 and math.isnan(curve["hr@10"][1])
+    assert math.isnan(curve["hr@5"][0]) and curve["hr@5"][1] == 0.3
+
+
+def test_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = write_log(tmp_path / "log.json", [epoch(n, 0.4 + n / 50, 0.2 + n / 100, 0.5 - n / 40)
+                                            for n in range(8)])
+    output = tmp_path / "plots" / "curve.png"
+    curve = plot_curve.main(["--log", str(log), "--output", str(output)])
+    assert curve["epoch"] == list(range(8))
+    data = output.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (800, 700)
+    assert len(data) > 10_000
+    assert sorted(path.name for path in output.parent.iterdir()) == ["curve.png"]
+
+
+def test_replaces_an_existing_output(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5)])
+    output = tmp_path / "curve.png"
+    output.write_bytes(b"old")
+    plot_curve.main(["--log", str(log), "--output", str(output)])
+    assert output.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("lines, message", [
+    (None, "no such file"),
+    ([], "no epoch records"),
+    ([json.dumps({"type": "args", "data": "x"}), json.dumps({"type": "summary"})],
+     "no epoch records"),
+])
+def test_bad_logs_exit_2(tmp_path, capsys, lines, message):
+    log = tmp_path / "log.json"
+    if lines is not None:
+        log.write_text("\n".join(lines))
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curve.main(["--log", str(log), "--output", str(tmp_path / "curve.png")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"plot_curve.py: error: --log {log}: {message}")
+    assert len(error.splitlines()) == 1
+    assert not (tmp_path / "curve.png").exists()
+
+
+def test_missing_matplotlib_exits_2(tmp_path, capsys, monkeypatch):
+    for module in ("matplotlib", "matplotlib.backends", "matplotlib.backends.backend_agg",
+                   "matplotlib.figure", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, module, None)
+    log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5)])
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curve.main(["--log", str(log), "--output", str(tmp_path / "curve.png")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "plot_curve.py: error: matplotlib is needed to draw the curve: pip install matplotlib "
+        "(or pip install -r requirements-optional.txt)")
+    assert not (tmp_path / "curve.png").exists()
