@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Check a MovieLens archive against the MD5 that GroupLens publishes beside it.
+set -euo pipefail
+
+PROG=$(basename "$0")
+BASE_URL=https://files.grouplens.org/datasets/movielens
+KNOWN="ml-100k ml-1m ml-10m ml-20m ml-25m ml-32m ml-latest-small"
+
+usage() {
+    cat <<USAGE
+Usage: $PROG DATASET ZIPFILE
+
+Compare ZIPFILE's MD5 with the one GroupLens publishes at $BASE_URL/DATASET.zip.md5.
+The sums of ml-100k, ml-1m, ml-10m, ml-20m and ml-25m are built in; for ml-32m and
+ml-latest-small (which GroupLens regenerates now and then) the published file is fetched, so
+checking those needs the network.
+Exit status 0 when they match, 1 otherwise.
+
+DATASET is one of: $KNOWN
+USAGE
+}
+
+die() {
+    echo "$PROG: $*" >&2
+    exit 1
+}
+
+# The values GroupLens publishes in DATASET.zip.md5 for its frozen releases.
+published_md5() {
+    case "$1" in
+        ml-100k) echo 0e33842e24a9c977be4e0107933c0723 ;;
+        ml-1m) echo c4d9eecfca2ab87c1945afe126590906 ;;
+        ml-10m) echo ce571fd55effeba0271552578f2648bd ;;
+        ml-20m) echo cd245b17a1ae2cc31bb14903e1204af3 ;;
+        ml-25m) echo 6b51fb2759a8657d3bfcbfc42b592ada ;;
+        *) fetch_md5 "$BASE_URL/$1.zip.md5" ;;
+    esac
+}
+
+# GroupLens writes "MD5 (NAME.zip) = HEX": the sum is the last word.
+fetch_md5() {
+    local text
+    if command -v curl >/dev/null; then
+        text=$(curl -fsSL --retry 3 "$1") || text=
+    elif command -v wget >/dev/null; then
+        text=$(wget -q -O - "$1") || text=
+    else
+        text=
+    fi
+    [ -n "$text" ] || die "cannot fetch the published MD5 from $1 (offline, or no curl/wget); compare \`md5sum $ZIPFILE\` with it by hand"
+    echo "${text##* }" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]'
+}
+
+case "${1:-}" in
+    -h | --help) usage; exit 0 ;;
+esac
+if [ $# -ne 2 ]; then
+    echo "$PROG: needs DATASET and ZIPFILE (see $PROG -h)" >&2
+    exit 2
+fi
+
+DATASET=$1
+ZIPFILE=$2
+[[ " $KNOWN " == *" $DATASET "* ]] || die "unknown dataset '$DATASET'; known: $KNOWN"
+[ -f "$ZIPFILE" ] || die "$ZIPFILE: no such file; download it with download_dataset.sh $DATASET"
+
+if command -v md5sum >/dev/null; then
+    ACTUAL=$(md5sum "$ZIPFILE" | cut -d' ' -f1)
+else
+    ACTUAL=$(md5 -q "$ZIPFILE")
+fi
+EXPECTED=$(published_md5 "$DATASET")
+[[ "$EXPECTED" =~ ^[0-9a-f]{32}$ ]] || die "no MD5 in the file published for $DATASET"
+[ "$ACTUAL" = "$EXPECTED" ] ||
+    die "$ZIPFILE: MD5 $ACTUAL does not match the published $EXPECTED for $DATASET; delete it and download again"
+echo "$ZIPFILE: MD5 matches the published one for $DATASET"
