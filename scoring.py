@@ -1,0 +1,170 @@
+"""Scoring every item for many users with a trained NeuMF, and full-ranking evaluation.
+
+Scoring all items one (user, item) pair at a time through `model(user, item)` repeats work:
+the first MLP layer acts on [user_embed, item_embed], so W1 [u; i] + b1 = (W1_u u + b1) + W1_i i,
+and the item half is the same for every user. `FactoredScorer` computes it once per item and the
+user half once per user; a pair then needs an add and a ReLU before the remaining layers. The
+MF branch feeds the final layer only through a dot product, so its contribution to every
+(user, item) logit is one matrix product: (mf_u * w_mf) @ mf_i^T.
+
+What is left per pair is the MLP after its first layer (256*128 + 128*64 multiply-adds at the
+default --layers 256 256 128 64): that, not the first layer, bounds the speed.
+"""
+import torch
+
+# Pairs scored per pass: the first layer's activations for a chunk ([pairs, layers[1]] floats,
+# 64 MiB at width 256) stay bounded however many users and items there are.
+DEFAULT_CHUNK_PAIRS = 2 ** 16
+
+
+class FactoredScorer:
+    """Logits of all items for given users, equal to the eval-mode model(user, item) up to float
+    rounding (dropout never applies here, whatever model.training says).
+
+    Built once from a model (its weights are read, not copied: build it after training); the
+    item side is precomputed here, so score many user batches with one scorer.
+    """
+
+    def __init__(self, model, chunk_pairs=DEFAULT_CHUNK_PAIRS):
+        if chunk_pairs < 1:
+            raise ValueError(f"chunk_pairs must be at least 1, got {chunk_pairs}")
+        self.chunk_pairs = chunk_pairs
+        self.nb_users = model.nb_users
+        self.nb_items = model.nb_items
+        self.model = model
+        with torch.inference_mode():
+            final_weight = model.final.weight[0]
+            self.final_bias = model.final.bias[0]
+            self.mf_weight = final_weight[:model.mf_dim]
+            mlp_weight = final_weight[model.mf_dim:]
+            self.mf_items = model.mf_item_embed.weight
+            item_embed = model.mlp_item_embed.weight
+            half = item_embed.shape[1]
+            if len(model.mlp) == 0:
+                # No hidden layer: the MLP output is [u; i] itself, so the whole logit is linear
+                # and each side's share of it is one number per user or item.
+                self.first_layer = None
+                self.user_linear_weight = mlp_weight[:half]
+                self.item_linear = item_embed @ mlp_weight[half:]
+            else:
+                first = model.mlp[0]
+                self.first_layer = first
+                self.item_first = item_embed @ first.weight[:, half:].T
+                self.rest = list(model.mlp[1:])
+                self.mlp_weight = mlp_weight
+
+    def user_first(self, users):
+        first = self.first_layer
+        half = self.model.mlp_user_embed.weight.shape[1]
+        return torch.addmm(first.bias, self.model.mlp_user_embed(users), first.weight[:, :half].T)
+
+    def __call__(self, users):
+        """[len(users), nb_items] float logits; users is a 1-D tensor of dense user ids."""
+        with torch.inference_mode():
+            users = users.to(self.mf_items.device, torch.int64)
+            # The MF branch and the final bias, for every pair at once.
+            logits = torch.addmm(self.final_bias.expand(1, self.nb_items),
+                                 self.model.mf_user_embed(users) * self.mf_weight,
+                                 self.mf_items.T)
+            if self.first_layer is None:
+                logits += (self.model.mlp_user_embed(users) @ self.user_linear_weight)[:, None]
+                logits += self.item_linear
+                return logits
+            user_first = self.user_first(users)
+            item_step = min(self.nb_items, self.chunk_pairs)
+            user_step = max(1, self.chunk_pairs // item_step)
+            for user_start in range(0, len(users), user_step):
+                user_part = user_first[user_start:user_start + user_step, None, :]
+                for item_start in range(0, self.nb_items, item_step):
+                    item_part = self.item_first[item_start:item_start + item_step]
+                    block = logits[user_start:user_start + user_step,
+                                   item_start:item_start + item_step]
+                    block += self._mlp_tail(user_part, item_part).view(block.shape)
+            return logits
+
+    def _mlp_tail(self, user_part, item_part):
+        """The MLP after its first layer's product, folded with the final layer's MLP weights."""
+        hidden = (user_part + item_part).relu_().view(-1, item_part.shape[1])
+        for layer in self.rest:
+            hidden = torch.addmm(layer.bias, hidden, layer.weight.T).relu_()
+        return hidden @ self.mlp_weight
+
+
+def score_all_items(model, users, chunk_pairs=DEFAULT_CHUNK_PAIRS):
+    """[len(users), nb_items] logits of every item for each user, without dropout."""
+    return FactoredScorer(model, chunk_pairs)(users)
+
+
+class TrainingItems:
+    """Each user's training items, grouped by user, to mask them out of a user batch's scores."""
+
+    def __init__(self, train_users, train_items, nb_users):
+        train_users = train_users.to(torch.int64)
+        order = torch.argsort(train_users, stable=True)
+        self.items = train_items.to(torch.int64)[order]
+        self.counts = torch.bincount(train_users, minlength=nb_users)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def mask(self, users, nb_items):
+        """Bool [len(users), nb_items]: True where the row's user trained on the item."""
+        users = users.to(torch.int64)
+        counts = self.counts[users]
+        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+        # Position of each entry inside its user's group, then its index in self.items.
+        row_offsets = torch.cumsum(counts, 0) - counts
+        within = torch.arange(len(rows), device=users.device) - row_offsets[rows]
+        mask = torch.zeros(len(users), nb_items, dtype=torch.bool, device=users.device)
+        mask[rows, self.items[self.starts[users][rows] + within]] = True
+        return mask
+
+
+def users_per_batch(nb_items, chunk_pairs=DEFAULT_CHUNK_PAIRS):
+    """Users per batch so that a batch's score matrix holds about 16 chunks of pairs."""
+    return max(1, 16 * chunk_pairs // nb_items)
+
+
+def full_ranking_ranks(model, test_users, test_items, train_users, train_items, share=None,
+                       chunk_pairs=DEFAULT_CHUNK_PAIRS):
+    """0-based rank of each test positive among all items its user has not trained on.
+
+    test_users, test_items: [U] one positive per user (ncf.py's test_items[:, -1]).
+    train_users, train_items: the training positives; a user's own are not candidates, except
+    its test positive, which always is.
+    Ties: an item with a score equal to the positive's counts ahead of it only when its item id
+    is lower, the rule dataloading.positive_ranks applies to columns. Scores are logits, not
+    sigmoids as in the sampled protocol: the order is the same, without the ties that float32
+    sigmoid rounding creates among large logits.
+    share: (begin, end) rows of the test users to rank here; other rows are 0, so the [U] tensors
+    of all processes add up (all-reduce, sum) to every user's rank.
+    Returns int64 [U], on the model's device, ready for dataloading.hit_rate_and_ndcg(ranks, k).
+    """
+    nb_test = len(test_users)
+    begin, end = share if share is not None else (0, nb_test)
+    if not 0 <= begin <= end <= nb_test:
+        raise ValueError(f"share ({begin}, {end}) is not inside the {nb_test} test users")
+    scorer = FactoredScorer(model, chunk_pairs)
+    device = scorer.mf_items.device
+    nb_items = scorer.nb_items
+    for name, ids, limit in (("test_users", test_users, scorer.nb_users),
+                             ("train_users", train_users, scorer.nb_users),
+                             ("test_items", test_items, nb_items),
+                             ("train_items", train_items, nb_items)):
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+            raise ValueError(f"{name} holds ids outside the model's [0, {limit})")
+    trained = TrainingItems(train_users.to(device), train_items.to(device), scorer.nb_users)
+    test_users = test_users.to(device, torch.int64)
+    test_items = test_items.to(device, torch.int64)
+    ranks = torch.zeros(nb_test, dtype=torch.int64, device=device)
+    item_ids = torch.arange(nb_items, device=device)
+    step = users_per_batch(nb_items, chunk_pairs)
+    with torch.inference_mode():
+        for start in range(begin, end, step):
+            stop = min(start + step, end)
+            users, positives = test_users[start:stop], test_items[start:stop, None]
+            scores = scorer(users)
+            positive_scores = scores.gather(1, positives)
+            ahead = (scores > positive_scores) | ((scores == positive_scores) &
+                                                  (item_ids < positives))
+            ahead &= ~trained.mask(users, nb_items)
+            ranks[start:stop] = ahead.sum(dim=1)
+    return ranks

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+import dataloading
+import scoring
+from neumf import NeuMF
+
+
+def random_model(nb_users, nb_items, mf_dim, layers, dropout=0.0, seed=0):
+    """A NeuMF with weights large enough that every ReLU sees both signs."""
+    torch.manual_seed(seed)
+    model = NeuMF(nb_users, nb_items, mf_dim, layers, dropout=dropout)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def plain_scores(model, users):
+    """Every item for each user through model.forward, pair by pair."""
+    nb_items = model.nb_items
+    with torch.no_grad():
+        logits = model(users.repeat_interleave(nb_items), torch.arange(nb_items).repeat(len(users)))
+    return logits.view(len(users), nb_items)
+
+
+@pytest.mark.parametrize("layers", [[8, 6, 4], [16, 8], [8]])
+@pytest.mark.parametrize("chunk_pairs", [1, 5, 13, 40, 2 ** 16])
+def test_factored_scores_equal_the_plain_forward(layers, chunk_pairs):
+    model = random_model(7, 13, 5, layers)
+    users = torch.tensor([3, 0, 6, 3, 1])
+    factored = scoring.score_all_items(model, users, chunk_pairs=chunk_pairs)
+    expected = plain_scores(model, users)
+    assert factored.shape == (5, 13)
+    assert torch.allclose(factored, expected, atol=1e-5, rtol=1e-5)
+    # The scores really depend on the user and the item, so the comparison can tell them apart.
+    assert factored.std(dim=1).min() > 0.1 and (factored[1] - factored[2]).abs().max() > 0.1
+
+
+def test_dropout_never_applies_even_in_train_mode():
+    model = random_model(4, 9, 3, [8, 6], dropout=0.5)
+    users = torch.arange(4)
+    expected = plain_scores(model.eval(), users)
+    model.train()
+    assert torch.allclose(scoring.score_all_items(model, users), expected, atol=1e-5)
+
+
+def test_int32_user_ids_are_accepted():
+    model = random_model(5, 6, 2, [4, 2])
+    users = torch.tensor([4, 2], dtype=torch.int32)
+    assert torch.allclose(scoring.score_all_items(model, users),
+                          plain_scores(model, users.long()), atol=1e-5)
+
+
+def hand_model(user_signs, item_values):
+    """Logit of (u, i) = user_signs[u] * item_values[i], exactly: only the MF branch is on."""
+    model = NeuMF(len(user_signs), len(item_values), 1, [2]).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.mf_user_embed.weight[:, 0] = torch.tensor(user_signs)
+        model.mf_item_embed.weight[:, 0] = torch.tensor(item_values)
+        model.final.weight[0, 0] = 1.0
+    return model
+
+
+def test_full_ranking_ranks_on_a_hand_made_case():
+    values = [2.0, 5.0, 1.0, 5.0, 3.0, 0.0]  # items 1 and 3 tie
+    model = hand_model([1.0, -1.0, 1.0, 1.0, -1.0], values)
+    test_users = torch.tensor([0, 1, 2, 3, 4])
+    test_items = torch.tensor([3, 0, 3, 1, 4])
+    train = torch.tensor([
+        [0, 1], [0, 0],  # user 0: the tied item 1 is a training item, so not a candidate
+        [1, 5],          # user 1 (scores negated): item 5 (0.0) excluded, item 2 (-1.0) ahead
+        [2, 4],          # user 2: item 1 ties at a lower id, so it counts ahead
+        [3, 5],          # user 3: item 3 ties at a higher id, so it does not
+        [4, 4], [4, 2],  # user 4: trained on its own test positive, which stays a candidate
+    ])
+    ranks = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1])
+    assert ranks.dtype == torch.int64
+    # user 4's scores are [-2, -5, -1, -5, -3, 0]: items 0 and 5 are ahead, item 2 is trained.
+    assert ranks.tolist() == [0, 1, 1, 0, 2]
+    hit_rate, ndcg = dataloading.hit_rate_and_ndcg(ranks, 1)
+    assert hit_rate == pytest.approx(2 / 5) and ndcg == pytest.approx(2 / 5)
+
+
+def brute_force_ranks(model, test_users, test_items, train):
+    ranks = []
+    scores = plain_scores(model, test_users)
+    for row, (user, positive) in enumerate(zip(test_users.tolist(), test_items.tolist())):
+        trained = {item for u, item in train.tolist() if u == user} - {positive}
+        rank = 0
+        for item in range(model.nb_items):
+            if item == positive or item in trained:
+                continue
+            score, positive_score = scores[row, item], scores[row, positive]
+            rank += bool(score > positive_score or (score == positive_score and item < positive))
+        ranks.append(rank)
+    return ranks
+
+
+def test_full_ranking_matches_a_brute_force_count_and_shares_add_up():
+    model = random_model(6, 30, 4, [8, 6, 4], seed=3)
+    generator = torch.Generator().manual_seed(1)
+    train = torch.stack((torch.randint(0, 6, (60,), generator=generator),
+                         torch.randint(0, 30, (60,), generator=generator)), dim=1)
+    test_users = torch.tensor([0, 1, 2, 3, 4, 5])
+    test_items = torch.randint(0, 30, (6,), generator=generator)
+    expected = brute_force_ranks(model, test_users, test_items, train)
+    ranks = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1],
+                                       chunk_pairs=7)
+    assert ranks.tolist() == expected
+    assert len(set(expected)) > 2  # the case is not degenerate
+    first = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1],
+                                       share=(0, 2))
+    second = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0],
+                                        train[:, 1], share=(2, 6))
+    assert first[2:].tolist() == [0] * 4 and second[:2].tolist() == [0, 0]
+    assert (first + second).tolist() == expected
+
+
+def test_full_ranking_refuses_ids_outside_the_model():
+    model = random_model(3, 4, 2, [4])
+    with pytest.raises(ValueError, match="test_items"):
+        scoring.full_ranking_ranks(model, torch.tensor([0]), torch.tensor([4]),
+                                   torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="share"):
+        scoring.full_ranking_ranks(model, torch.tensor([0]), torch.tensor([1]),
+                                   torch.tensor([0]), torch.tensor([1]), share=(0, 2))
+
+
+def test_training_items_mask_marks_exactly_each_users_items():
+    trained = scoring.TrainingItems(torch.tensor([2, 0, 2, 1, 2]), torch.tensor([4, 1, 0, 3, 4]),
+                                    nb_users=4)
+    mask = trained.mask(torch.tensor([2, 3, 0, 2]), nb_items=5)
+    assert mask.int().tolist() == [[1, 0, 0, 0, 1], [0, 0, 0, 0, 0],
+                                   [0, 1, 0, 0, 0], [1, 0, 0, 0, 1]]
