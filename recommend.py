@@ -1,0 +1,197 @@
+"""Top-k recommendations from a trained NeuMF, in the original user and movie ids.
+
+    python recommend.py --data DIR --checkpoint model.pth --users 1 42 [--movies movies.csv]
+    python recommend.py --data DIR --checkpoint model.pth --all_users --output recs.csv
+
+DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
+Items a user rated in training are never recommended. Ranks start at 1; score is the model's
+sigmoid output. Every item is scored for a user in one pass of the factored model (scoring.py).
+"""
+import argparse
+import os
+import sys
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import dataloading
+import scoring
+from checkpoint import CheckpointError, check_matches, load_model
+
+PROG = "recommend.py"
+ID_FILES = ("user_ids.pt", "item_ids.pt")
+
+
+class RecommendError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="directory written by convert.py")
+    parser.add_argument("--checkpoint", required=True, help="model.pth written by ncf.py")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users", nargs="+", type=int, metavar="ID",
+                     help="original user ids (as in the ratings file)")
+    who.add_argument("--all_users", action="store_true",
+                     help="every user, written as CSV to --output")
+    parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title]")
+    parser.add_argument("--topk", type=int, default=10, help="items per user")
+    parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.topk < 1:
+        parser.error(f"--topk must be at least 1, got {args.topk}")
+    if args.all_users and not args.output:
+        parser.error("--all_users needs --output FILE.csv")
+    if args.output and not args.all_users:
+        parser.error("--output goes with --all_users; --users prints to the terminal")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    return args
+
+
+def load_id_map(data_dir, name):
+    path = os.path.join(data_dir, name)
+    if not os.path.isfile(path):
+        raise RecommendError(f"{path}: not found; it maps dense ids back to the original ones: "
+                             f"re-run convert.py to write it")
+    try:
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged files
+        raise RecommendError(f"{path}: cannot be read ({type(error).__name__}); "
+                             f"re-run convert.py to rewrite it") from None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.int64:
+        raise RecommendError(f"{path}: expected a 1-D int64 tensor; re-run convert.py")
+    return ids
+
+
+class Recommender:
+    """A model with the data it was trained on: scores users, hides their training items."""
+
+    def __init__(self, data_dir, checkpoint_path, device="cpu"):
+        train, test, negatives = dataloading.load_dataset(data_dir)
+        nb_users, nb_items = dataloading.dataset_sizes(train, test, negatives)
+        self.user_ids, self.item_ids = (load_id_map(data_dir, name) for name in ID_FILES)
+        for name, ids, count in (("user_ids.pt", self.user_ids, nb_users),
+                                 ("item_ids.pt", self.item_ids, nb_items)):
+            if len(ids) != count:
+                raise RecommendError(f"{os.path.join(data_dir, name)}: has {len(ids)} ids but the "
+                                     f"ratings have {count}; re-run convert.py on this directory")
+        model = load_model(checkpoint_path, device).eval()
+        check_matches(model.state_dict(), checkpoint_path, nb_users, nb_items)
+        self.scorer = scoring.FactoredScorer(model)
+        self.trained = scoring.TrainingItems(train[:, 0].to(device), train[:, 1].to(device),
+                                             nb_users)
+        self.device = device
+        self.data_dir = data_dir
+
+    def dense_users(self, original_ids):
+        """Dense ids of the given original user ids, refusing any that the data does not hold."""
+        position = {int(user): dense for dense, user in enumerate(self.user_ids.tolist())}
+        unknown = [user for user in original_ids if user not in position]
+        if unknown:
+            raise RecommendError(
+                f"--users: unknown user id {unknown[0]}: not among the {len(self.user_ids)} users "
+                f"of {self.data_dir} (convert.py drops users with fewer than --min_ratings "
+                f"ratings)")
+        return torch.tensor([position[user] for user in original_ids], dtype=torch.int64)
+
+    def top_items(self, users, topk):
+        """(dense items, sigmoid scores), [len(users), k] each, best first; a user with fewer
+        than k untrained items has its last entries' items set to -1."""
+        users = users.to(self.device)
+        nb_items = len(self.item_ids)
+        with torch.inference_mode():
+            scores = self.scorer(users)
+            scores.masked_fill_(self.trained.mask(users, nb_items), -float("inf"))
+            best = scores.topk(min(topk, nb_items), dim=1)
+            items = best.indices.masked_fill(best.values == -float("inf"), -1)
+            return items.cpu(), torch.sigmoid(best.values).cpu()
+
+    def table(self, users, topk):
+        """One row per recommendation: userId, rank (from 1), movieId, score."""
+        items, scores = self.top_items(users, topk)
+        kept = items >= 0
+        rows, columns = kept.nonzero(as_tuple=True)
+        return pd.DataFrame({
+            "userId": self.user_ids[users[rows]].numpy(),
+            "rank": (columns + 1).numpy(),
+            "movieId": self.item_ids[items[kept]].numpy(),
+            "score": scores[kept].numpy(),
+        })
+
+
+def load_titles(path):
+    """movieId -> title from a MovieLens movies.csv."""
+    if not os.path.isfile(path):
+        raise RecommendError(f"--movies {path}: not found; pass MovieLens movies.csv")
+    try:
+        movies = pd.read_csv(path, usecols=["movieId", "title"])
+    except (ValueError, pd.errors.ParserError) as error:
+        reason = str(error).splitlines()[0]
+        raise RecommendError(f"--movies {path}: expected MovieLens movies.csv with columns "
+                             f"movieId,title ({reason})") from None
+    return movies.drop_duplicates("movieId").set_index("movieId")["title"]
+
+
+def add_titles(table, titles):
+    if titles is not None:
+        table["title"] = table["movieId"].map(titles).fillna("")
+    return table
+
+
+def print_table(table):
+    header = f"{'user':>8} {'rank':>4} {'movieId':>8} {'score':>8}"
+    print(header + ("  title" if "title" in table else ""))
+    for row in table.itertuples(index=False):
+        line = f"{row.userId:>8} {row.rank:>4} {row.movieId:>8} {row.score:>8.4f}"
+        print(line + (f"  {row.title}" if "title" in table else ""))
+
+
+def write_all_users(recommender, topk, titles, output):
+    """Recommendations for every user, by original user id, into `output` atomically."""
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise RecommendError(f"--output {output}: directory {directory} does not exist")
+    order = torch.argsort(recommender.user_ids)
+    step = scoring.users_per_batch(len(recommender.item_ids))
+    temporary = f"{output}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "w", newline="") as handle, \
+                tqdm(total=len(order), unit="user", desc="recommend") as bar:
+            for start in range(0, len(order), step):
+                users = order[start:start + step]
+                table = add_titles(recommender.table(users, topk), titles)
+                table.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
+                bar.update(len(users))
+        os.replace(temporary, output)
+    except OSError as error:
+        raise RecommendError(f"--output {output}: cannot write ({error.strerror})") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def main(argv=None):
+    """Returns the recommendation table for --users; None after writing --all_users' CSV."""
+    args = parse_args(argv)
+    try:
+        titles = load_titles(args.movies) if args.movies else None
+        recommender = Recommender(args.data, args.checkpoint, args.device)
+        if args.all_users:
+            write_all_users(recommender, args.topk, titles, args.output)
+            return None
+        users = recommender.dense_users(list(dict.fromkeys(args.users)))
+        table = add_titles(recommender.table(users, args.topk), titles)
+        print_table(table)
+        return table
+    except (RecommendError, dataloading.DataError, CheckpointError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import recommend
+from neumf import NeuMF
+
+USER_IDS = [101, 7, 55, 300]                       # original id of dense user 0, 1, 2, 3
+ITEM_IDS = [900 + 3 * item for item in range(10)]  # original id of dense item 0..9
+TRAIN = [(0, 0), (0, 4), (0, 7), (1, 1), (1, 2), (2, 0), (2, 9), (3, 3)]
+TRAIN += [(3, item) for item in range(4, 10) if item != 6]  # user 3 trained on all but 0, 1, 2, 6
+TEST = [(0, 2), (1, 5), (2, 3), (3, 6)]
+
+
+def model_for(nb_users, nb_items, seed=0):
+    torch.manual_seed(seed)
+    model = NeuMF(nb_users, nb_items, 4, [8, 4])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def data(tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    torch.save(torch.tensor(TRAIN), directory / "train_ratings.pt")
+    torch.save(torch.tensor(TEST), directory / "test_ratings.pt")
+    torch.save(torch.zeros(4, 3, dtype=torch.int64), directory / "test_negatives.pt")
+    torch.save(torch.tensor(USER_IDS), directory / "user_ids.pt")
+    torch.save(torch.tensor(ITEM_IDS), directory / "item_ids.pt")
+    checkpoint = tmp_path / "model.pth"
+    torch.save(model_for(4, 10).state_dict(), checkpoint)
+    movies = tmp_path / "movies.csv"
+    titles = pd.DataFrame({"movieId": ITEM_IDS, "title": [f'Film "{item}", part {item}'
+                                                          for item in range(10)],
+                           "genres": "Drama"})
+    titles.to_csv(movies, index=False)
+    return {"dir": str(directory), "checkpoint": str(checkpoint), "movies": str(movies),
+            "tmp": tmp_path}
+
+
+def run(data, *args):
+    return recommend.main(["--data", data["dir"], "--checkpoint", data["checkpoint"], *args])
+
+
+def expected_top(user, k):
+    """Best untrained items of a dense user by the plain forward: (original movie ids, scores)."""
+    model = model_for(4, 10)
+    with torch.no_grad():
+        scores = torch.sigmoid(model(torch.full((10,), user), torch.arange(10)).view(-1))
+    trained = {item for u, item in TRAIN if u == user}
+    ranked = sorted((item for item in range(10) if item not in trained),
+                    key=lambda item: -scores[item].item())[:k]
+    return [ITEM_IDS[item] for item in ranked], [scores[item].item() for item in ranked]
+
+
+def test_recommendations_are_untrained_items_in_original_ids(data, capsys):
+    table = run(data, "--users", "55", "101", "--topk", "3")
+    assert table["userId"].tolist() == [55] * 3 + [101] * 3
+    assert table["rank"].tolist() == [1, 2, 3] * 2
+    for original, dense in ((55, 2), (101, 0)):
+        rows = table[table["userId"] == original]
+        movies, scores = expected_top(dense, 3)
+        assert rows["movieId"].tolist() == movies
+        assert rows["score"].tolist() == pytest.approx(scores, abs=1e-5)
+        trained = {ITEM_IDS[item] for u, item in TRAIN if u == dense}
+        assert not trained & set(rows["movieId"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["user", "rank", "movieId", "score"]
+    assert printed[1].split()[:3] == ["55", "1", str(expected_top(2, 1)[0][0])]
+
+
+def test_a_user_with_few_untrained_items_gets_only_those(data):
+    table = run(data, "--users", "300", "--topk", "10")
+    # The test positive (item 6) is not a training item, so it may be recommended.
+    assert sorted(table["movieId"]) == [ITEM_IDS[item] for item in (0, 1, 2, 6)]
+    assert table["rank"].tolist() == [1, 2, 3, 4]
+
+
+def test_titles_are_added_from_movies_csv(data):
+    table = run(data, "--users", "7", "--topk", "2", "--movies", data["movies"])
+    dense_items = [(movie - 900) // 3 for movie in table["movieId"]]
+    assert table["title"].tolist() == [f'Film "{item}", part {item}' for item in dense_items]
+
+
+def test_unknown_user_is_a_one_line_error(data, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(data, "--users", "101", "999")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "unknown user id 999" in error
+
+
+def test_missing_id_map_says_to_rerun_convert(data, capsys):
+    os.remove(os.path.join(data["dir"], "item_ids.pt"))
+    with pytest.raises(SystemExit) as exit_info:
+        run(data, "--users", "101")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "item_ids.pt: not found" in error and "convert.py" in error
+
+
+def test_checkpoint_of_another_dataset_is_refused(data, capsys):
+    torch.save(model_for(5, 10).state_dict(), data["checkpoint"])
+    with pytest.raises(SystemExit) as exit_info:
+        run(data, "--users", "101")
+    assert exit_info.value.code == 2
+    assert "checkpoint has 5 users and 10 items, data has 4 users" in capsys.readouterr().err
+
+
+def test_all_users_csv_round_trip(data):
+    output = str(data["tmp"] / "recs.csv")
+    assert run(data, "--all_users", "--output", output, "--topk", "3",
+               "--movies", data["movies"]) is None
+    written = pd.read_csv(output)
+    assert list(written.columns) == ["userId", "rank", "movieId", "score", "title"]
+    assert written["userId"].tolist() == [7] * 3 + [55] * 3 + [101] * 3 + [300] * 3
+    one_by_one = run(data, "--users", "7", "55", "101", "300", "--topk", "3",
+                     "--movies", data["movies"])
+    for column in ("userId", "rank", "movieId", "title"):
+        assert written[column].tolist() == one_by_one[column].tolist()
+    assert written["score"].tolist() == pytest.approx(one_by_one["score"].tolist(), abs=1e-6)
+    assert sorted(os.listdir(data["tmp"])) == ["data", "model.pth", "movies.csv", "recs.csv"]
+
+
+def test_output_without_all_users_is_refused(data, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(data, "--users", "101", "--output", "x.csv")
+    assert exit_info.value.code == 2
+    assert "--output goes with --all_users" in capsys.readouterr().err
