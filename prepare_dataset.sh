@@ -71,8 +71,8 @@ elif [ -n "${PRESET:-}" ]; then
     "$PYTHON" "$HERE/generate.py" --preset "$PRESET" --output "$RATINGS"
 else
     ZIP=$RAW_DIR/$DATASET.zip
-    [ -f "$ZIP" ] || "$HERE/download_dataset.sh" "$DATASET" "$RAW_DIR"
-    "$HERE/verify_dataset.sh" "$DATASET" "$ZIP"
+    [ -f "$ZIP" ] || bash "$HERE/download_dataset.sh" "$DATASET" "$RAW_DIR"
+    bash "$HERE/verify_dataset.sh" "$DATASET" "$ZIP"
     # Unpack beside the target and move the folder in whole, so an interrupted unzip never
     # leaves a ratings file that a later run would take for a complete one.
     [ ! -e "$RAW_DIR/$UNPACKED" ] ||

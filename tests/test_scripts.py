@@ -1,0 +1,165 @@
+"""The dataset shell helpers, run offline: curl and wget are replaced by stubs on PATH."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ("download_dataset.sh", "verify_dataset.sh", "prepare_dataset.sh")
+ML20M_MD5 = "cd245b17a1ae2cc31bb14903e1204af3"
+
+# Serves the file named by $FAKE_DOWNLOAD for any URL and logs the URL; fails without it.
+FAKE_CURL = """#!/usr/bin/env bash
+out=; url=
+while [ $# -gt 0 ]; do
+    case "$1" in -o) out=$2; shift ;; -*) ;; *) url=$1 ;; esac
+    shift
+done
+echo "$url" >> "$FAKE_LOG"
+[ -n "${FAKE_DOWNLOAD:-}" ] && cp "$FAKE_DOWNLOAD" "$out"
+"""
+
+
+@pytest.fixture
+def offline(tmp_path):
+    """Environment whose curl and wget never touch the network."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("curl", FAKE_CURL), ("wget", "#!/bin/sh\nexit 4\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
+               FAKE_LOG=str(tmp_path / "urls.log"))
+    env.pop("FAKE_DOWNLOAD", None)
+    return env
+
+
+def run(script, *args, env, cwd=ROOT):
+    return subprocess.run(["bash", str(Path(cwd) / script), *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def one_line_error(done, *fragments):
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_syntax_and_usage(script, offline):
+    assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
+    done = run(script, "-h", env=offline)
+    assert done.returncode == 0 and done.stdout.startswith(f"Usage: {script}")
+
+
+@pytest.mark.parametrize("script,args", [
+    ("download_dataset.sh", ["ml-1b"]),
+    ("verify_dataset.sh", ["ml-1b", "x.zip"]),
+    ("prepare_dataset.sh", ["ml-1b"]),
+])
+def test_unknown_dataset_lists_the_known_ones(script, args, offline, tmp_path):
+    done = run(script, *args, env=offline)
+    one_line_error(done, "unknown dataset 'ml-1b'", "ml-100k", "ml-20m", "ml-latest-small")
+
+
+def test_wrong_arguments_exit_2(offline):
+    for script, args in [("download_dataset.sh", []), ("verify_dataset.sh", ["ml-20m"]),
+                         ("prepare_dataset.sh", ["a", "b", "c", "d"])]:
+        done = run(script, *args, env=offline)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (script, done.stderr)
+
+
+def test_verify_rejects_a_wrong_archive(offline, tmp_path):
+    fake = tmp_path / "ml-20m.zip"
+    fake.write_bytes(b"not the real ml-20m")
+    one_line_error(run("verify_dataset.sh", "ml-20m", fake, env=offline),
+                   str(fake), "does not match", ML20M_MD5)
+    one_line_error(run("verify_dataset.sh", "ml-20m", tmp_path / "none.zip", env=offline),
+                   "no such file")
+    assert not (tmp_path / "urls.log").exists()
+
+
+def test_verify_without_a_built_in_sum_needs_the_network(offline, tmp_path):
+    fake = tmp_path / "ml-32m.zip"
+    fake.write_bytes(b"zip")
+    one_line_error(run("verify_dataset.sh", "ml-32m", fake, env=offline),
+                   "cannot fetch the published MD5")
+    assert (tmp_path / "urls.log").read_text() == (
+        "https://files.grouplens.org/datasets/movielens/ml-32m.zip.md5\n")
+
+
+def test_download_renames_only_a_complete_file(offline, tmp_path):
+    raw = tmp_path / "raw"
+    one_line_error(run("download_dataset.sh", "ml-1m", raw, env=offline), "download of")
+    assert list(raw.iterdir()) == []
+    served = tmp_path / "served.zip"
+    served.write_bytes(b"archive")
+    done = run("download_dataset.sh", "ml-1m", raw, env=dict(offline, FAKE_DOWNLOAD=str(served)))
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in raw.iterdir()] == ["ml-1m.zip"]
+    assert (raw / "ml-1m.zip").read_bytes() == b"archive"
+    assert (tmp_path / "urls.log").read_text().splitlines()[-1] == (
+        "https://files.grouplens.org/datasets/movielens/ml-1m.zip")
+    assert "already downloaded" in run("download_dataset.sh", "ml-1m", raw, env=offline).stdout
+
+
+@pytest.fixture
+def stubbed(tmp_path):
+    """A copy of the scripts whose convert.py only records its arguments (and verify passes)."""
+    home = tmp_path / "repo"
+    home.mkdir()
+    for script in SCRIPTS:
+        shutil.copy(ROOT / script, home / script)
+    (home / "verify_dataset.sh").write_text("#!/bin/sh\necho verified \"$@\"\n")
+    (home / "convert.py").write_text(
+        "import json, os, sys\n"
+        "out = sys.argv[sys.argv.index('--output') + 1]\n"
+        "os.makedirs(out, exist_ok=True)\n"
+        "json.dump(sys.argv[1:], open(os.path.join(out, 'metadata.json'), 'w'))\n")
+    return home
+
+
+def test_prepare_downloads_unpacks_converts_then_reuses(stubbed, offline, tmp_path):
+    served = tmp_path / "ml-10m.zip"
+    with zipfile.ZipFile(served, "w") as archive:
+        archive.writestr("ml-10M100K/ratings.dat", "1::2::5::978300760\n")
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    env = dict(offline, FAKE_DOWNLOAD=str(served))
+    done = run("prepare_dataset.sh", "ml-10m", raw, cache, env=env, cwd=stubbed)
+    assert done.returncode == 0, done.stderr
+    assert "verified ml-10m" in done.stdout
+    assert sorted(p.name for p in raw.iterdir()) == ["ml-10M100K", "ml-10m.zip"]
+    assert (cache / "metadata.json").read_text() == (
+        f'["--path", "{raw}/ml-10M100K/ratings.dat", "--output", "{cache}"]')
+    again = run("prepare_dataset.sh", "ml-10m", raw, cache, env=offline, cwd=stubbed)
+    assert again.returncode == 0 and again.stdout == f"using cache {cache}\n"
+
+
+def test_prepare_stops_on_a_bad_archive(stubbed, offline, tmp_path):
+    shutil.copy(ROOT / "verify_dataset.sh", stubbed / "verify_dataset.sh")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "ml-20m.zip").write_bytes(b"truncated")
+    done = run("prepare_dataset.sh", "ml-20m", raw, env=offline, cwd=stubbed)
+    one_line_error(done, "does not match")
+    assert [p.name for p in raw.iterdir()] == ["ml-20m.zip"]
+    assert not (tmp_path / "urls.log").exists()
+
+
+@pytest.mark.skipif(not (ROOT / "convert.py").exists(), reason="convert.py is not written yet")
+def test_prepare_synthetic_end_to_end(offline, tmp_path):
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    done = run("prepare_dataset.sh", "synthetic-small", raw, cache, env=offline)
+    assert done.returncode == 0, done.stderr
+    assert (raw / "synthetic-small" / "ratings.csv").is_file()
+    for name in ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt", "metadata.json"):
+        assert (cache / name).is_file(), name
+    again = run("prepare_dataset.sh", "synthetic-small", raw, cache, env=offline)
+    assert again.returncode == 0 and again.stdout == f"using cache {cache}\n"
+    assert not (tmp_path / "urls.log").exists()
