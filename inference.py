@@ -8,7 +8,6 @@ amp is autocast: float16 on CUDA, bfloat16 on the CPU (the only reduced precisio
 offers). Ids are drawn before timing, so only the forward pass is measured.
 """
 import argparse
-import os
 import platform
 import sys
 import time
@@ -102,7 +101,8 @@ def device_name(device):
                     break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def synchronize(device):
