@@ -31,6 +31,7 @@ RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "to
                         "valid_batch_size", "resume", "local_rank", "mode",
                         "load_checkpoint_path", "data"}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
+CPU_CHUNK = 2 ** 16
 
 
 class RunError(Exception):
@@ -203,15 +204,17 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
     epoch_batches = dataloading.batches(users, items, labels, local_batch)
     loss_sum = torch.zeros((), device=ctx.device)
     for _ in progress(range(steps), ctx, f"epoch {epoch}"):
-        for micro_step in range(args.grads_accumulated):
-            user, item, label = next(epoch_batches)
-            last_micro_step = micro_step == args.grads_accumulated - 1
-            # DDP all-reduces gradients only on the batch that completes a step.
-            sync = nullcontext() if last_micro_step or ctx.world_size == 1 else ddp_model.no_sync()
+        pieces = [piece for _, batch in zip(range(args.grads_accumulated), epoch_batches)
+                  for piece in chunks(batch, ctx)]
+        for index, (user, item, label, weight) in enumerate(pieces):
+            # DDP all-reduces gradients only on the piece that completes a step.
+            last_piece = index == len(pieces) - 1
+            sync = nullcontext() if last_piece or ctx.world_size == 1 else ddp_model.no_sync()
             with sync:
                 with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=ctx.use_amp):
                     logits = ddp_model(user, item).view(-1)
                     loss = F.binary_cross_entropy_with_logits(logits.float(), label.float())
+                    loss = loss * weight
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.step(optimizer)
@@ -220,6 +223,21 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
     if ctx.world_size > 1:
         dist.all_reduce(loss_sum)
     return loss_sum.item() / max(1, steps * args.grads_accumulated * ctx.world_size)
+
+
+def chunks(batch, ctx):
+    """A batch as pieces of at most CPU_CHUNK samples on a CPU, weighted to sum to its mean loss.
+
+    The gradient is the batch's (each piece's mean loss is weighted by its share of the batch),
+    but a CPU holds the activations of one piece rather than of a million samples (about 7 kB
+    each) and keeps them in cache. A GPU takes the batch whole.
+    """
+    user, item, label = batch
+    if ctx.device.type == "cuda" or len(user) <= CPU_CHUNK:
+        return [(user, item, label, 1.0)]
+    return [(user[start:start + CPU_CHUNK], item[start:start + CPU_CHUNK],
+             label[start:start + CPU_CHUNK], min(CPU_CHUNK, len(user) - start) / len(user))
+            for start in range(0, len(user), CPU_CHUNK)]
 
 
 def progress(iterable, ctx, description):
@@ -242,7 +260,10 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
     model.eval()
     nb_users, nb_candidates = test_items.shape
     begin, end = dataloading.share_bounds(nb_users, ctx.world_size, ctx.rank)
-    rows_per_batch = max(1, args.valid_batch_size // nb_candidates)
+    samples_per_batch = args.valid_batch_size
+    if ctx.device.type == "cpu":
+        samples_per_batch = min(samples_per_batch, CPU_CHUNK)
+    rows_per_batch = max(1, samples_per_batch // nb_candidates)
     ranks = torch.zeros(nb_users, dtype=torch.int64, device=ctx.device)
     with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=torch.float16,
                                                 enabled=ctx.use_amp):

@@ -1,0 +1,198 @@
+"""Training and evaluation throughput and peak memory at the ml-20m shape, ours vs a faithful
+baseline of the original, each in its own process so peak RSS belongs to one of them.
+
+    python bench/train_bench.py                 # 138,493 users, 26,744 items, 11 M positives
+    python bench/train_bench.py --quick         # a small shape, seconds (smoke test)
+
+The baseline is the original's recipe as written for a GPU, run on the CPU: int64 epoch
+tensors with float labels shuffled into full copies, the whole batch through the model at
+once, ReLU then `F.dropout`, and evaluation over all users in batches of --valid_batch_size.
+Ours is `ncf.train_epoch` / `ncf.val_epoch` on the same data and the same model sizes.
+Training is timed over --steps optimiser steps (an epoch of 55 M samples takes many minutes
+on a laptop CPU); samples/s = batch size x steps / time.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dataloading  # noqa: E402
+import ncf  # noqa: E402
+from neumf import NeuMF  # noqa: E402
+
+
+def make_data(nb_users, nb_items, nb_positives, seed=0):
+    """Training positives with Zipf-like item popularity, and a test set of 100 negatives."""
+    generator = torch.Generator().manual_seed(seed)
+    popularity = 1.0 / torch.arange(1, nb_items + 1, dtype=torch.float64) ** 0.8
+    items = torch.multinomial(popularity / popularity.sum(), nb_positives, replacement=True,
+                              generator=generator)
+    users = torch.randint(0, nb_users, (nb_positives,), generator=generator)
+    users[:nb_users] = torch.arange(nb_users)
+    test = torch.stack((torch.arange(nb_users), torch.randint(0, nb_items, (nb_users,),
+                                                               generator=generator)), 1)
+    negatives = torch.randint(0, nb_items, (nb_users, 100), generator=generator)
+    return torch.stack((users, items), 1), test, negatives
+
+
+class OriginalNeuMF(NeuMF):
+    """The original's forward: ReLU and dropout as separate functional ops."""
+
+    def forward(self, user, item, sigmoid=False):
+        mf = self.mf_user_embed(user) * self.mf_item_embed(item)
+        mlp = torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1)
+        for layer in self.mlp:
+            mlp = F.relu(layer(mlp))
+            if self.dropout != 0:
+                mlp = F.dropout(mlp, p=self.dropout, training=self.training)
+        logits = self.final(torch.cat((mf, mlp), dim=1))
+        return torch.sigmoid(logits) if sigmoid else logits
+
+
+def baseline_epoch_tensors(train, nb_items, negative_samples):
+    train_users, train_items = train[:, 0], train[:, 1]
+    negative_users = train_users.repeat(negative_samples)
+    negative_items = torch.empty_like(negative_users).random_(0, nb_items)
+    users = torch.cat((train_users, negative_users))
+    items = torch.cat((train_items, negative_items))
+    labels = torch.cat((torch.ones(len(train_users)), torch.zeros(len(negative_users))))
+    order = torch.randperm(len(users))
+    return users[order], items[order], labels[order]
+
+
+def run_baseline(train, test, negatives, nb_users, nb_items, args):
+    torch.manual_seed(1)
+    model = OriginalNeuMF(nb_users, nb_items, 64, [256, 256, 128, 64], dropout=0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0045, betas=(0.25, 0.5), eps=1e-8,
+                                 fused=True)
+    users, items, labels = baseline_epoch_tensors(train, nb_items, 4)
+    batch_users = torch.split(users, args.batch_size)
+    batch_items = torch.split(items, args.batch_size)
+    batch_labels = torch.split(labels, args.batch_size)
+
+    def step(index):
+        logits = model(batch_users[index], batch_items[index]).view(-1)
+        F.binary_cross_entropy_with_logits(logits, batch_labels[index]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    step(0)
+    start = time.perf_counter()
+    for index in range(1, args.steps + 1):
+        step(index)
+    train_rate = args.batch_size * args.steps / (time.perf_counter() - start)
+
+    test_users, test_items, duplicate_mask = dataloading.create_test_data(test, negatives)
+    flat_users = test_users[:, None].expand_as(test_items).reshape(-1)
+    flat_items = test_items.reshape(-1)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        scores = torch.cat([model(u, i, sigmoid=True) for u, i in
+                            zip(torch.split(flat_users, args.valid_batch_size),
+                                torch.split(flat_items, args.valid_batch_size))])
+        scores = scores.view(test_items.shape)
+        scores[duplicate_mask] = -1
+        torch.topk(scores, 10)
+    eval_rate = test_items.numel() / (time.perf_counter() - start)
+    return train_rate, eval_rate
+
+
+def run_ours(train, test, negatives, nb_users, nb_items, args):
+    ctx = ncf.Context(torch.device("cpu"), 0, 1, False, False)
+    run_args = ncf.parse_args(["--data", "-", "-b", str(args.batch_size), "--valid_batch_size",
+                               str(args.valid_batch_size)])
+    model, ddp_model = ncf.build_model(run_args, nb_users, nb_items, ctx)
+    optimizer = ncf.build_optimizer(run_args, model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_users, train_items = train[:, 0].int(), train[:, 1].int()
+    # Train over a prefix of the positives that holds exactly steps + 1 batches, so the
+    # epoch's data pipeline is paid for in proportion, as in a full epoch.
+    samples = args.batch_size * (args.steps + 1)
+    prefix = -(-samples // 5)
+    ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:args.batch_size // 5 + 1],
+                    train_items[:args.batch_size // 5 + 1], nb_items, 0, run_args, ctx)
+    start = time.perf_counter()
+    ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:prefix], train_items[:prefix],
+                    nb_items, 1, run_args, ctx)
+    train_rate = prefix * 5 // args.batch_size * args.batch_size / (time.perf_counter() - start)
+    # ... and build one full epoch's samples, so peak memory covers all the positives.
+    dataloading.epoch_samples(train_users, train_items, nb_items, 4, 1, 0,
+                              ncf.epoch_generator(1, 2, ctx.device))
+    test_users, test_items, duplicate_mask = dataloading.create_test_data(test, negatives)
+    start = time.perf_counter()
+    ncf.val_epoch(model, test_users.int(), test_items.int(), duplicate_mask, run_args, ctx)
+    eval_rate = test_items.numel() / (time.perf_counter() - start)
+    return train_rate, eval_rate
+
+
+def child(args):
+    train, test, negatives = make_data(args.users, args.items, args.positives)
+    runner = run_baseline if args.child == "baseline" else run_ours
+    train_rate, eval_rate = runner(train, test, negatives, args.users, args.items, args)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(json.dumps({"variant": args.child, "train_samples_per_s": train_rate,
+                      "eval_samples_per_s": eval_rate, "peak_rss_gb": peak_gb}))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=138_493)
+    parser.add_argument("--items", type=int, default=26_744)
+    parser.add_argument("--positives", type=int, default=11_000_000)
+    parser.add_argument("-b", "--batch_size", type=int, default=2 ** 20)
+    parser.add_argument("--valid_batch_size", type=int, default=2 ** 20)
+    parser.add_argument("--steps", type=int, default=2, help="timed optimiser steps")
+    parser.add_argument("--quick", action="store_true", help="a small shape for smoke tests")
+    parser.add_argument("--variants", nargs="+", default=["baseline", "ours"],
+                        choices=["baseline", "ours"])
+    parser.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.users, args.items, args.positives = 2_000, 1_000, 60_000
+        args.batch_size, args.valid_batch_size, args.steps = 16_384, 65_536, 2
+    if args.positives * 5 < args.batch_size * (args.steps + 1):
+        parser.error("--positives x 5 must hold --steps + 1 batches")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    results = []
+    for variant in args.variants:
+        command = [sys.executable, os.path.abspath(__file__), "--child", variant,
+                   "--users", str(args.users), "--items", str(args.items),
+                   "--positives", str(args.positives), "-b", str(args.batch_size),
+                   "--valid_batch_size", str(args.valid_batch_size), "--steps", str(args.steps)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    print(f"shape: {args.users:,} users, {args.items:,} items, {args.positives:,} positives; "
+          f"batch {args.batch_size:,}, {args.steps} timed steps; {torch.get_num_threads()} "
+          f"threads")
+    print("| variant | train samples/s | eval samples/s | peak RSS GB |")
+    print("|---|---|---|---|")
+    for result in results:
+        print(f"| {result['variant']} | {result['train_samples_per_s']:,.0f} | "
+              f"{result['eval_samples_per_s']:,.0f} | {result['peak_rss_gb']:.2f} |")
+    if len(results) == 2:
+        base, ours = results
+        print(f"ours / baseline: train x{ours['train_samples_per_s'] / base['train_samples_per_s']:.2f}, "
+              f"eval x{ours['eval_samples_per_s'] / base['eval_samples_per_s']:.2f}, "
+              f"peak memory x{ours['peak_rss_gb'] / base['peak_rss_gb']:.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
