@@ -157,7 +157,8 @@ def write_all_users(recommender, topk, titles, output):
     if not os.path.isdir(directory):
         raise RecommendError(f"--output {output}: directory {directory} does not exist")
     order = torch.argsort(recommender.user_ids)
-    step = scoring.users_per_batch(len(recommender.item_ids))
+    scorer = recommender.scorer
+    step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
     temporary = f"{output}.tmp{os.getpid()}"
     try:
         with open(temporary, "w", newline="") as handle, \

@@ -135,3 +135,19 @@ def test_training_items_mask_marks_exactly_each_users_items():
     mask = trained.mask(torch.tensor([2, 3, 0, 2]), nb_items=5)
     assert mask.int().tolist() == [[1, 0, 0, 0, 1], [0, 0, 0, 0, 0],
                                    [0, 1, 0, 0, 0], [1, 0, 0, 0, 1]]
+
+
+def test_full_ranking_ranks_at_least_as_low_as_the_sampled_protocol(clustered_data):
+    # The sampled candidates are a subset of the full ones (test negatives are never training
+    # items), so no positive can rank better against all items than against its 100 negatives.
+    train, test, negatives = dataloading.load_dataset(clustered_data)
+    model = random_model(*dataloading.dataset_sizes(train, test, negatives), 4, [8, 4], seed=5)
+    users, items, duplicates = dataloading.create_test_data(test, negatives)
+    with torch.no_grad():
+        scores = model(users[:, None].expand_as(items).reshape(-1), items.reshape(-1),
+                       sigmoid=True).view(items.shape)
+    sampled = dataloading.positive_ranks(scores, items, duplicates)
+    full = scoring.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])
+    assert (full >= sampled).all()
+    assert (full > sampled).float().mean() > 0.5
+    assert full.max() < model.nb_items
