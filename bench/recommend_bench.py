@@ -1,0 +1,170 @@
+"""Time scoring every item for every user: scoring.py's factored path against model(user, item).
+
+    python bench/recommend_bench.py [--sample_users 500]
+                                    [--data DIR --checkpoint model.pth]
+
+Part 1, on a NeuMF with random weights at ml-20m's shape (138,493 users x 26,744 items, --factors
+64, --layers 256 256 128 64): both paths score all items for the same sampled users in the same
+run, in passes of the same number of pairs; the per-user times are extrapolated to all users.
+The time of the matrix products that remain after factoring (the layers after the first) is
+measured on their own as well: that rate sets the floor for the whole ml-20m job.
+
+Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the wall
+time of `recommend.py --all_users` on it, and HR@k / NDCG@k by the sampled protocol (100 test
+negatives, as ncf.py) beside the full-ranking protocol (scoring.full_ranking_ranks).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import dataloading  # noqa: E402
+import scoring  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from neumf import NeuMF  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=138_493)
+    parser.add_argument("--items", type=int, default=26_744)
+    parser.add_argument("--factors", type=int, default=64)
+    parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64])
+    parser.add_argument("--sample_users", type=int, default=500,
+                        help="users timed per path; the time is extrapolated to --users")
+    parser.add_argument("--chunk_pairs", type=int, default=None,
+                        help="pairs per pass, both paths (default: scoring.py's)")
+    parser.add_argument("--data", help="converted dataset for part 2")
+    parser.add_argument("--checkpoint", help="its trained model.pth, for part 2")
+    parser.add_argument("-k", "--topk", type=int, default=10)
+    args = parser.parse_args(argv)
+    if (args.data is None) != (args.checkpoint is None):
+        parser.error("--data and --checkpoint go together")
+    return args
+
+
+def tail_flops_per_pair(layers):
+    """Multiply-adds x 2 of the MLP layers after the first, plus the final MLP dot product."""
+    return 2 * (sum(a * b for a, b in zip(layers[1:-1], layers[2:])) + layers[-1])
+
+
+def time_factored(model, users, chunk_pairs):
+    start = time.perf_counter()
+    scorer = scoring.FactoredScorer(model, chunk_pairs)
+    step = scoring.users_per_batch(model.nb_items, scorer.chunk_pairs)
+    for begin in range(0, len(users), step):
+        scorer(users[begin:begin + step])
+    return time.perf_counter() - start
+
+
+def time_plain(model, users, chunk_pairs):
+    """model(user, item) over all items of the users, chunk_pairs pairs (whole users) a call."""
+    items = torch.arange(model.nb_items)
+    step = max(1, chunk_pairs // model.nb_items)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for begin in range(0, len(users), step):
+            batch = users[begin:begin + step]
+            model(batch.repeat_interleave(model.nb_items), items.repeat(len(batch)))
+    return time.perf_counter() - start
+
+
+def tail_matmul_rate(layers, pairs, repeats=20):
+    """FLOP/s of the post-first-layer products alone, on one pass of `pairs` pairs."""
+    torch.manual_seed(0)
+    weights = [(torch.randn(b, a) / a ** 0.5, torch.randn(b)) for a, b in zip(layers[1:-1],
+                                                                             layers[2:])]
+    hidden = torch.randn(pairs, layers[1]).relu_()
+    with torch.inference_mode():
+        for _ in range(2):
+            out = hidden
+            for weight, bias in weights:
+                out = torch.addmm(bias, out, weight.T).relu_()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = hidden
+            for weight, bias in weights:
+                out = torch.addmm(bias, out, weight.T).relu_()
+        seconds = time.perf_counter() - start
+    return repeats * pairs * 2 * sum(a * b for a, b in zip(layers[1:-1], layers[2:])) / seconds
+
+
+def part_one(args):
+    chunk_pairs = args.chunk_pairs or scoring.default_chunk_pairs("cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"chunk of {chunk_pairs} pairs")
+    torch.manual_seed(0)
+    model = NeuMF(args.users, args.items, args.factors, args.layers).eval()
+    users = torch.randperm(args.users)[:args.sample_users]
+    pairs_all = args.users * args.items
+    flop_all = pairs_all * tail_flops_per_pair(args.layers)
+
+    check_users = users[:2]
+    with torch.inference_mode():
+        plain = model(check_users.repeat_interleave(args.items),
+                      torch.arange(args.items).repeat(2)).view(2, -1)
+    difference = (scoring.score_all_items(model, check_users, chunk_pairs) - plain).abs().max()
+    print(f"largest |factored - plain| logit difference: {difference.item():.2e}")
+
+    factored = time_factored(model, users, chunk_pairs)
+    plain = time_plain(model, users, chunk_pairs)
+    rate = tail_matmul_rate(args.layers, chunk_pairs)
+    scale = args.users / len(users)
+    print(f"{len(users)} users x {args.items} items:  factored {factored:.1f} s,  "
+          f"plain forward {plain:.1f} s,  speed-up {plain / factored:.2f}x")
+    print(f"extrapolated to all {args.users} users ({pairs_all:.3g} pairs):  factored "
+          f"{factored * scale / 60:.1f} min,  plain {plain * scale / 60:.1f} min")
+    print(f"work left per pair after factoring: {tail_flops_per_pair(args.layers) / 1e3:.1f} kFLOP,"
+          f" {flop_all:.3g} FLOP in all; factored path reached "
+          f"{flop_all / (factored * scale) / 1e9:.1f} GFLOP/s")
+    print(f"those matrix products alone: {rate / 1e9:.1f} GFLOP/s -> floor "
+          f"{flop_all / rate / 60:.1f} min for all users")
+
+
+def part_two(args):
+    train, test, negatives = dataloading.load_dataset(args.data)
+    model = load_model(args.checkpoint).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(REPO, "recommend.py"), "--data", args.data,
+                        "--checkpoint", args.checkpoint, "--all_users", "--device", "cpu",
+                        "--output", os.path.join(directory, "recs.csv"), "--topk",
+                        str(args.topk)], check=True, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        with open(os.path.join(directory, "recs.csv")) as handle:
+            rows = sum(1 for _ in handle) - 1
+    print(f"recommend.py --all_users on {args.data}: {len(test)} users, {rows} rows, "
+          f"{wall:.1f} s wall (process start and loading included)")
+
+    users, items, duplicates = dataloading.create_test_data(test, negatives)
+    with torch.inference_mode():
+        scores = model(users[:, None].expand_as(items).reshape(-1), items.reshape(-1),
+                       sigmoid=True).view(items.shape)
+    sampled = dataloading.hit_rate_and_ndcg(
+        dataloading.positive_ranks(scores, items, duplicates), args.topk)
+    start = time.perf_counter()
+    ranks = scoring.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])
+    seconds = time.perf_counter() - start
+    full = dataloading.hit_rate_and_ndcg(ranks, args.topk)
+    k = args.topk
+    print(f"sampled (100 negatives): HR@{k} = {sampled[0]:.4f}, NDCG@{k} = {sampled[1]:.4f}")
+    print(f"full ranking ({model.nb_items} items less the user's training items): "
+          f"HR@{k} = {full[0]:.4f}, NDCG@{k} = {full[1]:.4f} ({seconds:.1f} s)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    part_one(args)
+    if args.data:
+        part_two(args)
+
+
+if __name__ == "__main__":
+    main()
