@@ -35,7 +35,8 @@ def epoch_lines(output):
 
 
 def result_line(output):
-    match = re.search(r"HR@10 = ([0-9.]+), NDCG@10 = ([0-9.]+), val_time", output)
+    match = re.search(r"HR@10 = ([0-9.]+), NDCG@10 = ([0-9.]+), val_time.*"
+                      r"full HR@10 = ([0-9.]+), full NDCG@10 = ([0-9.]+)", output)
     assert match, output
     return match.groups()
 
@@ -56,7 +57,8 @@ def test_two_processes_train_one_model_and_match_single_process_evaluation(clust
 
     model = str(checkpoints / "model.pth")
     test_flags = ["--data", clustered_data, "--mode", "test", "--load_checkpoint_path", model,
-                  "--log_path", str(tmp_path / "test.json"), "--valid_batch_size", "3000"]
+                  "--log_path", str(tmp_path / "test.json"), "--valid_batch_size", "3000",
+                  "--full_ranking"]
     two = torchrun(*test_flags)
     assert two.returncode == 0, two.stderr
     one = subprocess.run([sys.executable, "ncf.py", *test_flags], cwd=ROOT, capture_output=True,

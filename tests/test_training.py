@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -139,3 +140,27 @@ def test_defaults_match_the_original():
     assert (args.checkpoint_dir, args.mode, args.grads_accumulated, args.opt_level) == (
         "/data/checkpoints/", "train", 1, "O2")
     assert args.log_path == "log.json" and args.load_checkpoint_path is None
+
+
+def test_full_ranking_in_test_mode_equals_a_plain_ranking(clustered_data, tmp_path):
+    from checkpoint import load_model
+    ncf.main(train_args(clustered_data, tmp_path, "-e", "1"))
+    model_path = str(tmp_path / "ck" / "model.pth")
+    result = ncf.main(["--data", clustered_data, "--mode", "test", "--load_checkpoint_path",
+                       model_path, "--full_ranking", "--log_path", str(tmp_path / "t.json")])
+    model = load_model(model_path).eval()
+    train = torch.load(os.path.join(clustered_data, "train_ratings.pt"), weights_only=True)
+    test = torch.load(os.path.join(clustered_data, "test_ratings.pt"), weights_only=True)
+    hits, gains = 0, 0.0
+    with torch.no_grad():
+        for user, positive in test.tolist():
+            trained = set(train[train[:, 0] == user, 1].tolist()) - {positive}
+            candidates = [item for item in range(model.nb_items) if item not in trained]
+            scores = model(torch.full((len(candidates),), user), torch.tensor(candidates)).view(-1)
+            positive_score = scores[candidates.index(positive)]
+            rank = int((scores > positive_score).sum())
+            hits += rank < 10
+            gains += 1 / math.log2(rank + 2) if rank < 10 else 0.0
+    assert result["full_hr"] == pytest.approx(hits / len(test), abs=2 / len(test))
+    assert result["full_ndcg"] == pytest.approx(gains / len(test), abs=0.01)
+    assert result["full_hr"] < result["hr"]
