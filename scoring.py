@@ -58,14 +58,10 @@ class FactoredScorer:
             else:
                 first = model.mlp[0]
                 self.first_layer = first
+                self.user_first_weight = first.weight[:, :half]
                 self.item_first = item_embed @ first.weight[:, half:].T
                 self.rest = list(model.mlp[1:])
                 self.mlp_weight = mlp_weight
-
-    def user_first(self, users):
-        first = self.first_layer
-        half = self.model.mlp_user_embed.weight.shape[1]
-        return torch.addmm(first.bias, self.model.mlp_user_embed(users), first.weight[:, :half].T)
 
     def __call__(self, users):
         """[len(users), nb_items] float logits; users is a 1-D tensor of dense user ids."""
@@ -79,7 +75,8 @@ class FactoredScorer:
                 logits += (self.model.mlp_user_embed(users) @ self.user_linear_weight)[:, None]
                 logits += self.item_linear
                 return logits
-            user_first = self.user_first(users)
+            user_first = torch.addmm(self.first_layer.bias, self.model.mlp_user_embed(users),
+                                     self.user_first_weight.T)
             item_step = min(self.nb_items, self.chunk_pairs)
             user_step = max(1, self.chunk_pairs // item_step)
             for user_start in range(0, len(users), user_step):
