@@ -149,6 +149,7 @@ def _sample_keys(rng, model, counts):
         if not len(short):
             return keys
         missing = counts[short] - have[short]
+        # A 20% margin over the expected need usually makes this the last round for most users.
         n_draws = np.ceil(missing / new_rate[short] * 1.2).astype(np.int64) + 2
         drawn = _draw(rng, model, cdfs, short, n_draws)
         pos = np.minimum(np.searchsorted(keys, drawn), len(keys) - 1)
@@ -248,7 +249,7 @@ def _digits(values, width):
 
 
 def _csv_chunk(frame):
-    """The frame's rows as CSV bytes, byte for byte what DataFrame.to_csv writes for them.
+    """generate_ratings rows as CSV bytes, byte for byte what DataFrame.to_csv writes for them.
 
     pandas formats about a million rows a second, which alone would take most of the ml-20m
     budget; assembling digits with array arithmetic is several times faster.
