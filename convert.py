@@ -50,7 +50,7 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False):
 
     Returns a dict with the int64 tensors named in TENSORS and the counts ratings_read,
     users_dropped, duplicates_dropped, users, items, train, test. Raises DataError when no user
-    is left or a user's training positives leave no item to draw as a negative.
+    is left.
     """
     disable = None if progress else True
     steps = tqdm(total=4, desc="convert", unit="step", disable=disable, leave=False)
@@ -83,7 +83,7 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False):
     steps.update()
     steps.close()
 
-    negatives = _test_negatives(pairs, test, nb_items, valid_negative, seed, user_ids, disable)
+    negatives = _test_negatives(pairs, test, nb_items, valid_negative, seed, disable)
     return {
         "train_ratings": torch.from_numpy(train),
         "test_ratings": torch.from_numpy(test),
@@ -141,7 +141,8 @@ def _stable_order(values):
     low = int(values.min())
     if (int(values.max()) - low + 1) * n > 2**63:
         return np.argsort(values, kind="stable")
-    composite = values.astype(np.int64) - low
+    composite = values.astype(np.int64)
+    composite -= low
     composite *= n
     composite += np.arange(n, dtype=np.int64)
     composite.sort()
@@ -178,21 +179,18 @@ def _split(user, item, nb_users, nb_items):
     return pairs, is_train, test_rows, duplicates
 
 
-def _test_negatives(pairs, test, nb_items, valid_negative, seed, user_ids, disable):
+def _test_negatives(pairs, test, nb_items, valid_negative, seed, disable):
     """Per user, valid_negative items uniform in [0, nb_items) that are not training positives.
 
     Draws are made a block of users at a time, and in each block only the rejected ones are drawn
     again, round after round; blocks keep the temporaries small and the searches within the
-    block's own pairs. The test positive is not a training positive, so it may be drawn.
+    block's own pairs. The test positive is not a training positive, so it may be drawn; that
+    also means every user has an item left to draw, so the rounds end.
     """
     nb_users = len(test)
-    # pairs hold each user's test pair besides its training pairs
     user_starts = np.searchsorted(pairs, np.arange(nb_users + 1, dtype=np.int64) * nb_items)
-    full = np.flatnonzero(np.diff(user_starts) - 1 >= nb_items)
-    if full.size:
-        raise DataError(f"user {user_ids[full[0]]} has rated every one of the {nb_items} items, "
-                        "so no test negative can be drawn; remove that user's ratings")
-    rng = np.random.default_rng(seed)
+    # numpy takes no negative seed, the flag does; below 2**64 this maps seeds one to one
+    rng = np.random.default_rng(seed % 2**64)
     negatives = np.empty((nb_users, valid_negative), dtype=np.int64)
     test_items = test[:, 1]
     block = max(1, DRAWS_PER_BLOCK // valid_negative)

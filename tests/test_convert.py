@@ -1,0 +1,302 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import convert
+from load import DataError
+
+HEADER = "userId,movieId,rating,timestamp\n"
+TENSOR_FILES = [f"{name}.pt" for name in convert.TENSORS]
+
+# User 9 has 2 ratings and is dropped at --min_ratings 3; it comes first and rates an item of
+# its own, so numbering before the filter would show. User 7 rates 100 twice (t=50, then t=60):
+# the earlier one stays, so its latest is 200 (t=50, after 100 in file order) rather than the
+# repeat. User 5's three ratings share one timestamp: the last in the file is its test item.
+TINY = HEADER + """\
+9,400,5,10
+7,100,4,50
+7,200,3,50
+9,999,5,11
+5,300,2,20
+7,100,1,60
+5,200,2,20
+5,400,2,20
+7,400,3,40
+"""
+
+
+def tensors(directory):
+    return {name: torch.load(Path(directory) / f"{name}.pt", weights_only=True)
+            for name in convert.TENSORS}
+
+
+def run(*argv):
+    return convert.main([str(a) for a in argv])
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text(TINY)
+    return path
+
+
+def test_protocol_on_a_hand_made_file(tmp_path, tiny, capsys):
+    output = tmp_path / "out"
+    assert run("--path", tiny, "--output", output, "--min_ratings", 3, "--valid_negative", 5) == 0
+    got = tensors(output)
+    assert got["user_ids"].tolist() == [7, 5]
+    assert got["item_ids"].tolist() == [100, 200, 300, 400]
+    # time order: (5,300) (5,200) (5,400) t=20, (7,400) t=40, (7,100) (7,200) t=50, (7,100) t=60
+    assert got["train_ratings"].tolist() == [[1, 2], [1, 1], [0, 3], [0, 0]]
+    assert got["test_ratings"].tolist() == [[0, 1], [1, 3]]
+    negatives = got["test_negatives"]
+    assert negatives.shape == (2, 5)
+    # not a training positive; user 0's test item (1) may be drawn
+    assert set(negatives[0].tolist()) <= {1, 2}
+    assert set(negatives[1].tolist()) <= {0, 3}
+    for tensor in got.values():
+        assert tensor.dtype == torch.int64
+    metadata = json.loads((output / "metadata.json").read_text())
+    assert metadata == {
+        "format_version": 1, "source": str(tiny.resolve()), "reader": "movielens-csv",
+        "seed": 1, "valid_negative": 5, "min_ratings": 3, "ratings_read": 9,
+        "users_dropped": 1, "duplicates_dropped": 1, "users": 2, "items": 4, "train": 4,
+        "test": 2}
+    assert capsys.readouterr().out == (
+        "convert.py: read 9 ratings; kept 2 users (1 dropped), 4 items; 1 duplicates dropped; "
+        f"train 4, test 2, test negatives 2x5 -> {output}\n")
+
+
+def random_frame(seed, users=60, items=40, rows=2000):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "user_id": rng.integers(1000, 1000 + users, rows) * 3,
+        "item_id": rng.integers(0, items, rows) * 7 + 1,
+        # a narrow time range: many ties, and with 2000 rows, many repeated pairs
+        "timestamp": rng.integers(0, 50, rows),
+    })
+
+
+def reference(frame, min_ratings):
+    """The protocol written plainly in pandas: (train, test) in original ids."""
+    counts = frame["user_id"].value_counts()
+    kept = frame[frame["user_id"].map(counts) >= min_ratings]
+    ordered = kept.sort_values("timestamp", kind="stable")
+    ordered = ordered.drop_duplicates(["user_id", "item_id"], keep="first")
+    test = ordered.groupby("user_id").tail(1)
+    train = ordered.drop(test.index)
+    return train[["user_id", "item_id"]].values, test.sort_values("user_id"), kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_a_plain_pandas_reference(seed):
+    frame = random_frame(seed)
+    result = convert.convert(frame, seed=seed, valid_negative=30, min_ratings=30)
+    train, test, kept = reference(frame, 30)
+    user_ids, item_ids = result["user_ids"].numpy(), result["item_ids"].numpy()
+    assert user_ids.tolist() == pd.unique(kept["user_id"]).tolist()
+    assert item_ids.tolist() == pd.unique(kept["item_id"]).tolist()
+    dense_train = result["train_ratings"].numpy()
+    assert np.array_equal(np.stack([user_ids[dense_train[:, 0]],
+                                    item_ids[dense_train[:, 1]]], 1), train)
+    dense_test = result["test_ratings"].numpy()
+    # test rows are sorted by dense user id, i.e. by first appearance
+    order = pd.Index(test["user_id"]).get_indexer(user_ids)
+    assert np.array_equal(item_ids[dense_test[:, 1]], test["item_id"].to_numpy()[order])
+    assert result["users_dropped"] == frame["user_id"].nunique() - len(user_ids)
+    assert result["duplicates_dropped"] == len(kept) - len(train) - len(test)
+
+
+def test_invariants():
+    frame = random_frame(3, users=80, items=50, rows=3000)
+    result = convert.convert(frame, seed=5, valid_negative=40, min_ratings=20)
+    train, test = result["train_ratings"], result["test_ratings"]
+    negatives, users, items = result["test_negatives"], result["users"], result["items"]
+    assert train.dtype == test.dtype == negatives.dtype == torch.int64
+    assert train.shape == (result["train"], 2)
+    assert test.shape == (users, 2) and negatives.shape == (users, 40)
+    assert result["user_ids"].shape == (users,) and result["item_ids"].shape == (items,)
+    assert test[:, 0].tolist() == list(range(users))
+    assert set(train[:, 0].tolist()) == set(range(users))
+    assert set(train[:, 1].tolist()) | set(test[:, 1].tolist()) == set(range(items))
+    assert int(negatives.min()) >= 0 and int(negatives.max()) < items
+    positives = set(map(tuple, train.tolist()))
+    assert len(positives) == len(train)
+    assert not positives & set(map(tuple, test.tolist()))
+    for user in range(users):
+        assert not {(user, item) for item in negatives[user].tolist()} & positives
+
+
+def test_test_positive_can_be_drawn():
+    # user 1 has trained on items 0..2 and is tested on 3: only 3 is left to draw
+    frame = pd.DataFrame({"user_id": [1, 1, 1, 1, 2], "item_id": [0, 1, 2, 3, 0],
+                          "timestamp": [1, 2, 3, 4, 5]})
+    result = convert.convert(frame, seed=1, valid_negative=20, min_ratings=1)
+    assert result["test_negatives"][0].tolist() == [3] * 20
+
+
+def test_blocks_of_draws_give_valid_negatives(monkeypatch):
+    monkeypatch.setattr(convert, "DRAWS_PER_BLOCK", 64)
+    frame = random_frame(4)
+    result = convert.convert(frame, seed=2, valid_negative=30, min_ratings=25)
+    positives = set(map(tuple, result["train_ratings"].tolist()))
+    for user, row in enumerate(result["test_negatives"].tolist()):
+        assert not {(user, item) for item in row} & positives
+
+
+@pytest.mark.parametrize("values", [
+    np.array([5, 3, 5, 3, 1, 5, -2, 3]),
+    np.array([2**62, -2**62, 5, 5, -2**62, 2**62]),  # too wide for the composite key
+])
+def test_stable_order(values):
+    assert convert._stable_order(values).tolist() == np.argsort(values, kind="stable").tolist()
+
+
+def test_same_seed_same_files_other_seed_other_negatives(tmp_path, tiny):
+    frame = random_frame(6)
+    frame.rename(columns={"user_id": "userId", "item_id": "movieId"}).to_csv(
+        tmp_path / "ratings.csv", index=False)
+    source = tmp_path / "ratings.csv"
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        run("--path", source, "--output", tmp_path / name, "--seed", seed, "--min_ratings", 5)
+    for file in TENSOR_FILES + ["metadata.json"]:
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    a, c = tensors(tmp_path / "a"), tensors(tmp_path / "c")
+    assert torch.equal(a["train_ratings"], c["train_ratings"])
+    assert torch.equal(a["test_ratings"], c["test_ratings"])
+    assert not torch.equal(a["test_negatives"], c["test_negatives"])
+
+
+def test_negative_seed_is_fine(tmp_path, tiny):
+    assert run("--path", tiny, "--output", tmp_path / "out", "--seed", -3,
+               "--min_ratings", 1) == 0
+
+
+def failure(capsys, *argv):
+    with pytest.raises(SystemExit) as caught:
+        run(*argv)
+    assert caught.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert.py: error: "), captured.err
+    return lines[0]
+
+
+def no_results(directory):
+    return not directory.exists() or not [p for p in directory.iterdir()
+                                          if p.suffix in (".pt", ".json", ".tmp")]
+
+
+@pytest.mark.parametrize("name,text,expected", [
+    ("ratings.csv", None, "no such file"),
+    ("ratings.csv", "", "file is empty"),
+    ("ratings.csv", "user,movie,rating\n1,2,3\n", "lacks userId, movieId, timestamp"),
+    ("ratings.csv", HEADER + "1,2,3,4\nx,2,3,5\n", "line 3: user id 'x' is not an integer"),
+    ("u.data", "1\t2\t3\t4\n1\t2\t3\tyesterday\n", "line 2: timestamp 'yesterday'"),
+    ("ratings.csv", HEADER + "1,2,3,4\n", "no user has 20 ratings (the most any user has is 1); "
+                                          "lower --min_ratings"),
+    ("votes.txt", "a b c\n", "unknown ratings format"),
+])
+def test_bad_input(tmp_path, capsys, name, text, expected):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    line = failure(capsys, "--path", path, "--output", tmp_path / "out")
+    assert line.startswith(f"convert.py: error: {path}: ")
+    assert expected in line
+    assert no_results(tmp_path / "out")
+
+
+def test_unwritable_output(tmp_path, tiny, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = failure(capsys, "--path", tiny, "--output", blocker / "out")
+    assert f"{blocker / 'out'}: cannot write the output" in line
+    assert "choose a writable --output" in line
+
+
+@pytest.mark.parametrize("flag,value", [("--valid_negative", 0), ("--min_ratings", 0),
+                                        ("--seed", "one"), ("--frobnicate", 1)])
+def test_bad_flags(tmp_path, tiny, capsys, flag, value):
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", flag, value)
+    assert flag in line
+    assert no_results(tmp_path / "out")
+
+
+def test_bring_your_own_columns_from_the_command_line(tmp_path, capsys):
+    source = tmp_path / "clicks.csv"
+    source.write_text("who,what,when\n" + "".join(f"{u},{i},{u + i}\n"
+                                                  for u in range(3) for i in range(4)))
+    assert run("--path", source, "--output", tmp_path / "out", "--min_ratings", 1,
+               "--user_col", "who", "--item_col", "what", "--time_col", "when") == 0
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["reader"] == "csv-columns"
+    assert tensors(tmp_path / "out")["test_ratings"].tolist() == [[0, 3], [1, 3], [2, 3]]
+
+
+def fail_on_call(number, real, error):
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == number:
+            raise error
+        return real(*args, **kwargs)
+    return failing
+
+
+def test_failed_rename_leaves_nothing(tmp_path, tiny, monkeypatch, capsys):
+    output = tmp_path / "out"
+    monkeypatch.setattr(convert.os, "replace",
+                        fail_on_call(3, os.replace, OSError(5, "Input/output error")))
+    line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
+    assert "Input/output error" in line
+    assert output.is_dir() and no_results(output)
+
+
+def test_failed_write_leaves_nothing(tmp_path, tiny, monkeypatch, capsys):
+    output = tmp_path / "out"
+    monkeypatch.setattr(convert.torch, "save",
+                        fail_on_call(2, torch.save, OSError(28, "No space left on device")))
+    line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
+    assert "No space left on device" in line
+    assert no_results(output)
+
+
+def test_interrupted_rerun_does_not_look_complete(tmp_path, tiny, monkeypatch, capsys):
+    output = tmp_path / "out"
+    assert run("--path", tiny, "--output", output, "--min_ratings", 1) == 0
+    monkeypatch.setattr(convert.os, "replace",
+                        fail_on_call(2, os.replace, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run("--path", tiny, "--output", output, "--min_ratings", 1)
+    assert not (output / "metadata.json").exists()
+    assert not list(output.glob(".*.tmp"))
+
+
+REAL = Path("/work/shared/data/ml-latest-small/ratings.csv")
+
+
+@pytest.mark.skipif(not REAL.exists(), reason=f"{REAL} not present")
+def test_ml_latest_small(tmp_path, capsys):
+    assert run("--path", REAL, "--output", tmp_path) == 0
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    assert {key: metadata[key] for key in ("ratings_read", "users_dropped", "duplicates_dropped",
+                                           "users", "items", "train", "test")} == {
+        "ratings_read": 100836, "users_dropped": 0, "duplicates_dropped": 0, "users": 610,
+        "items": 9724, "train": 100226, "test": 610}
+    got = tensors(tmp_path)
+    frame = pd.read_csv(REAL).rename(columns={"userId": "user_id", "movieId": "item_id"})
+    train, test, _ = reference(frame, 20)
+    user_ids, item_ids = got["user_ids"].numpy(), got["item_ids"].numpy()
+    dense = got["train_ratings"].numpy()
+    assert np.array_equal(np.stack([user_ids[dense[:, 0]], item_ids[dense[:, 1]]], 1), train)
+    order = pd.Index(test["user_id"]).get_indexer(user_ids)
+    assert np.array_equal(item_ids[got["test_ratings"][:, 1].numpy()],
+                          test["item_id"].to_numpy()[order])
