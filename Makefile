@@ -10,11 +10,11 @@ DEMO_EPOCHS ?= 5
 
 .PHONY: setup demo test bench bench-quick clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt -r requirements-optional.txt
 	touch $@
 
 setup: $(VENV)/.installed
