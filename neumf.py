@@ -10,40 +10,44 @@ import torch.nn.functional as F
 
 
 class _ReluDropout(torch.autograd.Function):
-    """ReLU followed by inverted dropout, as one op that keeps a single bool mask.
+    """ReLU followed by inverted dropout as one op: relu(x * m), m = 0 or 1/(1-p) per element.
 
-    Unfused, the pair stores the ReLU output and a float dropout mask and makes three
-    elementwise passes each way; on a CPU that costs about as much as the matrix products.
+    Unfused, the pair stores a float dropout mask beside the ReLU output and makes several
+    elementwise passes each way; on a CPU that cost about as much as the matrix products. Here
+    backward needs only the output (which the next Linear layer keeps anyway): where it is
+    positive the element passed both the ReLU and the dropout.
     """
 
     @staticmethod
-    def forward(ctx, x, keep, scale):
-        mask = keep.logical_and_(x > 0)
-        ctx.save_for_backward(mask)
+    def forward(ctx, x, scaled_keep, scale):
+        out = x.mul(scaled_keep).relu_()
+        ctx.save_for_backward(out)
         ctx.scale = scale
-        return x.mul(mask).mul_(scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (mask,) = ctx.saved_tensors
-        return grad_out.mul(mask).mul_(ctx.scale), None, None
+        (out,) = ctx.saved_tensors
+        grad_in = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        return grad_in.mul_(ctx.scale), None, None
 
 
-_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+def _scaled_keep_mask(shape, p, dtype, device):
+    """Per element 0 with probability p, else 1/(1-p): inverted dropout's mask.
 
-
-def _keep_mask(shape, keep_prob, device):
-    """Bernoulli(keep_prob) mask; for the default dropout of 0.5 built from random bytes.
-
-    Every bit of a uniform random byte is an independent fair coin, so unpacking bytes gives
-    exactly Bernoulli(0.5) per element while drawing an eighth as many random numbers as
-    `bernoulli_` does (on a CPU the mask draw alone was a quarter of a training step).
+    For the default p = 0.5 it is built from random bytes: every bit of a uniform random byte is
+    an independent fair coin, so unpacking bytes gives exactly Bernoulli(0.5) per element while
+    drawing an eighth as many random numbers as `bernoulli_` (on a CPU the mask draw alone was a
+    quarter of a training step).
     """
     numel = math.prod(shape)
-    if keep_prob == 0.5 and numel % 8 == 0:
+    if p == 0.5 and numel % 8 == 0:
         random_bytes = torch.randint(0, 256, (numel // 8, 1), dtype=torch.uint8, device=device)
-        return torch.bitwise_and(random_bytes, _BIT_VALUES.to(device)).ne_(0).view(shape)
-    return torch.empty(shape, device=device).bernoulli_(keep_prob).bool()
+        # arange on the device, not a constant copied there: a host-to-GPU copy would sync.
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        bits = torch.bitwise_right_shift(random_bytes, shifts).bitwise_and_(1)
+        return bits.mul_(2).view(shape).to(dtype)
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p).mul_(1.0 / (1.0 - p))
 
 
 def relu_dropout(x, p, training):
@@ -51,8 +55,7 @@ def relu_dropout(x, p, training):
         return F.relu(x)
     if p == 1:
         return torch.zeros_like(x)
-    keep = _keep_mask(x.shape, 1.0 - p, x.device)
-    return _ReluDropout.apply(x, keep, 1.0 / (1.0 - p))
+    return _ReluDropout.apply(x, _scaled_keep_mask(x.shape, p, x.dtype, x.device), 1.0 / (1.0 - p))
 
 
 def glorot_uniform_(weight):

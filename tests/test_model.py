@@ -93,8 +93,11 @@ def test_fused_relu_dropout_gradient_equals_unfused():
     x = torch.randn(32, 16, requires_grad=True)
     keep = torch.rand(32, 16) < 0.5
     grad_out = torch.randn(32, 16)
-    _ReluDropout.apply(x, keep.clone(), 2.0).backward(grad_out)
+    fused = _ReluDropout.apply(x, keep.float() * 2.0, 2.0)
+    fused.backward(grad_out)
     fused_grad = x.grad.clone()
     x.grad = None
-    (F.relu(x) * keep * 2.0).backward(grad_out)
+    unfused = F.relu(x) * keep * 2.0
+    unfused.backward(grad_out)
+    torch.testing.assert_close(fused, unfused)
     torch.testing.assert_close(fused_grad, x.grad)
