@@ -17,11 +17,12 @@ def default_chunk_pairs(device):
     """Pairs scored per pass, so a pass's activations (about 1.8 KiB a pair at the default
     --layers) stay bounded however many users and items there are.
 
-    On a 2-core CPU, 2**14 to 2**18 pairs ran within 20 % of each other (smaller chunks stay in
-    cache, larger ones amortise thread start-up), 2**20 was slower. On a GPU larger chunks cut
-    kernel launches per pair; 2**20 (about 2 GB of activations) is a reasoned, unmeasured choice.
+    On the 2-core development CPU (ml-20m shape, quiet machine, best of 4) 2**14 pairs ran at
+    172 GFLOP/s, 2**12 at 136, 2**16 at 100 and 2**18 to 2**20 at 73: activations that stay in
+    cache beat fewer, larger products. On a GPU larger chunks cut kernel launches per pair;
+    2**20 (about 2 GB of activations) there is a reasoned, unmeasured choice.
     """
-    return 2 ** 20 if torch.device(device).type == "cuda" else 2 ** 16
+    return 2 ** 20 if torch.device(device).type == "cuda" else 2 ** 14
 
 
 class FactoredScorer:

@@ -5,9 +5,10 @@
 
 Part 1, on a NeuMF with random weights at ml-20m's shape (138,493 users x 26,744 items, --factors
 64, --layers 256 256 128 64): both paths score all items for the same sampled users in the same
-run, in passes of the same number of pairs; the per-user times are extrapolated to all users.
-The time of the matrix products that remain after factoring (the layers after the first) is
-measured on their own as well: that rate sets the floor for the whole ml-20m job.
+run, in passes of the same number of pairs, taking turns in rounds of users so that load from
+other processes falls on both alike; the per-user times are extrapolated to all users. The
+matrix products that remain after factoring (the layers after the first) are timed on their
+own in the same rounds: their rate sets the floor for the whole ml-20m job.
 
 Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the wall
 time of `recommend.py --all_users` on it, and HR@k / NDCG@k by the sampled protocol (100 test
@@ -15,6 +16,7 @@ negatives, as ncf.py) beside the full-ranking protocol (scoring.full_ranking_ran
 """
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,10 +57,9 @@ def tail_flops_per_pair(layers):
     return 2 * (sum(a * b for a, b in zip(layers[1:-1], layers[2:])) + layers[-1])
 
 
-def time_factored(model, users, chunk_pairs):
+def time_factored(scorer, users):
+    step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
     start = time.perf_counter()
-    scorer = scoring.FactoredScorer(model, chunk_pairs)
-    step = scoring.users_per_batch(model.nb_items, scorer.chunk_pairs)
     for begin in range(0, len(users), step):
         scorer(users[begin:begin + step])
     return time.perf_counter() - start
@@ -76,27 +77,27 @@ def time_plain(model, users, chunk_pairs):
     return time.perf_counter() - start
 
 
-def tail_matmul_rate(layers, pairs, repeats=20):
-    """FLOP/s of the post-first-layer products alone, on one pass of `pairs` pairs."""
-    torch.manual_seed(0)
-    weights = [(torch.randn(b, a) / a ** 0.5, torch.randn(b)) for a, b in zip(layers[1:-1],
-                                                                             layers[2:])]
-    hidden = torch.randn(pairs, layers[1]).relu_()
-    with torch.inference_mode():
-        for _ in range(2):
-            out = hidden
-            for weight, bias in weights:
-                out = torch.addmm(bias, out, weight.T).relu_()
+class TailProducts:
+    """The products left after factoring, alone, on one chunk of random activations."""
+
+    def __init__(self, layers, pairs):
+        generator = torch.Generator().manual_seed(0)
+        self.weights = [(torch.randn(b, a, generator=generator) / a ** 0.5, torch.zeros(b))
+                        for a, b in zip(layers[1:-1], layers[2:])]
+        self.hidden = torch.randn(pairs, layers[1], generator=generator).relu_()
+        self.flop = 2 * pairs * sum(a * b for a, b in zip(layers[1:-1], layers[2:]))
+        self.run()
+
+    def run(self):
         start = time.perf_counter()
-        for _ in range(repeats):
-            out = hidden
-            for weight, bias in weights:
+        with torch.inference_mode():
+            out = self.hidden
+            for weight, bias in self.weights:
                 out = torch.addmm(bias, out, weight.T).relu_()
-        seconds = time.perf_counter() - start
-    return repeats * pairs * 2 * sum(a * b for a, b in zip(layers[1:-1], layers[2:])) / seconds
+        return time.perf_counter() - start
 
 
-def part_one(args):
+def part_one(args, rounds=10):
     chunk_pairs = args.chunk_pairs or scoring.default_chunk_pairs("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"chunk of {chunk_pairs} pairs")
@@ -113,9 +114,18 @@ def part_one(args):
     difference = (scoring.score_all_items(model, check_users, chunk_pairs) - plain).abs().max()
     print(f"largest |factored - plain| logit difference: {difference.item():.2e}")
 
-    factored = time_factored(model, users, chunk_pairs)
-    plain = time_plain(model, users, chunk_pairs)
-    rate = tail_matmul_rate(args.layers, chunk_pairs)
+    start = time.perf_counter()
+    scorer = scoring.FactoredScorer(model, chunk_pairs)
+    factored = time.perf_counter() - start  # the item side, once for all users
+    plain = tail_seconds = tail_flop = 0.0
+    tail = TailProducts(args.layers, chunk_pairs)
+    for part in torch.tensor_split(users, rounds):
+        factored += time_factored(scorer, part)
+        plain += time_plain(model, part, chunk_pairs)
+        for _ in range(3):
+            tail_seconds += tail.run()
+            tail_flop += tail.flop
+    rate = tail_flop / tail_seconds
     scale = args.users / len(users)
     print(f"{len(users)} users x {args.items} items:  factored {factored:.1f} s,  "
           f"plain forward {plain:.1f} s,  speed-up {plain / factored:.2f}x")
@@ -132,16 +142,20 @@ def part_two(args):
     train, test, negatives = dataloading.load_dataset(args.data)
     model = load_model(args.checkpoint).eval()
     with tempfile.TemporaryDirectory() as directory:
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run([sys.executable, os.path.join(REPO, "recommend.py"), "--data", args.data,
                         "--checkpoint", args.checkpoint, "--all_users", "--device", "cpu",
                         "--output", os.path.join(directory, "recs.csv"), "--topk",
                         str(args.topk)], check=True, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - start
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu_after.ru_utime + cpu_after.ru_stime
+               - cpu_before.ru_utime - cpu_before.ru_stime)
         with open(os.path.join(directory, "recs.csv")) as handle:
             rows = sum(1 for _ in handle) - 1
     print(f"recommend.py --all_users on {args.data}: {len(test)} users, {rows} rows, "
-          f"{wall:.1f} s wall (process start and loading included)")
+          f"{wall:.1f} s wall, {cpu:.1f} s CPU (process start and loading included)")
 
     users, items, duplicates = dataloading.create_test_data(test, negatives)
     with torch.inference_mode():
