@@ -40,7 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--topk", type=int, default=10, help="items per user")
     parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
     parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available")
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk must be at least 1, got {args.topk}")
@@ -152,7 +153,8 @@ def print_table(table):
 
 
 def write_all_users(recommender, topk, titles, output):
-    """Recommendations for every user, by original user id, into `output` atomically."""
+    """Recommendations for every user, by original user id, into `output` atomically (a
+    progress bar on a terminal)."""
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise RecommendError(f"--output {output}: directory {directory} does not exist")
@@ -162,7 +164,7 @@ def write_all_users(recommender, topk, titles, output):
     temporary = f"{output}.tmp{os.getpid()}"
     try:
         with open(temporary, "w", newline="") as handle, \
-                tqdm(total=len(order), unit="user", desc="recommend") as bar:
+                tqdm(total=len(order), unit="user", desc="recommend", disable=None) as bar:
             for start in range(0, len(order), step):
                 users = order[start:start + step]
                 table = add_titles(recommender.table(users, topk), titles)
