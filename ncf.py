@@ -478,8 +478,8 @@ def run(args):
                 log_line(ctx, f"note: {last} exists and will be replaced; pass --resume to "
                               f"continue it instead")
         if (args.amp or args.opt_level == "O2") and ctx.device.type != "cuda":
-            log_line(ctx, "note: mixed precision needs CUDA; training in float32 on the CPU "
-                          "(bfloat16 matrix products run far slower than float32 on most CPUs)")
+            log_line(ctx, "note: mixed precision (--opt_level O2, --amp) applies on CUDA only; "
+                          "training in float32 on the CPU")
         data = load_data(args, ctx)
         nb_users, nb_items = data[0], data[1]
         model, ddp_model = build_model(args, nb_users, nb_items, ctx)

@@ -1,0 +1,79 @@
+"""Best HR@10 / NDCG@10 of full training runs over several seeds, as a markdown table.
+
+    python bench/accuracy.py --ratings ../shared/data/ml-latest-small/ratings.csv
+    python bench/accuracy.py --generate ml-latest-small      # generate.py's data instead
+
+Converts the ratings once (convert.py, seed 1) into WORKDIR, then trains with ncf.py for each
+--seeds value (-b 8192 and the other flags at their defaults unless given after `--`), each run
+in its own process, and reads the results from its log.json.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import generate  # noqa: E402
+from logger import read_log  # noqa: E402
+
+
+def prepare(args):
+    name = args.generate or os.path.basename(os.path.dirname(os.path.abspath(args.ratings)))
+    workdir = os.path.join(args.workdir, name)
+    data = os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(data, "metadata.json")):
+        ratings = args.ratings
+        if args.generate:
+            ratings = os.path.join(workdir, "ratings.csv")
+            users, items, mean_ratings = generate.PRESETS[args.generate]
+            generate.write_csv(generate.generate_ratings(users, items, mean_ratings, seed=1),
+                               ratings)
+        subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--path", ratings,
+                        "--output", data], check=True)
+    return workdir, data
+
+
+def run_seed(workdir, data, seed, args):
+    run_dir = os.path.join(workdir, f"seed{seed}")
+    log_path = os.path.join(run_dir, "log.json")
+    command = [sys.executable, os.path.join(ROOT, "ncf.py"), "--data", data, "-b", "8192",
+               "-e", str(args.epochs), "--seed", str(seed), "--checkpoint_dir", run_dir,
+               "--log_path", log_path, *args.ncf_flags]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    epochs = [record for record in read_log(log_path) if record["type"] == "epoch"]
+    best = max(epochs, key=lambda record: record["hr@10"])
+    seconds = np.mean([r["train_epoch_time"] + r["validation_epoch_time"] for r in epochs])
+    return {"seed": seed, "hr": best["hr@10"], "ndcg": best["ndcg@10"], "epoch": best["epoch"],
+            "seconds_per_epoch": seconds}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ratings", help="a ratings file convert.py reads")
+    source.add_argument("--generate", choices=sorted(generate.PRESETS),
+                        help="use generate.py's data of this preset")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("-e", "--epochs", type=int, default=20)
+    parser.add_argument("--workdir", default="/tmp/ncf-accuracy")
+    parser.add_argument("ncf_flags", nargs="*", help="more ncf.py flags, after --")
+    args = parser.parse_args(argv)
+    workdir, data = prepare(args)
+    results = [run_seed(workdir, data, seed, args) for seed in args.seeds]
+    print("| seed | best HR@10 | NDCG@10 | epoch | seconds per epoch |")
+    print("|---|---|---|---|---|")
+    for result in results:
+        print(f"| {result['seed']} | {result['hr']:.4f} | {result['ndcg']:.4f} | "
+              f"{result['epoch']} | {result['seconds_per_epoch']:.1f} |")
+    print(f"| mean | {np.mean([r['hr'] for r in results]):.4f} | "
+          f"{np.mean([r['ndcg'] for r in results]):.4f} | | |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
