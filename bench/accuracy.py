@@ -22,7 +22,8 @@ from logger import read_log  # noqa: E402
 
 
 def prepare(args):
-    name = args.generate or os.path.basename(os.path.dirname(os.path.abspath(args.ratings)))
+    name = (f"generated-{args.generate}" if args.generate
+            else os.path.basename(os.path.dirname(os.path.abspath(args.ratings))))
     workdir = os.path.join(args.workdir, name)
     data = os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(data, "metadata.json")):
