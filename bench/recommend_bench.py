@@ -8,9 +8,8 @@ Part 1, on a NeuMF with random weights at ml-20m's shape (138,493 users x 26,744
 run, in passes of the same number of pairs, taking turns in rounds of users so that load from
 other processes falls on both alike (the plain forward was fastest at this pass size too: one
 user's 26,744 pairs a call ran 1.4x faster than 2**20 pairs); the per-user times are
-extrapolated to all users. The
-matrix products that remain after factoring (the layers after the first) are timed on their
-own in the same rounds: their rate sets the floor for the whole ml-20m job.
+extrapolated to all users. The matrix products that remain after factoring (the layers after the
+first) are timed on their own in the same rounds: their rate sets the floor for the whole job.
 
 Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the wall
 time of `recommend.py --all_users` on it, and HR@k / NDCG@k by the sampled protocol (100 test
