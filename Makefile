@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
-DEMO_EPOCHS ?= 5
+DEMO_EPOCHS ?= 10
 
 .PHONY: setup demo test bench bench-quick clean
 

@@ -11,6 +11,7 @@ import pickle
 
 import torch
 
+from fileio import atomic_output
 from neumf import NeuMF
 
 
@@ -19,13 +20,8 @@ class CheckpointError(Exception):
 
 
 def atomic_save(obj, path):
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_output(path) as temporary:
         torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def load_checkpoint(path):

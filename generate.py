@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fileio import atomic_output
+
 PRESETS = {
     # users, items, mean ratings per user
     "small": (1500, 1000, 50.0),
@@ -281,17 +283,10 @@ def write_csv(frame, path, chunk_rows=1 << 20):
     """Write ml-20m-style CSV under a temporary name beside `path`, then rename into place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(",".join(frame.columns).encode() + b"\n")
-            for begin in range(0, len(frame), chunk_rows):
-                out.write(_csv_chunk(frame.iloc[begin : begin + chunk_rows]))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as temporary, open(temporary, "wb") as out:
+        out.write(",".join(frame.columns).encode() + b"\n")
+        for begin in range(0, len(frame), chunk_rows):
+            out.write(_csv_chunk(frame.iloc[begin : begin + chunk_rows]))
 
 
 class _Parser(argparse.ArgumentParser):

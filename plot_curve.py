@@ -11,6 +11,8 @@ import math
 import os
 import sys
 
+from fileio import atomic_output
+
 
 class PlotError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
@@ -99,16 +101,12 @@ def draw(curve, title, output):
     loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss.grid(alpha=0.3)
     directory = os.path.dirname(os.path.abspath(output))
-    temporary = f"{output}.tmp{os.getpid()}"
     try:
         os.makedirs(directory, exist_ok=True)
-        figure.savefig(temporary, format="png", dpi=100)
-        os.replace(temporary, output)
+        with atomic_output(output) as temporary:
+            figure.savefig(temporary, format="png", dpi=100)
     except OSError as error:
         raise PlotError(f"--output {output}: cannot write there ({error.strerror})") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 import dataloading
 import scoring
 from checkpoint import CheckpointError, check_matches, load_model
+from fileio import atomic_output
 
 PROG = "recommend.py"
 ID_FILES = ("user_ids.pt", "item_ids.pt")
@@ -161,21 +162,16 @@ def write_all_users(recommender, topk, titles, output):
     order = torch.argsort(recommender.user_ids)
     scorer = recommender.scorer
     step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
-    temporary = f"{output}.tmp{os.getpid()}"
     try:
-        with open(temporary, "w", newline="") as handle, \
+        with atomic_output(output) as temporary, open(temporary, "w", newline="") as handle, \
                 tqdm(total=len(order), unit="user", desc="recommend", disable=None) as bar:
             for start in range(0, len(order), step):
                 users = order[start:start + step]
                 table = add_titles(recommender.table(users, topk), titles)
                 table.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
                 bar.update(len(users))
-        os.replace(temporary, output)
     except OSError as error:
         raise RecommendError(f"--output {output}: cannot write ({error.strerror})") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def main(argv=None):

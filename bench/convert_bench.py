@@ -9,7 +9,6 @@ the 2-core development machine: 35 s and 2.5 GB (the original's preprocessing: 7
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time

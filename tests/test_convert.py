@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import convert
-from load import DataError
 
 HEADER = "userId,movieId,rating,timestamp\n"
 TENSOR_FILES = [f"{name}.pt" for name in convert.TENSORS]
