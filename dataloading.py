@@ -14,25 +14,25 @@ class DataError(Exception):
     """Unusable input data; the message says which file and what to do."""
 
 
+def load_tensor(data_dir, name, dims):
+    """One int64 tensor of `dims` dimensions written by convert.py into data_dir."""
+    path = os.path.join(data_dir, name)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found; convert the ratings first with "
+                        f"`python convert.py --path RATINGS --output {data_dir}`")
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged files
+        raise DataError(f"{path}: cannot be read ({type(error).__name__}); "
+                        f"re-run convert.py to rewrite it") from None
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != dims or tensor.dtype != torch.int64:
+        raise DataError(f"{path}: expected a {dims}-D int64 tensor; re-run convert.py to rewrite it")
+    return tensor
+
+
 def load_dataset(data_dir):
     """The three tensors of a converted dataset, checked for shape and dtype."""
-    tensors = {}
-    for name in DATA_FILES:
-        path = os.path.join(data_dir, name)
-        if not os.path.isfile(path):
-            raise DataError(
-                f"{path}: not found; convert the ratings first with "
-                f"`python convert.py --path RATINGS --output {data_dir}`"
-            )
-        try:
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for damaged files
-            raise DataError(f"{path}: cannot be read ({type(error).__name__}); "
-                            f"re-run convert.py to rewrite it") from None
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.dtype != torch.int64:
-            raise DataError(f"{path}: expected a 2-D int64 tensor; re-run convert.py to rewrite it")
-        tensors[name] = tensor
-    train, test, negatives = (tensors[name] for name in DATA_FILES)
+    train, test, negatives = (load_tensor(data_dir, name, 2) for name in DATA_FILES)
     if train.shape[1] != 2 or test.shape[1] != 2 or len(train) == 0:
         raise DataError(f"{data_dir}: train/test ratings must be non-empty [N, 2] tensors; "
                         f"re-run convert.py")

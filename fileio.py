@@ -18,3 +18,14 @@ def atomic_output(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+
+
+def make_writable_dir(path):
+    """Create `path` if needed and prove a file can be written there; raises OSError if not.
+
+    Checked at start so a run fails in its first second, not after its first epoch.
+    """
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    open(probe, "w").close()
+    os.remove(probe)

@@ -23,6 +23,7 @@ import dataloading
 import scoring
 from checkpoint import (CheckpointError, atomic_save, check_matches, load_checkpoint,
                         model_state)
+from fileio import make_writable_dir
 from logger import JsonLogger
 from neumf import NeuMF
 
@@ -138,10 +139,7 @@ def log_line(ctx, message):
 
 def prepare_checkpoint_dir(path):
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        make_writable_dir(path)
     except OSError as error:
         raise RunError(f"--checkpoint_dir {path}: cannot write there ({error.strerror}); "
                        f"pass --checkpoint_dir with a writable directory") from None

@@ -55,28 +55,14 @@ def parse_args(argv=None):
     return args
 
 
-def load_id_map(data_dir, name):
-    path = os.path.join(data_dir, name)
-    if not os.path.isfile(path):
-        raise RecommendError(f"{path}: not found; it maps dense ids back to the original ones: "
-                             f"re-run convert.py to write it")
-    try:
-        ids = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged files
-        raise RecommendError(f"{path}: cannot be read ({type(error).__name__}); "
-                             f"re-run convert.py to rewrite it") from None
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.int64:
-        raise RecommendError(f"{path}: expected a 1-D int64 tensor; re-run convert.py")
-    return ids
-
-
 class Recommender:
     """A model with the data it was trained on: scores users, hides their training items."""
 
     def __init__(self, data_dir, checkpoint_path, device="cpu"):
         train, test, negatives = dataloading.load_dataset(data_dir)
         nb_users, nb_items = dataloading.dataset_sizes(train, test, negatives)
-        self.user_ids, self.item_ids = (load_id_map(data_dir, name) for name in ID_FILES)
+        self.user_ids, self.item_ids = (dataloading.load_tensor(data_dir, name, 1)
+                                      for name in ID_FILES)
         for name, ids, count in (("user_ids.pt", self.user_ids, nb_users),
                                  ("item_ids.pt", self.item_ids, nb_items)):
             if len(ids) != count:

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 import dataloading  # noqa: E402
 import ncf  # noqa: E402
+from fileio import make_writable_dir  # noqa: E402
 from inference import benchmark, device_name, synchronize  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
@@ -463,10 +464,7 @@ def parse_args(argv=None):
 
 def prepare_out(path):
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        make_writable_dir(path)
     except OSError as error:
         print(f"gpu_check.py: error: --out {path}: cannot write there ({error.strerror}); "
               f"pass --out with a writable directory", file=sys.stderr)
