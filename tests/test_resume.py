@@ -115,7 +115,7 @@ def test_pickle_that_would_run_code_is_refused_without_running(tmp_path, monkeyp
         load_checkpoint(str(tmp_path / "evil.pth"))
     assert not (tmp_path / "pwned").exists()
     with open(tmp_path / "evil.pkl", "wb") as handle:
-        pickle.dump(RunsCode(), handle)
+        pickle.dump(RunsCode(), handle, protocol=2)
     with pytest.raises(CheckpointError):
         load_checkpoint(str(tmp_path / "evil.pkl"))
     assert not (tmp_path / "pwned").exists()
