@@ -107,3 +107,15 @@ def test_two_nodes_rendezvous_over_loopback(clustered_data, tmp_path):
     assert sorted(printed) == [0, 2]
     saved = [os.path.exists(tmp_path / f"ck{node}" / "model.pth") for node in range(2)]
     assert sorted(saved) == [False, True]
+
+
+def test_legacy_launcher_passes_local_rank_as_an_argument(clustered_data, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2",
+               "--master_port", str(free_port()), "ncf.py", "--data", clustered_data, "-e", "1",
+               "-b", "2048", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path",
+               str(tmp_path / "log.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert len(epoch_lines(run.stdout)) == 1
+    assert os.path.exists(tmp_path / "ck" / "model.pth")
