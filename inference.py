@@ -89,20 +89,23 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
+def cpu_model():
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else whatever platform knows."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "CPU"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return f"{model}, {threads} thread{'' if threads == 1 else 's'}"
+    return f"{cpu_model()}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def synchronize(device):
@@ -201,7 +204,7 @@ def run(args):
             try:
                 result = benchmark(model, batch_size, args.num_batches, precision, device,
                                    args.warmup_batches, args.seed)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise BenchmarkError(
                     f"--batch_sizes {batch_size}: does not fit in the memory of {name}; "
                     f"pass smaller --batch_sizes") from None

@@ -10,7 +10,6 @@ evaluation throughput with peak memory against a faithful baseline of the origin
 """
 import argparse
 import os
-import platform
 import sys
 
 import torch
@@ -22,17 +21,6 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import convert_bench  # noqa: E402
 import inference  # noqa: E402
 import train_bench  # noqa: E402
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None):
@@ -62,8 +50,8 @@ def main(argv=None):
         rows.append((f"inference fp32, batch {result['batch_size']:,}",
                      f"{result['throughput']:,.0f} samples/s, mean {result['latency_mean_ms']:.1f} ms"))
     print()
-    print(f"{'quick' if args.quick else 'ml-20m'} shape; {cpu_name()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'quick' if args.quick else 'ml-20m'} shape; {inference.cpu_model()}, "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| benchmark | result |")
     print("|---|---|")
     for name, value in rows:
