@@ -36,19 +36,24 @@ def read_curve(path):
         raise PlotError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
                         f"(its --log_path)")
     by_epoch = {}
-    with open(path) as log_file:
-        for number, line in enumerate(log_file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed while writing leaves one cut line; the records around it count.
-                print(f"plot_curve.py: warning: {path} line {number} is not JSON; skipped",
-                      file=sys.stderr)
-                continue
-            if isinstance(record, dict) and record.get("type") == "epoch" and "epoch" in record:
-                by_epoch[record["epoch"]] = record
+    try:
+        # Undecodable bytes become U+FFFD, so a binary line is reported like any non-JSON line.
+        with open(path, encoding="utf-8", errors="replace") as log_file:
+            for number, line in enumerate(log_file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    # A run killed while writing leaves one cut line; the records around it count.
+                    print(f"plot_curve.py: warning: {path} line {number} is not JSON; skipped",
+                          file=sys.stderr)
+                    continue
+                if (isinstance(record, dict) and record.get("type") == "epoch"
+                        and "epoch" in record):
+                    by_epoch[record["epoch"]] = record
+    except OSError as error:
+        raise PlotError(f"--log {path}: cannot read ({error.strerror})") from None
     if not by_epoch:
         raise PlotError(f"--log {path}: no epoch records; pass the log.json of a training run "
                         f"(ncf.py --mode train) that finished at least one epoch")
