@@ -122,6 +122,8 @@ def load_titles(path):
         reason = str(error).splitlines()[0]
         raise RecommendError(f"--movies {path}: expected MovieLens movies.csv with columns "
                              f"movieId,title ({reason})") from None
+    except OSError as error:
+        raise RecommendError(f"--movies {path}: cannot read ({error.strerror})") from None
     return movies.drop_duplicates("movieId").set_index("movieId")["title"]
 
 
