@@ -11,7 +11,7 @@ with ncf.train_epoch and evaluation with ncf.val_epoch in fp32, tf32 and amp, an
 pass with inference.benchmark at batch 1,024 and 1,048,576. Every measurement has a time cap
 and the whole run a deadline, so it ends within 8 minutes however slow the card.
 Writes gpu_check.md and gpu_check.json to --out (default: $OUT if set, else ./gpu_check_out),
-rewritten after every measurement. Exit status 1 when a check fails. Needs torch, numpy and pandas.
+rewritten after every measurement. Exit status 1 when a check fails. Needs torch and numpy.
 """
 import argparse
 import copy
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import dataloading  # noqa: E402
 import ncf  # noqa: E402
-from fileio import make_writable_dir  # noqa: E402
+from fileio import atomic_output, make_writable_dir  # noqa: E402
 from inference import benchmark, device_name, synchronize  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
@@ -182,9 +182,12 @@ class Report:
                   "published_a100": [{"benchmark": key[0], "mode": key[1], "batch_size": key[2],
                                       "throughput": value}
                                      for key, value in PUBLISHED_A100.items()]}
-        with open(os.path.join(self.out_dir, "gpu_check.json"), "w") as handle:
+        # Rewritten after every measurement: a run killed mid-write keeps the previous files.
+        with atomic_output(os.path.join(self.out_dir, "gpu_check.json")) as temporary, \
+                open(temporary, "w") as handle:
             json.dump(result, handle, indent=1)
-        with open(os.path.join(self.out_dir, "gpu_check.md"), "w") as handle:
+        with atomic_output(os.path.join(self.out_dir, "gpu_check.md")) as temporary, \
+                open(temporary, "w") as handle:
             handle.write(self.markdown())
 
 
