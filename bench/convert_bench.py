@@ -45,14 +45,20 @@ def main(argv=None):
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     # RUSAGE_CHILDREN's peak covers every child waited for so far: run convert.py from a fresh
-    # intermediate process so the figure is convert.py's alone.
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+    # intermediate process so the figure is convert.py's alone. The probe passes convert.py's
+    # exit status on (128 + N for signal N, as a shell does) without a traceback of its own, so
+    # the last line of stderr is convert.py's error.
+    probe = ("import resource, subprocess, sys; status = subprocess.run(sys.argv[1:]).returncode; "
+             "status and sys.exit(status if status > 0 else 128 - status); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     finished = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True,
                               text=True)
     seconds = time.perf_counter() - started
     if finished.returncode:
-        sys.exit(f"convert.py failed: {finished.stderr.strip().splitlines()[-1]}")
+        # Killed by a signal (the OOM killer, say), convert.py writes nothing.
+        lines = finished.stderr.strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {finished.returncode}"
+        sys.exit(f"convert.py failed: {reason}")
     print(finished.stdout.strip().splitlines()[0])
     # ru_maxrss is in KiB on Linux
     peak = int(finished.stdout.strip().splitlines()[-1]) * 1024
