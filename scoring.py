@@ -29,8 +29,8 @@ class FactoredScorer:
     """Logits of all items for given users, equal to the eval-mode model(user, item) up to float
     rounding (dropout never applies here, whatever model.training says).
 
-    Built once from a model (its weights are read, not copied: build it after training); the
-    item side is precomputed here, so score many user batches with one scorer.
+    Built once from a model: build it after training; the item side is precomputed, so score
+    many user batches with one scorer.
     """
 
     def __init__(self, model, chunk_pairs=None):
