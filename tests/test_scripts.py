@@ -152,7 +152,6 @@ def test_prepare_stops_on_a_bad_archive(stubbed, offline, tmp_path):
     assert not (tmp_path / "urls.log").exists()
 
 
-@pytest.mark.skipif(not (ROOT / "convert.py").exists(), reason="convert.py is not written yet")
 def test_prepare_synthetic_end_to_end(offline, tmp_path):
     raw, cache = tmp_path / "raw", tmp_path / "cache"
     done = run("prepare_dataset.sh", "synthetic-small", raw, cache, env=offline)
