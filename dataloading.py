@@ -72,10 +72,11 @@ def create_test_data(test_ratings, test_negatives):
 def positive_ranks(scores, items, duplicate_mask):
     """0-based rank of each row's positive (its last column) among the row's candidates.
 
-    Repeats are scored -1 (below any sigmoid) as in the original. The positive is ranked at the
-    first column holding its item, and ties go to the earlier column, like a stable sort.
+    Repeats get the lowest score (the original gives their sigmoids -1), so each item is ranked
+    once. The positive is ranked at the first column holding its item, and ties go to the
+    earlier column, like a stable sort.
     """
-    scores = scores.masked_fill(duplicate_mask, -1.0)
+    scores = scores.masked_fill(duplicate_mask, float("-inf"))
     first_column = (items == items[:, -1:]).int().argmax(dim=1, keepdim=True)
     positive_score = scores.gather(1, first_column)
     columns = torch.arange(items.shape[1], device=items.device)

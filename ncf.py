@@ -46,7 +46,8 @@ def parse_args(argv=None):
                         help="directory with the files convert.py writes")
     parser.add_argument("-e", "--epochs", type=int, default=30)
     parser.add_argument("-b", "--batch_size", type=int, default=2 ** 20,
-                        help="samples per optimiser step, summed over all processes")
+                        help="samples per batch, summed over all processes (an optimiser step "
+                             "takes --grads_accumulated batches)")
     parser.add_argument("--valid_batch_size", type=int, default=2 ** 20)
     parser.add_argument("-f", "--factors", type=int, default=64, help="MF embedding width")
     parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64],
@@ -119,7 +120,10 @@ def init_distributed(args):
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
     rank = int(os.environ.get("RANK", local_rank))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            raise RunError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
+                           f"visible); start at most one process per GPU")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -128,8 +132,12 @@ def init_distributed(args):
     if world_size > 1:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
-    use_amp = (args.amp or args.opt_level == "O2") and device.type == "cuda"
-    return Context(device, rank, world_size, rank == 0, use_amp)
+    return Context(device, rank, world_size, rank == 0, wants_mixed_precision(args) and
+                   device.type == "cuda")
+
+
+def wants_mixed_precision(args):
+    return args.amp or args.opt_level == "O2"
 
 
 def log_line(ctx, message):
@@ -257,8 +265,9 @@ def progress(iterable, ctx, description):
 def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
     """HR@k and NDCG@k over all test users; each rank scores a contiguous share of users.
 
-    Ranks exchange every user's positive rank (not partial sums), so the metrics are computed
-    from the same numbers in the same order whatever the number of processes.
+    Ranks exchange every user's positive rank (not partial sums; rows of other ranks' users
+    stay 0, so the all-reduced sum is every user's rank), so the metrics are computed from the
+    same numbers in the same order whatever the number of processes.
     """
     model.eval()
     nb_users, nb_candidates = test_items.shape
@@ -274,14 +283,14 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
             stop = min(start + rows_per_batch, end)
             items = test_items[start:stop]
             users = test_users[start:stop, None].expand_as(items)
-            scores = model(users.reshape(-1), items.reshape(-1), sigmoid=True)
-            scores = scores.float().view(items.shape)
+            # Ranked by float32 logits: the order of the original's sigmoid scores, without
+            # the ties sigmoid makes among large logits (every logit above ~8 is 1.0 in fp16).
+            scores = model(users.reshape(-1), items.reshape(-1)).float().view(items.shape)
             ranks[start:stop] = dataloading.positive_ranks(
-                scores, items, duplicate_mask[start:stop]) + 1
+                scores, items, duplicate_mask[start:stop])
     if ctx.world_size > 1:
-        ranks = ranks.clone()
         dist.all_reduce(ranks)
-    return dataloading.hit_rate_and_ndcg(ranks - 1, args.topk)
+    return dataloading.hit_rate_and_ndcg(ranks, args.topk)
 
 
 def full_ranking_epoch(model, train_users, train_items, test_users, test_items, args, ctx):
@@ -316,15 +325,21 @@ def load_data(args, ctx):
             test_users.to(id_dtype), test_items.to(id_dtype), duplicate_mask)
 
 
-def save_checkpoint(path, model, optimizer, scaler, epoch, best, args, nb_users, nb_items,
+RESUME_KEYS = {"model", "optimizer", "scaler", "epoch", "best", "history", "args", "data", "rng",
+               "mixed_precision"}
+
+
+def save_checkpoint(path, model, optimizer, scaler, history, best, args, ctx, nb_users, nb_items,
                     nb_train):
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "epoch": epoch,
+        "epoch": history[-1]["epoch"] + 1,
         "best": best,
+        "history": history,
         "args": vars(args),
+        "mixed_precision": ctx.use_amp,
         "data": {"nb_users": nb_users, "nb_items": nb_items, "nb_train": nb_train},
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
@@ -349,8 +364,14 @@ def check_resume_args(saved_args, args, path):
 def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_train):
     path = os.path.join(args.checkpoint_dir, "last.pth")
     state = load_checkpoint(path)
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "args"} <= set(state):
+    if not isinstance(state, dict) or not RESUME_KEYS <= set(state):
         raise CheckpointError(f"{path}: not a training state written by ncf.py (no resume data)")
+    if state["mixed_precision"] != ctx.use_amp:
+        saved, now = ("mixed precision" if flag else "float32"
+                      for flag in (state["mixed_precision"], ctx.use_amp))
+        raise RunError(f"{path}: the saved run trained in {saved}, this one would train in {now} "
+                       f"(on {ctx.device.type}); resume on the same kind of device with the same "
+                       f"--opt_level/--amp")
     saved_data = state["data"]
     check_matches(model_state(state, path), path, nb_users, nb_items)
     if saved_data["nb_train"] != nb_train:
@@ -367,7 +388,7 @@ def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_tra
         torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
     log_line(ctx, f"Resuming from {path}: {state['epoch']} epochs done, best HR@{args.topk} "
                   f"{state['best']['hr']:.4f} at epoch {state['best']['epoch']}")
-    return state["epoch"], state["best"]
+    return state["epoch"], state["best"], state["history"]
 
 
 def run_test(args, ctx, model, data):
@@ -399,11 +420,11 @@ def train(args, ctx, model, ddp_model, data, logger):
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.use_amp)
     first_epoch, best = 0, {"hr": 0.0, "ndcg": 0.0, "epoch": -1, "train_seconds": 0.0,
                             "time_to_best": None, "time_to_target": None}
-    if args.resume:
-        first_epoch, best = resume_state(args, ctx, model, optimizer, scaler, nb_users,
-                                         nb_items, len(train_users))
-    logger.log("resume" if args.resume else "start", first_epoch=first_epoch)
     history = []
+    if args.resume:
+        first_epoch, best, history = resume_state(args, ctx, model, optimizer, scaler, nb_users,
+                                                  nb_items, len(train_users))
+    logger.log("resume" if args.resume else "start", first_epoch=first_epoch)
     for epoch in range(first_epoch, args.epochs):
         synchronize(ctx)
         start = time.time()
@@ -438,7 +459,8 @@ def train(args, ctx, model, ddp_model, data, logger):
             best["time_to_target"] = best["train_seconds"]
         if ctx.is_main:
             save_checkpoint(os.path.join(args.checkpoint_dir, "last.pth"), model, optimizer,
-                            scaler, epoch + 1, best, args, nb_users, nb_items, len(train_users))
+                            scaler, history, best, args, ctx, nb_users, nb_items,
+                            len(train_users))
         if reached:
             log_line(ctx, f"HR@{args.topk} {hr:.4f} reached --threshold {args.threshold}; "
                           f"stopping")
@@ -475,13 +497,17 @@ def run(args):
             if ctx.is_main and os.path.exists(last):
                 log_line(ctx, f"note: {last} exists and will be replaced; pass --resume to "
                               f"continue it instead")
-        if (args.amp or args.opt_level == "O2") and ctx.device.type != "cuda":
+        if wants_mixed_precision(args) and not ctx.use_amp:
             log_line(ctx, "note: mixed precision (--opt_level O2, --amp) applies on CUDA only; "
                           "training in float32 on the CPU")
         data = load_data(args, ctx)
         nb_users, nb_items = data[0], data[1]
         model, ddp_model = build_model(args, nb_users, nb_items, ctx)
-        logger = JsonLogger(args.log_path if ctx.is_main else None, append=args.resume)
+        try:
+            logger = JsonLogger(args.log_path if ctx.is_main else None, append=args.resume)
+        except OSError as error:
+            raise RunError(f"--log_path {args.log_path}: cannot write there ({error.strerror}); "
+                           f"pass --log_path with a writable file") from None
         logger.log("args", **vars(args), world_size=ctx.world_size, device=str(ctx.device),
                    mixed_precision=ctx.use_amp, nb_users=nb_users, nb_items=nb_items)
         if args.mode == "test":
@@ -500,10 +526,20 @@ def main(argv=None):
     try:
         return run(args)
     except (RunError, dataloading.DataError, CheckpointError) as error:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"{prefix}ncf.py: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(error)
+    except torch.cuda.OutOfMemoryError:
+        fail("out of GPU memory; lower -b/--batch_size or --valid_batch_size, or use more GPUs")
+    except RuntimeError as error:
+        if "can't allocate memory" not in str(error):
+            raise
+        fail("out of memory; lower -b/--batch_size or --valid_batch_size")
+
+
+def fail(message):
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    print(f"{prefix}ncf.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,11 @@ def test_sigkill_then_resume_equals_uninterrupted(clustered_data, uninterrupted,
     deadline = time.time() + 120
     # kill in the middle of epoch 1's training: after the first epoch line, before the second
     first_line = process.stdout.readline()
-    while not first_line.startswith("Epoch 0") and time.time() < deadline:
+    while not first_line.startswith("Epoch 0") and process.poll() is None and time.time() < deadline:
         first_line = process.stdout.readline()
     time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL
     assert load_checkpoint(str(tmp_path / "last.pth"))["epoch"] in (1, 2)
     resumed = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
@@ -76,6 +76,15 @@ def test_resume_refuses_a_changed_model(clustered_data, uninterrupted, tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "cannot resume: factors (64 -> 8)" in err
+
+
+def test_resume_refuses_another_precision(clustered_data, uninterrupted, tmp_path, capsys):
+    state = torch.load(uninterrupted / "last.pth", weights_only=True)
+    state["mixed_precision"] = True
+    torch.save(state, tmp_path / "last.pth")
+    with pytest.raises(SystemExit):
+        ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume"))
+    assert "trained in mixed precision, this one would train in float32" in capsys.readouterr().err
 
 
 def test_resume_without_a_saved_state_says_so(clustered_data, tmp_path, capsys):

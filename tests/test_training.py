@@ -163,3 +163,31 @@ def test_full_ranking_in_test_mode_equals_a_plain_ranking(clustered_data, tmp_pa
     assert result["full_hr"] == pytest.approx(hits / len(test), abs=2 / len(test))
     assert result["full_ndcg"] == pytest.approx(gains / len(test), abs=0.01)
     assert result["full_hr"] < result["hr"]
+
+
+def test_cpu_pieces_give_the_whole_batch_gradient(clustered_data, monkeypatch):
+    """A batch split into pieces (CPU memory bound) updates the model as the whole batch does."""
+    def one_step(piece):
+        monkeypatch.setattr(ncf, "CPU_CHUNK", piece)
+        args = ncf.parse_args(["--data", clustered_data, "-b", "4096", "--dropout", "0"])
+        ctx = ncf.Context(torch.device("cpu"), 0, 1, True, False)
+        nb_users, nb_items, train_users, train_items, *_ = ncf.load_data(args, ctx)
+        model, ddp_model = ncf.build_model(args, nb_users, nb_items, ctx)
+        optimizer = ncf.build_optimizer(args, model)
+        gradients = {}
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+        optimizer.register_step_pre_hook(lambda opt, *_: gradients.update(
+            {names[id(p)]: p.grad.clone() for group in opt.param_groups for p in group["params"]}))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        positives = 4096 // 5 + 1  # one full batch: one optimiser step
+        loss = ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:positives],
+                               train_items[:positives], nb_items, 0, args, ctx)
+        return loss, gradients
+
+    whole_loss, whole = one_step(2 ** 18)
+    pieces_loss, pieces = one_step(1000)
+    assert pieces_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert len(whole) == 12  # 4 tables, 3 MLP layers and the final layer, weights and biases
+    for name, gradient in whole.items():
+        assert gradient.abs().sum() > 0, name
+        torch.testing.assert_close(pieces[name], gradient, rtol=1e-4, atol=1e-9)
