@@ -46,11 +46,12 @@ def run_seed(workdir, data, seed, args):
                "--log_path", log_path, *args.ncf_flags]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
-    epochs = [record for record in read_log(log_path) if record["type"] == "epoch"]
-    best = max(epochs, key=lambda record: record["hr@10"])
-    seconds = np.mean([r["train_epoch_time"] + r["validation_epoch_time"] for r in epochs])
-    return {"seed": seed, "hr": best["hr@10"], "ndcg": best["ndcg@10"], "epoch": best["epoch"],
-            "seconds_per_epoch": seconds}
+    records = read_log(log_path)
+    summary = records[-1]
+    seconds = np.mean([record["train_epoch_time"] + record["validation_epoch_time"]
+                       for record in records if record["type"] == "epoch"])
+    return {"seed": seed, "hr": summary["best_accuracy"], "ndcg": summary["best_ndcg"],
+            "epoch": summary["best_epoch"], "seconds_per_epoch": seconds}
 
 
 def main(argv=None):

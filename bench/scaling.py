@@ -1,12 +1,12 @@
 """Training throughput of ncf.py with 1, 2, ... processes (torchrun) on the same data.
 
     python bench/scaling.py                                  # CPU: 1 and 2 processes
-    python bench/scaling.py --positives 19861770 --nproc 1 2 4 8 --batch_size 1048576   # GPUs
+    python bench/scaling.py --positives 19861770 --nproc 1 2 4 8 --epochs 2   # GPUs
 
 Writes a converted dataset at the ml-20m shape (138,493 users, 26,744 items, --positives random
-training positives, 100 test negatives per user) into WORKDIR once, then runs one epoch of
-ncf.py per process count and reads train_throughput (samples of all ranks per second) from its
-log.json. On a CPU each process gets cores // processes threads: torchrun would give each
+training positives, 100 test negatives per user) into WORKDIR once, then runs --epochs epochs
+of ncf.py per process count and reads the last epoch's train_throughput (samples of all ranks
+per second) from its log.json. On a CPU each process gets cores // processes threads: torchrun would give each
 one thread, and a single process uses all cores.
 """
 import argparse
@@ -36,7 +36,7 @@ def write_dataset(directory, positives):
 
 def run(nproc, data, args):
     log_path = os.path.join(args.workdir, f"log-{nproc}.json")
-    flags = ["ncf.py", "--data", data, "-e", "1", "-b", str(args.batch_size),
+    flags = ["ncf.py", "--data", data, "-e", str(args.epochs), "-b", str(args.batch_size),
              "--checkpoint_dir", os.path.join(args.workdir, f"ck-{nproc}"),
              "--log_path", log_path]
     env = dict(os.environ)
@@ -49,7 +49,7 @@ def run(nproc, data, args):
                    "--master_port", str(29600 + nproc), *flags]
     print(f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '-')} {' '.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
-    epoch = next(record for record in read_log(log_path) if record["type"] == "epoch")
+    epoch = [record for record in read_log(log_path) if record["type"] == "epoch"][-1]
     return {"processes": nproc, "threads_per_process": env.get("OMP_NUM_THREADS", "-"),
             "train_samples_per_s": epoch["train_throughput"],
             "eval_samples_per_s": epoch["eval_throughput"]}
@@ -60,6 +60,9 @@ def main(argv=None):
     parser.add_argument("--positives", type=int, default=2_000_000)
     parser.add_argument("--nproc", nargs="+", type=int, default=[1, 2])
     parser.add_argument("-b", "--batch_size", type=int, default=2 ** 20)
+    parser.add_argument("-e", "--epochs", type=int, default=1,
+                        help="epochs per run; the last one is reported (use 2 on GPUs, whose "
+                             "first epoch pays for CUDA/NCCL start-up)")
     parser.add_argument("--workdir", default="/tmp/ncf-scaling")
     args = parser.parse_args(argv)
     data = os.path.join(args.workdir, f"data-{args.positives}")
