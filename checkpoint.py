@@ -20,8 +20,10 @@ class CheckpointError(Exception):
 
 
 def atomic_save(obj, path):
-    with atomic_output(path) as temporary:
-        torch.save(obj, temporary)
+    # A handle, not the temporary name: torch.save names the zip archive after the file's stem,
+    # which here holds the pid, so the same object would save to different bytes each run.
+    with atomic_output(path) as temporary, open(temporary, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def load_checkpoint(path):
@@ -88,8 +90,13 @@ def load_model(path, device="cpu", dropout=0.0):
     state = model_state(load_checkpoint(path), path)
     nb_users, nb_items, mf_dim, layers = architecture(state)
     model = NeuMF(nb_users, nb_items, mf_dim, layers, dropout=dropout)
+    load_state(model, state, path)
+    return model.to(device)
+
+
+def load_state(model, state, path):
+    """`model.load_state_dict(state)`, a mismatch reported as a CheckpointError naming `path`."""
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: does not fit NeuMF ({str(error).splitlines()[0]})") from None
-    return model.to(device)
