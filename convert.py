@@ -27,13 +27,13 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+from fileio import atomic_output, make_writable_dir
 from load import DataError, load_ratings
 
 PROG = "convert.py"
@@ -244,53 +244,30 @@ def _fail(message):
 def _prepare_output(directory):
     """Fail before the slow work when DIR cannot be created or written."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        make_writable_dir(directory)
     except OSError as e:
         raise DataError(f"{directory}: cannot write the output ({e.strerror or e}); choose a "
                         "writable --output") from None
 
 
 def write_outputs(directory, tensors, metadata, disable=True):
-    """Write each tensor as NAME.pt and metadata.json, so that no reader sees a partial result.
+    """Write each tensor as NAME.pt, then metadata.json, so that no reader sees a partial result.
 
-    Everything goes to temporary names first. An earlier conversion's metadata.json is removed
-    before its .pt files are replaced, and the new one is renamed into place last. On any error
-    the temporaries and the .pt files already renamed are removed.
+    An earlier conversion's metadata.json is removed first and the new one is written last, so
+    it is there only when every .pt file is this conversion's. Each file is written under a
+    temporary name and renamed: an error or a kill leaves no partial file.
     """
-    staged, placed = [], []
-    try:
-        for name in tqdm(TENSORS, desc="write", unit="file", disable=disable, leave=False):
-            staged.append((_stage(directory, name, lambda f: torch.save(tensors[name], f)),
-                           f"{name}.pt"))
-        staged.append((_stage(directory, METADATA,
-                              lambda f: f.write(json.dumps(metadata, indent=1).encode() + b"\n")),
-                       METADATA))
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(directory, METADATA))
-        for temporary, final in staged:
-            final = os.path.join(directory, final)
-            os.replace(temporary, final)
-            placed.append(final)
-    except BaseException:
-        for path in [temporary for temporary, _ in staged] + placed:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        raise
-
-
-def _stage(directory, name, write):
-    # a name of our own rather than mkstemp's, whose files are private (0600) whatever the umask
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    return temporary
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, METADATA))
+    for name in tqdm(TENSORS, desc="write", unit="file", disable=disable, leave=False):
+        # A handle, not the temporary name: torch.save names the zip archive after the file's
+        # stem, which holds the pid, and the files of two runs would differ.
+        with atomic_output(os.path.join(directory, f"{name}.pt")) as temporary, \
+                open(temporary, "wb") as f:
+            torch.save(tensors[name], f)
+    with atomic_output(os.path.join(directory, METADATA)) as temporary, \
+            open(temporary, "wb") as f:
+        f.write(json.dumps(metadata, indent=1).encode() + b"\n")
 
 
 def main(argv=None):

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
+import checkpoint
 import convert
+from neumf import NeuMF
 
 HEADER = "userId,movieId,rating,timestamp\n"
 TENSOR_FILES = [f"{name}.pt" for name in convert.TENSORS]
@@ -250,33 +252,86 @@ def fail_on_call(number, real, error):
     return failing
 
 
-def test_failed_rename_leaves_nothing(tmp_path, tiny, monkeypatch, capsys):
+@pytest.fixture
+def finished(tmp_path, tiny, capsys):
+    """The bytes of each file of a conversion of `tiny` that ran to the end."""
+    reference = tmp_path / "reference"
+    assert run("--path", tiny, "--output", reference, "--min_ratings", 1) == 0
+    capsys.readouterr()
+    return {file: (reference / file).read_bytes() for file in TENSOR_FILES + ["metadata.json"]}
+
+
+def assert_unfinished_but_whole(output, finished):
+    """No metadata.json, no temporary left, and every .pt there is a complete one."""
+    assert not (output / "metadata.json").exists()
+    assert not list(output.glob(".*"))
+    for path in output.glob("*.pt"):
+        assert path.read_bytes() == finished[path.name], path.name
+
+
+# os.replace is called once per file: the five tensors, then metadata.json.
+@pytest.mark.parametrize("failing_rename", [1, 3, 6])
+def test_failed_rename_leaves_no_finished_or_partial_file(tmp_path, tiny, finished, monkeypatch,
+                                                          capsys, failing_rename):
     output = tmp_path / "out"
     monkeypatch.setattr(convert.os, "replace",
-                        fail_on_call(3, os.replace, OSError(5, "Input/output error")))
+                        fail_on_call(failing_rename, os.replace, OSError(5, "Input/output error")))
     line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
     assert "Input/output error" in line
-    assert output.is_dir() and no_results(output)
+    assert len(list(output.glob("*.pt"))) == failing_rename - 1
+    assert_unfinished_but_whole(output, finished)
 
 
-def test_failed_write_leaves_nothing(tmp_path, tiny, monkeypatch, capsys):
+def test_failed_write_leaves_no_partial_file(tmp_path, tiny, finished, monkeypatch, capsys):
     output = tmp_path / "out"
-    monkeypatch.setattr(convert.torch, "save",
-                        fail_on_call(2, torch.save, OSError(28, "No space left on device")))
+    real_save = torch.save
+    calls = []
+
+    def save_then_run_out_of_space(obj, f):
+        calls.append(obj)
+        if len(calls) == 2:
+            f.write(b"half a tensor")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+    monkeypatch.setattr(convert.torch, "save", save_then_run_out_of_space)
     line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
     assert "No space left on device" in line
-    assert no_results(output)
+    assert [path.name for path in output.glob("*.pt")] == [TENSOR_FILES[0]]
+    assert_unfinished_but_whole(output, finished)
 
 
-def test_interrupted_rerun_does_not_look_complete(tmp_path, tiny, monkeypatch, capsys):
+def test_interrupted_rerun_does_not_look_complete(tmp_path, tiny, finished, monkeypatch):
     output = tmp_path / "out"
     assert run("--path", tiny, "--output", output, "--min_ratings", 1) == 0
     monkeypatch.setattr(convert.os, "replace",
                         fail_on_call(2, os.replace, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run("--path", tiny, "--output", output, "--min_ratings", 1)
-    assert not (output / "metadata.json").exists()
-    assert not list(output.glob(".*.tmp"))
+    assert len(list(output.glob("*.pt"))) == len(TENSOR_FILES)
+    assert_unfinished_but_whole(output, finished)
+
+
+def test_atomic_save_gives_the_same_bytes_every_time(tmp_path):
+    state = {"weight": torch.arange(6.0).reshape(2, 3), "step": 4}
+    checkpoint.atomic_save(state, tmp_path / "first.pth")
+    checkpoint.atomic_save(state, tmp_path / "first.pth")
+    checkpoint.atomic_save(state, tmp_path / "second.pth")
+    assert (tmp_path / "first.pth").read_bytes() == (tmp_path / "second.pth").read_bytes()
+    loaded = torch.load(tmp_path / "first.pth", weights_only=True)
+    assert torch.equal(loaded["weight"], state["weight"]) and loaded["step"] == 4
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first.pth", "second.pth"]
+
+
+def test_load_state_names_the_file_when_the_weights_do_not_fit():
+    model = NeuMF(3, 4, 2, [4, 2])
+    state = NeuMF(3, 5, 2, [4, 2]).state_dict()
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.load_state(model, state, "run/model.pth")
+    message = str(caught.value)
+    assert message.startswith("run/model.pth: does not fit NeuMF (") and "\n" not in message
+    fitting = NeuMF(3, 4, 2, [4, 2])
+    checkpoint.load_state(model, fitting.state_dict(), "run/model.pth")
+    assert torch.equal(model.mf_item_embed.weight, fitting.mf_item_embed.weight)
 
 
 REAL = Path("/work/shared/data/ml-latest-small/ratings.csv")
