@@ -29,9 +29,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import dataloading  # noqa: E402
+import ncf  # noqa: E402
 import scoring  # noqa: E402
-from checkpoint import load_model  # noqa: E402
+from checkpoint import CheckpointError, check_matches, load_model  # noqa: E402
 from neumf import NeuMF  # noqa: E402
+
+
+class BenchError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -142,13 +147,20 @@ def part_one(args, rounds=10):
 def part_two(args):
     train, test, negatives = dataloading.load_dataset(args.data)
     model = load_model(args.checkpoint).eval()
+    check_matches(model.state_dict(), args.checkpoint,
+                  *dataloading.dataset_sizes(train, test, negatives))
     with tempfile.TemporaryDirectory() as directory:
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(REPO, "recommend.py"), "--data", args.data,
-                        "--checkpoint", args.checkpoint, "--all_users", "--device", "cpu",
-                        "--output", os.path.join(directory, "recs.csv"), "--topk",
-                        str(args.topk)], check=True, stderr=subprocess.DEVNULL)
+        finished = subprocess.run(
+            [sys.executable, os.path.join(REPO, "recommend.py"), "--data", args.data,
+             "--checkpoint", args.checkpoint, "--all_users", "--device", "cpu",
+             "--output", os.path.join(directory, "recs.csv"), "--topk", str(args.topk)],
+            stderr=subprocess.PIPE, text=True)
+        if finished.returncode:
+            lines = finished.stderr.strip().splitlines()
+            raise BenchError(lines[-1] if lines else
+                             f"recommend.py failed (exit status {finished.returncode})")
         wall = time.perf_counter() - start
         cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (cpu_after.ru_utime + cpu_after.ru_stime
@@ -158,18 +170,20 @@ def part_two(args):
     print(f"recommend.py --all_users on {args.data}: {len(test)} users, {rows} rows, "
           f"{wall:.1f} s wall, {cpu:.1f} s CPU (process start and loading included)")
 
+    # ncf.py's own evaluation, so the sampled figures are the ones training reports; it scores
+    # users x 101 candidates a chunk of rows at a time.
     users, items, duplicates = dataloading.create_test_data(test, negatives)
-    with torch.inference_mode():
-        scores = model(users[:, None].expand_as(items).reshape(-1), items.reshape(-1),
-                       sigmoid=True).view(items.shape)
-    sampled = dataloading.hit_rate_and_ndcg(
-        dataloading.positive_ranks(scores, items, duplicates), args.topk)
+    eval_args = ncf.parse_args(["--data", args.data, "--topk", str(args.topk)])
+    context = ncf.Context(device=torch.device("cpu"), rank=0, world_size=1, is_main=True,
+                          use_amp=False)
+    sampled = ncf.val_epoch(model, users, items, duplicates, eval_args, context)
     start = time.perf_counter()
     ranks = scoring.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])
     seconds = time.perf_counter() - start
     full = dataloading.hit_rate_and_ndcg(ranks, args.topk)
     k = args.topk
-    print(f"sampled (100 negatives): HR@{k} = {sampled[0]:.4f}, NDCG@{k} = {sampled[1]:.4f}")
+    print(f"sampled ({negatives.shape[1]} negatives): HR@{k} = {sampled[0]:.4f}, "
+          f"NDCG@{k} = {sampled[1]:.4f}")
     print(f"full ranking ({model.nb_items} items less the user's training items): "
           f"HR@{k} = {full[0]:.4f}, NDCG@{k} = {full[1]:.4f} ({seconds:.1f} s)")
 
@@ -178,7 +192,11 @@ def main(argv=None):
     args = parse_args(argv)
     part_one(args)
     if args.data:
-        part_two(args)
+        try:
+            part_two(args)
+        except (BenchError, CheckpointError, dataloading.DataError) as error:
+            print(f"recommend_bench.py: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
