@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import dataloading
 import scoring
-from checkpoint import (CheckpointError, atomic_save, check_matches, load_checkpoint,
+from checkpoint import (CheckpointError, atomic_save, check_matches, load_checkpoint, load_state,
                         model_state)
 from fileio import make_writable_dir
 from logger import JsonLogger
@@ -380,7 +380,7 @@ def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_tra
     changes = check_resume_args(state["args"], args, path)
     for change in changes:
         log_line(ctx, f"warning: resuming with a changed setting: {change}")
-    model.load_state_dict(state["model"])
+    load_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -395,7 +395,7 @@ def run_test(args, ctx, model, data):
     nb_users, nb_items, train_users, train_items, *test_data = data
     state = model_state(load_checkpoint(args.load_checkpoint_path), args.load_checkpoint_path)
     check_matches(state, args.load_checkpoint_path, nb_users, nb_items, args.factors, args.layers)
-    model.load_state_dict(state)
+    load_state(model, state, args.load_checkpoint_path)
     synchronize(ctx)
     start = time.time()
     hr, ndcg = val_epoch(model, *test_data, args, ctx)
