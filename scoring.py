@@ -89,9 +89,30 @@ class FactoredScorer:
                     block += self._mlp_tail(user_part, item_part).view(block.shape)
             return logits
 
+    def candidates(self, users, items):
+        """[R, C] float logits of items[r, c] for users[r]: sampled evaluation's candidates.
+
+        The item side of the first MLP layer is gathered from the precomputed table, so a pair
+        costs the layers after the first: less than half of model(user, item)'s products.
+        """
+        with torch.inference_mode():
+            users = users.to(self.mf_items.device, torch.int64)
+            items = items.to(self.mf_items.device, torch.int64)
+            mf_users = self.model.mf_user_embed(users) * self.mf_weight
+            logits = torch.bmm(self.mf_items[items], mf_users[:, :, None]).squeeze(2)
+            logits += self.final_bias
+            if self.first_layer is None:
+                logits += (self.model.mlp_user_embed(users) @ self.user_linear_weight)[:, None]
+                return logits + self.item_linear[items]
+            user_first = torch.addmm(self.first_layer.bias, self.model.mlp_user_embed(users),
+                                     self.user_first_weight.T)
+            logits += self._mlp_tail(user_first[:, None, :], self.item_first[items]).view(
+                logits.shape)
+            return logits
+
     def _mlp_tail(self, user_part, item_part):
         """The MLP after its first layer's product, folded with the final layer's MLP weights."""
-        hidden = (user_part + item_part).relu_().view(-1, item_part.shape[1])
+        hidden = (user_part + item_part).relu_().view(-1, item_part.shape[-1])
         for layer in self.rest:
             hidden = torch.addmm(layer.bias, hidden, layer.weight.T).relu_()
         return hidden @ self.mlp_weight

@@ -151,3 +151,18 @@ def test_full_ranking_ranks_at_least_as_low_as_the_sampled_protocol(clustered_da
     assert (full >= sampled).all()
     assert (full > sampled).float().mean() > 0.5
     assert full.max() < model.nb_items
+
+
+def test_candidates_equal_the_plain_forward():
+    torch.manual_seed(5)
+    for layers in ([16, 8, 4], [8]):
+        model = NeuMF(50, 40, 6, layers).eval()
+        for parameter in model.parameters():
+            torch.nn.init.normal_(parameter, 0.0, 0.5)
+        users = torch.randint(0, 50, (7,), dtype=torch.int32)
+        items = torch.randint(0, 40, (7, 11), dtype=torch.int32)
+        logits = scoring.FactoredScorer(model).candidates(users, items)
+        with torch.no_grad():
+            plain = model(users[:, None].expand_as(items).reshape(-1), items.reshape(-1))
+        assert logits.shape == (7, 11)
+        torch.testing.assert_close(logits, plain.view(7, 11), rtol=1e-5, atol=1e-5)
