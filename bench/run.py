@@ -1,6 +1,6 @@
 """Every CPU benchmark at the ml-20m shape, summed up in one markdown table.
 
-    python bench/run.py            # ml-20m shape: about 15-25 minutes on a 2-core machine
+    python bench/run.py            # ml-20m shape: about 5 minutes on a 2-core machine
     python bench/run.py --quick    # a small shape, under a minute (smoke test)
     make bench / make bench-quick
 
