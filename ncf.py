@@ -180,6 +180,10 @@ def epoch_generator(seed, epoch, device):
     return generator
 
 
+def samples_per_epoch(nb_positives, args):
+    return nb_positives * (1 + args.negative_samples)
+
+
 def steps_per_epoch(nb_samples, args, ctx):
     """Optimiser steps every rank takes: from the smallest share, so no rank waits on another."""
     local_batch = args.batch_size // ctx.world_size
@@ -188,7 +192,7 @@ def steps_per_epoch(nb_samples, args, ctx):
 
 
 def check_epoch_holds_a_step(nb_positives, args, ctx):
-    nb_samples = nb_positives * (1 + args.negative_samples)
+    nb_samples = samples_per_epoch(nb_positives, args)
     if args.batch_size < ctx.world_size:
         raise RunError(f"--batch_size {args.batch_size} is smaller than the {ctx.world_size} "
                        f"processes; each process needs at least one sample per batch")
@@ -210,7 +214,7 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
         train_users, train_items, nb_items, args.negative_samples, ctx.world_size, ctx.rank,
         generator)
     local_batch = args.batch_size // ctx.world_size
-    steps = steps_per_epoch(len(train_users) * (1 + args.negative_samples), args, ctx)
+    steps = steps_per_epoch(samples_per_epoch(len(train_users), args), args, ctx)
     epoch_batches = dataloading.batches(users, items, labels, local_batch)
     loss_sum = torch.zeros((), device=ctx.device)
     for _ in progress(range(steps), ctx, f"epoch {epoch}"):
@@ -265,9 +269,8 @@ def progress(iterable, ctx, description):
 def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
     """HR@k and NDCG@k over all test users; each rank scores a contiguous share of users.
 
-    Ranks exchange every user's positive rank (not partial sums; rows of other ranks' users
-    stay 0, so the all-reduced sum is every user's rank), so the metrics are computed from the
-    same numbers in the same order whatever the number of processes.
+    Ranks exchange every user's positive rank (not partial sums), so the metrics are computed
+    from the same numbers in the same order whatever the number of processes.
     """
     model.eval()
     nb_users, nb_candidates = test_items.shape
@@ -280,7 +283,7 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
     with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=torch.float16,
                                                 enabled=ctx.use_amp):
         # The same logits as model(user, item), with the item half of the first MLP layer
-        # computed once per item instead of once per candidate: twice the speed.
+        # computed once per item instead of once per candidate: about twice the speed.
         scorer = scoring.FactoredScorer(model)
         for start in range(begin, end, rows_per_batch):
             stop = min(start + rows_per_batch, end)
@@ -290,6 +293,11 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
             scores = scorer.candidates(test_users[start:stop], items).float()
             ranks[start:stop] = dataloading.positive_ranks(
                 scores, items, duplicate_mask[start:stop])
+    return metrics_of_all_users(ranks, args, ctx)
+
+
+def metrics_of_all_users(ranks, args, ctx):
+    """HR@k and NDCG@k from a [U] tensor holding this rank's users' ranks (0 elsewhere)."""
     if ctx.world_size > 1:
         dist.all_reduce(ranks)
     return dataloading.hit_rate_and_ndcg(ranks, args.topk)
@@ -300,9 +308,7 @@ def full_ranking_epoch(model, train_users, train_items, test_users, test_items, 
     share = dataloading.share_bounds(len(test_users), ctx.world_size, ctx.rank)
     ranks = scoring.full_ranking_ranks(model, test_users, test_items[:, -1], train_users,
                                        train_items, share=share)
-    if ctx.world_size > 1:
-        dist.all_reduce(ranks)
-    return dataloading.hit_rate_and_ndcg(ranks, args.topk)
+    return metrics_of_all_users(ranks, args, ctx)
 
 
 def full_ranking_text(metrics, args):
@@ -417,7 +423,7 @@ def run_test(args, ctx, model, data):
 
 def train(args, ctx, model, ddp_model, data, logger):
     nb_users, nb_items, train_users, train_items, *test_data = data
-    nb_samples = len(train_users) * (1 + args.negative_samples)
+    nb_samples = samples_per_epoch(len(train_users), args)
     optimizer = build_optimizer(args, model)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.use_amp)
     first_epoch, best = 0, {"hr": 0.0, "ndcg": 0.0, "epoch": -1, "train_seconds": 0.0,
@@ -505,6 +511,7 @@ def run(args):
         data = load_data(args, ctx)
         nb_users, nb_items = data[0], data[1]
         model, ddp_model = build_model(args, nb_users, nb_items, ctx)
+        # Opened only once the data has loaded, so a mistyped --data leaves an existing log be.
         try:
             logger = JsonLogger(args.log_path if ctx.is_main else None, append=args.resume)
         except OSError as error:
