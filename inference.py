@@ -212,7 +212,7 @@ def run(args):
                           n_items=model.nb_items, factors=model.mf_dim,
                           layers=model.mlp_layer_sizes)
             print_row(result)
-            logger.log("inference", **result)
+            logger.log((), result)
             results.append(result)
     return results
 

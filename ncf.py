@@ -24,7 +24,7 @@ import scoring
 from checkpoint import (CheckpointError, atomic_save, check_matches, load_checkpoint, load_state,
                         model_state)
 from fileio import make_writable_dir
-from logger import JsonLogger
+from logger import PARAMETER, JsonLogger
 from neumf import NeuMF
 
 # Harmless to change on --resume (a warning); anything else that differs changes the model or
@@ -432,7 +432,7 @@ def train(args, ctx, model, ddp_model, data, logger):
     if args.resume:
         first_epoch, best, history = resume_state(args, ctx, model, optimizer, scaler, nb_users,
                                                   nb_items, len(train_users))
-    logger.log("resume" if args.resume else "start", first_epoch=first_epoch)
+    logger.log(PARAMETER, {"first_epoch": first_epoch, "resumed": args.resume})
     for epoch in range(first_epoch, args.epochs):
         synchronize(ctx)
         start = time.time()
@@ -457,7 +457,7 @@ def train(args, ctx, model, ddp_model, data, logger):
             line += full_ranking_text(full, args)
         history.append(record)
         log_line(ctx, line)
-        logger.log("epoch", **record)
+        logger.log((epoch,), record)
         if hr > best["hr"]:
             best.update(hr=hr, ndcg=ndcg, epoch=epoch, time_to_best=best["train_seconds"])
             if ctx.is_main:
@@ -491,7 +491,7 @@ def summarize(history, best, args, ctx, logger):
                       f"{best['ndcg']:.4f}) at epoch {best['epoch']}; best train throughput "
                       f"{summary['best_train_throughput']:.0f} samples/s, best eval throughput "
                       f"{summary['best_eval_throughput']:.0f} samples/s")
-    logger.log("summary", **summary)
+    logger.log((), summary)
     return summary
 
 
@@ -517,8 +517,9 @@ def run(args):
         except OSError as error:
             raise RunError(f"--log_path {args.log_path}: cannot write there ({error.strerror}); "
                            f"pass --log_path with a writable file") from None
-        logger.log("args", **vars(args), world_size=ctx.world_size, device=str(ctx.device),
-                   mixed_precision=ctx.use_amp, nb_users=nb_users, nb_items=nb_items)
+        logger.log(PARAMETER, {**vars(args), "world_size": ctx.world_size,
+                               "device": str(ctx.device), "mixed_precision": ctx.use_amp,
+                               "nb_users": nb_users, "nb_items": nb_items})
         if args.mode == "test":
             return run_test(args, ctx, model, data)
         check_epoch_holds_a_step(len(data[2]), args, ctx)

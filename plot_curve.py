@@ -2,7 +2,7 @@
 
     python plot_curve.py --log log.json --output curve.png
 
-Reads the JSON-lines log ncf.py writes (--log_path). Needs matplotlib, an optional dependency:
+Reads the dllogger-format log ncf.py writes (--log_path). Needs matplotlib, an optional dependency:
 pip install -r requirements-optional.txt
 """
 import argparse
@@ -12,6 +12,7 @@ import os
 import sys
 
 from fileio import atomic_output
+from logger import PREFIX
 
 
 class PlotError(Exception):
@@ -43,15 +44,18 @@ def read_curve(path):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.removeprefix(PREFIX))
                 except json.JSONDecodeError:
                     # A run killed while writing leaves one cut line; the records around it count.
                     print(f"plot_curve.py: warning: {path} line {number} is not JSON; skipped",
                           file=sys.stderr)
                     continue
-                if (isinstance(record, dict) and record.get("type") == "epoch"
-                        and "epoch" in record):
-                    by_epoch[record["epoch"]] = record
+                if not isinstance(record, dict):
+                    continue
+                step = record.get("step")
+                if (record.get("type") == "LOG" and isinstance(step, list) and step
+                        and isinstance(record.get("data"), dict)):
+                    by_epoch[step[0]] = record["data"]
     except OSError as error:
         raise PlotError(f"--log {path}: cannot read ({error.strerror})") from None
     if not by_epoch:

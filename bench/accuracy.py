@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import generate  # noqa: E402
-from logger import read_log  # noqa: E402
+from logger import log_records, read_log  # noqa: E402
 
 
 def prepare(args):
@@ -47,9 +47,9 @@ def run_seed(workdir, data, seed, args):
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
     records = read_log(log_path)
-    summary = records[-1]
+    summary = log_records(records, "summary")[-1]
     seconds = np.mean([record["train_epoch_time"] + record["validation_epoch_time"]
-                       for record in records if record["type"] == "epoch"])
+                       for record in log_records(records, "epoch")])
     return {"seed": seed, "hr": summary["best_accuracy"], "ndcg": summary["best_ndcg"],
             "epoch": summary["best_epoch"], "seconds_per_epoch": seconds}
 

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from logger import read_log  # noqa: E402
+from logger import log_records, read_log  # noqa: E402
 from train_bench import make_data  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def run(nproc, data, args):
                    "--master_port", str(29600 + nproc), *flags]
     print(f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '-')} {' '.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
-    epoch = [record for record in read_log(log_path) if record["type"] == "epoch"][-1]
+    epoch = log_records(read_log(log_path), "epoch")[-1]
     return {"processes": nproc, "threads_per_process": env.get("OMP_NUM_THREADS", "-"),
             "train_samples_per_s": epoch["train_throughput"],
             "eval_samples_per_s": epoch["eval_throughput"]}

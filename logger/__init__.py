@@ -1,12 +1,22 @@
-"""Structured run logs: one JSON object per line, each stamped with the wall-clock time.
+"""Run logs in the format of NVIDIA's dllogger JSON stream, as the original's log.json.
 
-The original logs through NVIDIA's dllogger; this keeps the same idea (a machine-readable
-record per event beside the human-readable lines on stdout) with no extra dependency.
+Each record is one line, `DLLL ` followed by a JSON object:
+    {"timestamp": "1732850000.123", "datetime": "2024-11-29 03:33:20.123000",
+     "elapsedtime": "12.5", "type": "LOG", "step": STEP, "data": {...}}
+STEP is "PARAMETER" for the run's settings, [epoch] for an epoch and [] for the run's summary,
+as the original logs them. Metric descriptions are `"type": "METADATA"` records with "metric"
+and "metadata" instead of "step" and "data". The strings for timestamp and elapsed time are
+dllogger's own choice, kept so NVIDIA's log consumers read these files unchanged. The
+dllogger package is not on PyPI, so this writes the format itself.
 """
+import datetime
 import json
 import math
 import os
 import time
+
+PREFIX = "DLLL "
+PARAMETER = "PARAMETER"
 
 
 def _jsonable(value):
@@ -22,10 +32,11 @@ def _jsonable(value):
 
 
 class JsonLogger:
-    """Appends records to `path`; a logger with no path (non-main ranks) writes nothing."""
+    """Appends dllogger records to `path`; a logger with no path (non-main ranks) writes nothing."""
 
     def __init__(self, path=None, append=False):
         self.path = path
+        self.start = time.time()
         if path is None:
             return
         directory = os.path.dirname(os.path.abspath(path))
@@ -33,16 +44,36 @@ class JsonLogger:
         if not append:
             open(path, "w").close()
 
-    def log(self, kind, **data):
+    def log(self, step, data):
+        """One LOG record: `step` is PARAMETER, an epoch as (epoch,), or () for the summary."""
+        self._write({"type": "LOG", "step": _jsonable(step), "data": _jsonable(data)})
+
+    def metadata(self, metric, metadata):
+        self._write({"type": "METADATA", "metric": metric, "metadata": _jsonable(metadata)})
+
+    def _write(self, fields):
         if self.path is None:
             return
-        record = {"timestamp": round(time.time(), 3), "type": kind, **_jsonable(data)}
+        now = time.time()
+        record = {"timestamp": str(now),
+                  "datetime": str(datetime.datetime.fromtimestamp(now)),
+                  "elapsedtime": str(now - self.start), **fields}
         # Flushed and closed per record so a killed run keeps every epoch it finished.
         with open(self.path, "a") as log_file:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(PREFIX + json.dumps(record) + "\n")
 
 
 def read_log(path):
-    """The records of a log written by JsonLogger, in order."""
+    """The records of a log written by JsonLogger, in order (the `DLLL ` prefix removed)."""
     with open(path) as log_file:
-        return [json.loads(line) for line in log_file if line.strip()]
+        return [json.loads(line.removeprefix(PREFIX)) for line in log_file if line.strip()]
+
+
+def log_records(records, step_kind):
+    """The `data` of each LOG record of one kind: "parameter", "epoch" or "summary"."""
+    def kind(step):
+        if step == PARAMETER:
+            return "parameter"
+        return "epoch" if step else "summary"
+    return [record["data"] for record in records
+            if record.get("type") == "LOG" and kind(record.get("step")) == step_kind]

@@ -1,9 +1,8 @@
-import json
-
 import pytest
 import torch
 
 import inference
+from logger import log_records, read_log
 from neumf import NeuMF
 
 TINY = ["--device", "cpu", "--n_users", "30", "--n_items", "20", "-f", "4", "--layers", "8", "4",
@@ -20,8 +19,8 @@ def test_tiny_model_two_batch_sizes(tmp_path):
         assert (result["n_users"], result["n_items"], result["factors"], result["layers"]) == \
             (30, 20, 4, [8, 4])
         assert result["throughput"] > 0
-    logged = [json.loads(line) for line in log_path.read_text().splitlines()]
-    assert [record["type"] for record in logged] == ["inference", "inference"]
+    logged = log_records(read_log(log_path), "summary")
+    assert len(logged) == 2
     assert [record["throughput"] for record in logged] == \
         pytest.approx([result["throughput"] for result in results])
 

@@ -11,27 +11,27 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_log(path, records, extra_lines=()):
-    lines = [json.dumps(record) for record in records] + list(extra_lines)
+    lines = ["DLLL " + json.dumps(record) for record in records] + list(extra_lines)
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def epoch(number, hr, ndcg, loss, k=10):
-    return {"timestamp": number, "type": "epoch", "epoch": number, f"hr@{k}": hr,
-            f"ndcg@{k}": ndcg, "train_loss": loss}
+    return {"timestamp": str(number), "type": "LOG", "step": [number],
+            "data": {"epoch": number, f"hr@{k}": hr, f"ndcg@{k}": ndcg, "train_loss": loss}}
 
 
 def test_last_record_of_an_epoch_wins_and_epochs_are_sorted(tmp_path, capsys):
     # A run killed during epoch 1 and resumed: epoch 1 logged twice, a cut line between.
     log = write_log(tmp_path / "log.json", [
-        {"type": "args", "data": "somewhere"},
+        {"type": "LOG", "step": "PARAMETER", "data": {"data": "somewhere"}},
         epoch(0, 0.40, 0.20, 0.50),
         epoch(1, 0.45, 0.22, 0.45),
-        {"type": "resume", "first_epoch": 1},
+        {"type": "LOG", "step": "PARAMETER", "data": {"first_epoch": 1}},
         epoch(1, 0.47, 0.23, 0.44),
         epoch(2, 0.60, 0.35, None),
-        {"type": "summary", "best_accuracy": 0.6},
-    ], extra_lines=['{"type": "epoch", "epo'])
+        {"type": "LOG", "step": [], "data": {"best_accuracy": 0.6}},
+    ], extra_lines=['DLLL {"type": "LOG", "step": [3'])
     curve = plot_curve.read_curve(str(log))
     assert curve["epoch"] == [0, 1, 2]
     assert curve["hr@10"] == [0.40, 0.47, 0.60]
@@ -75,7 +75,8 @@ def test_replaces_an_existing_output(tmp_path):
 @pytest.mark.parametrize("lines, message", [
     (None, "no such file"),
     ([], "no epoch records"),
-    ([json.dumps({"type": "args", "data": "x"}), json.dumps({"type": "summary"})],
+    (["DLLL " + json.dumps({"type": "LOG", "step": "PARAMETER", "data": {"x": 1}}),
+      "DLLL " + json.dumps({"type": "LOG", "step": [], "data": {}})],
      "no epoch records"),
 ])
 def test_bad_logs_exit_2(tmp_path, capsys, lines, message):

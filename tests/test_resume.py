@@ -11,7 +11,7 @@ import torch
 
 import ncf
 from checkpoint import CheckpointError, load_checkpoint
-from logger import read_log
+from logger import log_records, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +23,8 @@ def flags(data, checkpoints, *extra):
 
 def epoch_hrs(log_path):
     by_epoch = {}
-    for record in read_log(log_path):
-        if record["type"] == "epoch":
-            by_epoch[record["epoch"]] = (record["hr@10"], record["ndcg@10"], record["train_loss"])
+    for record in log_records(read_log(log_path), "epoch"):
+        by_epoch[record["epoch"]] = (record["hr@10"], record["ndcg@10"], record["train_loss"])
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 

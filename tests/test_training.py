@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ncf
-from logger import read_log
+from logger import log_records, read_log
 
 
 def train_args(data, tmp_path, *extra):
@@ -31,15 +31,24 @@ def test_training_learns_and_model_pth_reproduces_best_hr(clustered_data, tmp_pa
     assert tested["ndcg"] == summary["best_ndcg"]
 
     records = read_log(tmp_path / "log.json")
-    kinds = [record["type"] for record in records]
-    assert kinds[0] == "args" and kinds.count("epoch") == 4 and kinds[-1] == "summary"
-    epoch = records[kinds.index("epoch")]
+    # NVIDIA's dllogger JSON stream: settings first, one record per epoch, the summary last.
+    for record in records:
+        assert set(record) == {"timestamp", "datetime", "elapsedtime", "type", "step", "data"}
+        assert record["type"] == "LOG"
+        float(record["timestamp"]), float(record["elapsedtime"])
+    steps = [record["step"] for record in records]
+    assert steps[0] == "PARAMETER" and steps[-1] == []
+    assert [step for step in steps if isinstance(step, list) and step] == [[0], [1], [2], [3]]
+    epochs = log_records(records, "epoch")
     for key in ("epoch", "hr@10", "ndcg@10", "train_loss", "train_throughput",
-                "eval_throughput", "train_epoch_time", "validation_epoch_time", "timestamp"):
-        assert key in epoch
-    best = max((r for r in records if r["type"] == "epoch"), key=lambda r: r["hr@10"])
-    assert records[-1]["best_accuracy"] == best["hr@10"]
-    assert records[-1]["best_epoch"] == best["epoch"]
+                "eval_throughput", "train_epoch_time", "validation_epoch_time"):
+        assert key in epochs[0]
+    best = max(epochs, key=lambda r: r["hr@10"])
+    final = log_records(records, "summary")[-1]
+    assert final["best_accuracy"] == best["hr@10"]
+    assert final["best_epoch"] == best["epoch"]
+    with open(tmp_path / "log.json") as log_file:
+        assert all(line.startswith("DLLL {") for line in log_file)
 
 
 def test_threshold_stops_early(clustered_data, tmp_path, capsys):
