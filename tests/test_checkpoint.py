@@ -205,6 +205,8 @@ LAST_PTH_DAMAGE = [
     ("mixed_precision as text", set_entry(["mixed_precision"], "no"),
      "mixed_precision is 'no', expected True or False"),
     ("scaler as list", set_entry(["scaler"], []), "scaler is a list of length 0"),
+    ("mixed precision without a loss scale", set_entry(["mixed_precision"], True),
+     "scaler lacks the loss scale of a mixed-precision run"),
     ("rng of the wrong size", set_entry(["rng", "torch"], torch.zeros(5, dtype=torch.uint8)),
      "rng is a dict of length 2, expected {'torch': a uint8 tensor of"),
     ("rng of floats", set_entry(["rng", "torch"], torch.zeros(torch.get_rng_state().numel())),
