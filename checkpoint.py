@@ -3,16 +3,28 @@
 `model.pth` is the original's format: the NeuMF state_dict alone (a multi-process save of the
 original may carry a `module.` prefix). `last.pth` is ours: the full training state for
 `--resume`. Both are read with `weights_only=True`, which refuses any pickle that would run
-code, and both are written under a temporary name and renamed, so a killed run never leaves
-a half-written file behind.
+code, and their whole structure is checked before any of it is used, so a damaged or tampered
+file is refused in one line rather than failing deep inside PyTorch. Both are written under a
+temporary name, flushed to the disk and renamed, so a killed run or a power loss never leaves a
+half-written file behind.
 """
 import os
 import pickle
+import re
+import warnings
 
 import torch
 
 from fileio import atomic_output
 from neumf import NeuMF
+
+NEUMF_PARAMETER = re.compile(r"(mf|mlp)_(user|item)_embed\.weight|mlp\.\d+\.(weight|bias)|"
+                             r"final\.(weight|bias)")
+EMBEDDINGS = ("mf_user_embed.weight", "mf_item_embed.weight", "mlp_user_embed.weight",
+              "mlp_item_embed.weight")
+ADAM_PER_PARAMETER = ("step", "exp_avg", "exp_avg_sq")
+SCALER_NUMBERS = ("scale", "growth_factor", "backoff_factor", "growth_interval",
+                  "_growth_tracker")
 
 
 class CheckpointError(Exception):
@@ -20,10 +32,17 @@ class CheckpointError(Exception):
 
 
 def atomic_save(obj, path):
-    # A handle, not the temporary name: torch.save names the zip archive after the file's stem,
-    # which here holds the pid, so the same object would save to different bytes each run.
-    with atomic_output(path) as temporary, open(temporary, "wb") as handle:
-        torch.save(obj, handle)
+    """torch.save through atomic_output; a full disk or an I/O error is a CheckpointError and
+    leaves the previous `path` as it was."""
+    try:
+        # A handle, not the temporary name: torch.save names the zip archive after the file's
+        # stem, which here holds the pid, so the same object would save to different bytes.
+        with atomic_output(path) as temporary, open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be saved ({error.strerror or error}); the previous "
+                              f"file, if any, is unchanged; free space on that disk or write "
+                              f"elsewhere") from None
 
 
 def load_checkpoint(path):
@@ -31,13 +50,18 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch.load warns about some pickles (protocol 5, for one) before refusing them; the
+        # refusal alone is the message.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         if "Weights only load failed" in first_line or "Unsupported" in str(error):
             raise CheckpointError(
                 f"{path}: refused: it holds objects that would run code when loaded "
-                f"(only tensors and plain values are accepted)") from None
+                f"(only tensors and plain values are accepted); pass a state_dict saved by "
+                f"ncf.py") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first_line})") from None
     except Exception as error:  # a damaged file can fail in many layers of the unpickler
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -51,13 +75,180 @@ def model_state(checkpoint, path):
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, dict) or not all(
             isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        raise CheckpointError(f"{path}: not a NeuMF checkpoint (expected a state_dict of tensors)")
-    state = {key.removeprefix("module."): value for key, value in checkpoint.items()}
-    missing = {"mf_user_embed.weight", "mf_item_embed.weight", "mlp_user_embed.weight",
-               "mlp_item_embed.weight", "final.weight"} - set(state)
-    if missing:
-        raise CheckpointError(f"{path}: not a NeuMF checkpoint (missing {', '.join(sorted(missing))})")
+        raise CheckpointError(f"{path}: not a NeuMF checkpoint (expected a state_dict of "
+                              f"tensors); use a checkpoint written by ncf.py")
+    state = {str(key).removeprefix("module."): value for key, value in checkpoint.items()}
+    neumf_shapes(state, path)
     return state
+
+
+def neumf_shapes(state, path):
+    """{name: shape} of the NeuMF that `state` claims to be, in the model's parameter order,
+    after checking that `state` holds exactly those tensors, floating point and of those shapes."""
+    def refuse(problem):
+        return CheckpointError(f"{path}: not a NeuMF checkpoint ({problem}); use a checkpoint "
+                               f"written by ncf.py")
+    unknown = sorted(key for key in state if not NEUMF_PARAMETER.fullmatch(key))
+    if unknown:
+        raise refuse(f"unknown entries {', '.join(unknown)}")
+    for key, value in state.items():
+        dims = 1 if key.endswith(".bias") else 2
+        if value.dim() != dims or 0 in value.shape:
+            raise refuse(f"{key} has shape {list(value.shape)}, expected {dims}-D and not empty")
+        if not value.is_floating_point():
+            raise refuse(f"{key} holds {str(value.dtype).removeprefix('torch.')} values, "
+                         f"expected floating point")
+    missing = [key for key in EMBEDDINGS if key not in state]
+    if missing:
+        raise refuse(f"missing {', '.join(missing)}")
+    nb_users, mf_dim = state["mf_user_embed.weight"].shape
+    nb_items, half = state["mlp_item_embed.weight"].shape
+    shapes = {"mf_user_embed.weight": (nb_users, mf_dim),
+              "mf_item_embed.weight": (nb_items, mf_dim),
+              "mlp_user_embed.weight": (nb_users, half),
+              "mlp_item_embed.weight": (nb_items, half)}
+    size = 2 * half
+    for index in range(sum(1 for key in state if re.fullmatch(r"mlp\.\d+\.weight", key))):
+        weight = state.get(f"mlp.{index}.weight")
+        if weight is None:
+            raise refuse(f"missing mlp.{index}.weight")
+        shapes[f"mlp.{index}.weight"] = (weight.shape[0], size)
+        shapes[f"mlp.{index}.bias"] = (weight.shape[0],)
+        size = weight.shape[0]
+    shapes["final.weight"], shapes["final.bias"] = (1, size + mf_dim), (1,)
+    missing = [key for key in shapes if key not in state]
+    unexpected = sorted(key for key in state if key not in shapes)
+    if missing or unexpected:
+        raise refuse(f"missing {', '.join(missing)}" if missing else
+                     f"unexpected {', '.join(unexpected)}")
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
+            raise refuse(f"{key} has shape {list(state[key].shape)}, the other tensors need "
+                         f"{list(shape)}")
+    return shapes
+
+
+def check_training_state(state, path):
+    """Refuse a last.pth that ncf.py could not resume from, before any of it is used: every
+    entry is there with its type, the epoch count is 0 or more and matches the history, the
+    optimiser state fits the saved model's parameters and the RNG states are ones PyTorch takes.
+    """
+    def refuse(problem):
+        return CheckpointError(f"{path}: not a training state written by ncf.py ({problem}); "
+                               f"run without --resume to start afresh")
+    if not isinstance(state, dict):
+        raise refuse(f"holds {_describe(state)}, expected a dict")
+    missing = [key for key in TRAINING_STATE if key not in state]
+    if missing:
+        raise refuse(f"missing {', '.join(missing)}")
+    for key, (expected, valid) in TRAINING_STATE.items():
+        if not valid(state[key]):
+            raise refuse(f"{key} is {_describe(state[key])}, expected {expected}")
+    if len(state["history"]) != state["epoch"]:
+        raise refuse(f"epoch is {state['epoch']} but history holds {len(state['history'])} "
+                     f"epochs")
+    if state["mixed_precision"] and not all(_is_number(state["scaler"].get(key))
+                                            for key in SCALER_NUMBERS):
+        raise refuse("scaler lacks the loss scale of a mixed-precision run")
+    problem = _optimizer_problem(state["optimizer"],
+                                 list(neumf_shapes(model_state(state, path), path).values()))
+    if problem:
+        raise refuse(problem)
+
+
+def _optimizer_problem(optimizer, shapes):
+    """Why `optimizer` is not the Adam state of a model with parameters of `shapes`, or None."""
+    groups, per_parameter = optimizer.get("param_groups"), optimizer.get("state")
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and isinstance(per_parameter, dict)):
+        return "optimizer is not the state of one Adam parameter group"
+    group = groups[0]
+    betas = group.get("betas")
+    if not (all(_is_number(group.get(key)) for key in ("lr", "eps", "weight_decay"))
+            and isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(map(_is_number, betas))):
+        return "optimizer lacks numeric lr, betas, eps or weight_decay"
+    if group.get("params") != list(range(len(shapes))):
+        return (f"optimizer's parameters are {_describe(group.get('params'))}, the model has "
+                f"{len(shapes)}: an optimiser state of another model")
+    for index, entry in per_parameter.items():
+        if not (_is_int(index) and 0 <= index < len(shapes) and isinstance(entry, dict)
+                and all(key in entry for key in ADAM_PER_PARAMETER)):
+            return f"optimizer's state {index!r} is not the Adam state of a model parameter"
+        step = entry["step"]
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.item() >= 0):
+            return f"optimizer's step of parameter {index} is {_describe(step)}"
+        for key, value in entry.items():
+            if key != "step" and not (isinstance(value, torch.Tensor) and value.is_floating_point()
+                                      and tuple(value.shape) == shapes[index]):
+                return (f"optimizer's {key} of parameter {index} is {_describe(value)}, the "
+                        f"parameter is {list(shapes[index])}: an optimiser state of another model")
+    return None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_byte_state(value, size=None):
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+            and value.numel() > 0 and (size is None or value.numel() == size))
+
+
+def _is_rng_state(rng):
+    if not (isinstance(rng, dict) and _is_byte_state(rng.get("torch"), CPU_RNG_BYTES)
+            and "cuda" in rng):
+        return False
+    if rng["cuda"] is None:
+        return True
+    # Checked against this machine's generator only where ncf.py would restore it.
+    return _is_byte_state(rng["cuda"], torch.cuda.get_rng_state().numel()
+                          if torch.cuda.is_available() else None)
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+CPU_RNG_BYTES = torch.get_rng_state().numel()
+BEST_NUMBERS = ("hr", "ndcg", "train_seconds")
+BEST_TIMES = ("time_to_best", "time_to_target")
+RECORD_NUMBERS = ("train_throughput", "eval_throughput")
+# Entry of last.pth: (what it must be, for the message; the test).
+TRAINING_STATE = {
+    "model": ("a NeuMF state_dict", lambda value: isinstance(value, dict)),
+    "optimizer": ("an Adam state_dict", lambda value: isinstance(value, dict)),
+    "scaler": ("a GradScaler state_dict", lambda value: isinstance(value, dict)),
+    "epoch": ("a whole number, 0 or more", lambda value: _is_int(value) and value >= 0),
+    "best": (f"a dict with numbers {', '.join(BEST_NUMBERS)}, a whole epoch and "
+             f"{' and '.join(BEST_TIMES)} as numbers or None",
+             lambda value: isinstance(value, dict) and _is_int(value.get("epoch"))
+             and all(_is_number(value.get(key)) for key in BEST_NUMBERS)
+             and all(key in value and (value[key] is None or _is_number(value[key]))
+                     for key in BEST_TIMES)),
+    "history": (f"a list of dicts with a whole epoch and numbers {', '.join(RECORD_NUMBERS)}",
+                lambda value: isinstance(value, list) and all(
+                    isinstance(record, dict) and _is_int(record.get("epoch"))
+                    and all(_is_number(record.get(key)) for key in RECORD_NUMBERS)
+                    for record in value)),
+    "args": ("a dict of flags", lambda value: isinstance(value, dict)),
+    "data": ("a dict with whole numbers nb_users, nb_items and nb_train",
+             lambda value: isinstance(value, dict) and all(
+                 _is_int(value.get(key)) and value[key] >= 0
+                 for key in ("nb_users", "nb_items", "nb_train"))),
+    "rng": (f"{{'torch': a uint8 tensor of {CPU_RNG_BYTES} bytes, 'cuda': None or a uint8 "
+            f"tensor}}", _is_rng_state),
+    "mixed_precision": ("True or False", lambda value: isinstance(value, bool)),
+}
 
 
 def architecture(state):
@@ -99,4 +290,6 @@ def load_state(model, state, path):
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: does not fit NeuMF ({str(error).splitlines()[0]})") from None
+        # The first line only says that loading failed; the second says why.
+        reason = str(error).strip().splitlines()[1:2] or [str(error).strip()]
+        raise CheckpointError(f"{path}: does not fit NeuMF ({reason[0].strip()})") from None

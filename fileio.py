@@ -1,6 +1,19 @@
-"""Writing files so that no reader ever sees a half-written one."""
+"""Writing files so that no reader ever sees a half-written one, even after a power loss."""
 import contextlib
+import fcntl
+import glob
 import os
+
+LOCK_NAME = ".lock"
+
+
+class DirectoryLocked(Exception):
+    """Another live process holds the directory's lock; `holder` is its pid as it wrote it."""
+
+    def __init__(self, directory, holder):
+        super().__init__(directory, holder)
+        self.directory = directory
+        self.holder = holder
 
 
 @contextlib.contextmanager
@@ -8,16 +21,74 @@ def atomic_output(path):
     """Yields a temporary name beside `path`; renamed onto `path` when the block completes,
     removed when it fails (a killed process leaves only a dot-file, never a partial `path`).
 
-    The name is our own rather than mkstemp's, whose files are private (0600) whatever the umask.
+    The name is our own rather than mkstemp's, whose files are private (0600) whatever the umask,
+    and it carries the pid, so the leftovers of a killed writer are recognised and removed by
+    the next writer of the same file.
     """
     directory, name = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries(directory, name)
     temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     try:
         yield temporary
+        # Without the two fsyncs a power loss after the rename can leave `path` empty: the
+        # rename may reach the disk before the data, and the rename itself may be lost.
+        fsync_path(temporary)
         os.replace(temporary, path)
+        fsync_path(directory)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+
+
+def fsync_path(path):
+    """Flush a file's or a directory's contents to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_temporaries(directory, name):
+    """Remove atomic_output's temporaries of `directory/name` whose writer no longer exists."""
+    pattern = os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")
+    for temporary in glob.glob(pattern):
+        pid = temporary[:-len(".tmp")].rsplit(".", 1)[1]
+        if pid.isdigit() and not process_exists(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def lock_directory(directory):
+    """An open file holding an exclusive lock on `directory` until it is closed or the process
+    ends (the kernel drops the lock of a dead process, so no stale lock is ever left);
+    raises DirectoryLocked when another process holds it.
+
+    The holder's pid is written into the lock file so that the refused process can name it.
+    """
+    handle = open(os.path.join(directory, LOCK_NAME), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise DirectoryLocked(directory, holder) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def make_writable_dir(path):

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 import dataloading
 import scoring
-from checkpoint import (CheckpointError, atomic_save, check_matches, load_checkpoint, load_state,
-                        model_state)
-from fileio import make_writable_dir
+from checkpoint import (CheckpointError, atomic_save, check_matches, check_training_state,
+                        load_checkpoint, load_state, model_state)
+from fileio import DirectoryLocked, lock_directory, make_writable_dir
 from logger import PARAMETER, JsonLogger
 from neumf import NeuMF
 
@@ -146,8 +146,14 @@ def log_line(ctx, message):
 
 
 def prepare_checkpoint_dir(path):
+    """Lock `path` for this run; the returned handle holds the lock until it is closed."""
     try:
         make_writable_dir(path)
+        return lock_directory(path)
+    except DirectoryLocked as locked:
+        raise RunError(f"--checkpoint_dir {path}: in use by another training (pid "
+                       f"{locked.holder or 'unknown'}); wait for it to end or pass another "
+                       f"--checkpoint_dir") from None
     except OSError as error:
         raise RunError(f"--checkpoint_dir {path}: cannot write there ({error.strerror}); "
                        f"pass --checkpoint_dir with a writable directory") from None
@@ -333,10 +339,6 @@ def load_data(args, ctx):
             test_users.to(id_dtype), test_items.to(id_dtype), duplicate_mask)
 
 
-RESUME_KEYS = {"model", "optimizer", "scaler", "epoch", "best", "history", "args", "data", "rng",
-               "mixed_precision"}
-
-
 def save_checkpoint(path, model, optimizer, scaler, history, best, args, ctx, nb_users, nb_items,
                     nb_train):
     state = {
@@ -372,8 +374,7 @@ def check_resume_args(saved_args, args, path):
 def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_train):
     path = os.path.join(args.checkpoint_dir, "last.pth")
     state = load_checkpoint(path)
-    if not isinstance(state, dict) or not RESUME_KEYS <= set(state):
-        raise CheckpointError(f"{path}: not a training state written by ncf.py (no resume data)")
+    check_training_state(state, path)
     if state["mixed_precision"] != ctx.use_amp:
         saved, now = ("mixed precision" if flag else "float32"
                       for flag in (state["mixed_precision"], ctx.use_amp))
@@ -499,7 +500,9 @@ def run(args):
     ctx = init_distributed(args)
     try:
         if args.mode == "train" and ctx.is_main:
-            prepare_checkpoint_dir(args.checkpoint_dir)
+            # Held until run() returns, so two runs never share one directory; the OS
+            # releases it if the process dies.
+            checkpoint_lock = prepare_checkpoint_dir(args.checkpoint_dir)  # noqa: F841
         if args.mode == "train" and not args.resume:
             last = os.path.join(args.checkpoint_dir, "last.pth")
             if ctx.is_main and os.path.exists(last):

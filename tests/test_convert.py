@@ -328,7 +328,8 @@ def test_load_state_names_the_file_when_the_weights_do_not_fit():
     with pytest.raises(checkpoint.CheckpointError) as caught:
         checkpoint.load_state(model, state, "run/model.pth")
     message = str(caught.value)
-    assert message.startswith("run/model.pth: does not fit NeuMF (") and "\n" not in message
+    assert message.startswith("run/model.pth: does not fit NeuMF (size mismatch for "
+                              "mf_item_embed.weight: ") and "\n" not in message
     fitting = NeuMF(3, 4, 2, [4, 2])
     checkpoint.load_state(model, fitting.state_dict(), "run/model.pth")
     assert torch.equal(model.mf_item_embed.weight, fitting.mf_item_embed.weight)

@@ -51,7 +51,7 @@ def test_two_processes_train_one_model_and_match_single_process_evaluation(clust
     assert [line.split(":")[0] for line in lines] == ["Epoch 0", "Epoch 1", "Epoch 2"]
     best = max(float(re.search(r"HR@10 = ([0-9.]+)", line).group(1)) for line in lines)
     assert best > 0.5
-    assert sorted(os.listdir(checkpoints)) == ["last.pth", "model.pth"]
+    assert sorted(os.listdir(checkpoints)) == [".lock", "last.pth", "model.pth"]
     state = torch.load(checkpoints / "model.pth", weights_only=True)
     assert not any(key.startswith("module.") for key in state)
 

@@ -79,7 +79,9 @@ def test_resume_refuses_a_changed_model(clustered_data, uninterrupted, tmp_path,
 
 def test_resume_refuses_another_precision(clustered_data, uninterrupted, tmp_path, capsys):
     state = torch.load(uninterrupted / "last.pth", weights_only=True)
+    # As a CUDA run saves it: mixed precision, with its loss scaler's state.
     state["mixed_precision"] = True
+    state["scaler"] = torch.amp.GradScaler("cpu", enabled=True).state_dict()
     torch.save(state, tmp_path / "last.pth")
     with pytest.raises(SystemExit):
         ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume"))

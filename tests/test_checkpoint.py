@@ -1,0 +1,450 @@
+"""Damaged and tampered checkpoints, full disks, crashed writers and shared checkpoint dirs."""
+import copy
+import errno
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import checkpoint
+import fileio
+import inference
+import ncf
+import recommend
+from checkpoint import CheckpointError
+from conftest import write_clustered_dataset
+from neumf import NeuMF
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USERS, ITEMS = 30, 20
+SHAPE = ["-f", "4", "--layers", "8", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    directory = write_clustered_dataset(str(tmp_path_factory.mktemp("tiny")), nb_users=USERS,
+                                        nb_items=ITEMS, clusters=4, per_user=8, negatives=10)
+    # recommend.py also reads the original ids
+    torch.save(torch.arange(USERS) + 100, os.path.join(directory, "user_ids.pt"))
+    torch.save(torch.arange(ITEMS) + 500, os.path.join(directory, "item_ids.pt"))
+    return directory
+
+
+def train_flags(data, checkpoint_dir, *extra):
+    return ["--data", data, "--checkpoint_dir", str(checkpoint_dir), "--log_path",
+            str(checkpoint_dir / "log.json"), "-b", "256", "-t", "1.1", *SHAPE, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A checkpoint dir after one epoch: (model.pth state_dict, last.pth state)."""
+    directory = tmp_path_factory.mktemp("trained")
+    ncf.main(train_flags(tiny_data, directory, "-e", "1"))
+    return (torch.load(directory / "model.pth", weights_only=True),
+            torch.load(directory / "last.pth", weights_only=True))
+
+
+def one_error_line(capsys, prog, path):
+    """The single stderr line of a refusal, after checking that it names `prog` and `path`."""
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{prog}: error: {path}: ")
+    return lines[0]
+
+
+def ncf_test(data, path):
+    ncf.main(["--data", data, "--mode", "test", "--load_checkpoint_path", str(path),
+              "--log_path", str(path.parent / "test.json"), *SHAPE])
+
+
+def recommend_users(data, path):
+    recommend.main(["--data", data, "--checkpoint", str(path), "--users", "100"])
+
+
+def inference_bench(data, path):
+    inference.main(["--device", "cpu", "--load_checkpoint_path", str(path), "--batch_sizes", "4",
+                    "--num_batches", "1", "--warmup_batches", "0",
+                    "--log_path", str(path.parent / "inference.json")])
+
+
+TOOLS = {"ncf.py": ncf_test, "recommend.py": recommend_users, "inference.py": inference_bench}
+
+
+def renamed(state, old, new):
+    return {(new if key == old else key): value for key, value in state.items()}
+
+
+def replaced(state, key, value):
+    return {**state, key: value}
+
+
+def without(state, key):
+    return {name: value for name, value in state.items() if name != key}
+
+
+STATE_DICT_DAMAGE = [
+    ("renamed layer", lambda s: renamed(s, "mf_user_embed.weight", "mf_user.weight"),
+     "unknown entries mf_user.weight"),
+    ("1-D embedding", lambda s: replaced(s, "mf_user_embed.weight",
+                                         s["mf_user_embed.weight"].flatten()),
+     "mf_user_embed.weight has shape [120], expected 2-D and not empty"),
+    ("2-D bias", lambda s: replaced(s, "final.bias", s["final.bias"].view(1, 1)),
+     "final.bias has shape [1, 1], expected 1-D"),
+    ("empty layer", lambda s: replaced(s, "mlp.0.weight", torch.zeros(0, 8)),
+     "mlp.0.weight has shape [0, 8], expected 2-D and not empty"),
+    ("missing bias", lambda s: without(s, "mlp.0.bias"), "missing mlp.0.bias"),
+    ("missing embedding", lambda s: without(s, "mlp_item_embed.weight"),
+     "missing mlp_item_embed.weight"),
+    ("gap in the layers", lambda s: renamed(renamed(s, "mlp.0.weight", "mlp.1.weight"),
+                                            "mlp.0.bias", "mlp.1.bias"),
+     "missing mlp.0.weight"),
+    ("extra entry", lambda s: replaced(s, "junk", torch.zeros(1)), "unknown entries junk"),
+    ("extra layer bias", lambda s: replaced(s, "mlp.1.bias", torch.zeros(2)),
+     "unexpected mlp.1.bias"),
+    ("layer of another width", lambda s: replaced(s, "mlp.0.weight", s["mlp.0.weight"][:, :3]),
+     "mlp.0.weight has shape [4, 3], the other tensors need [4, 8]"),
+    ("item tables disagree", lambda s: replaced(s, "mf_item_embed.weight",
+                                                s["mf_item_embed.weight"][:19]),
+     "mf_item_embed.weight has shape [19, 4], the other tensors need [20, 4]"),
+    ("final layer of another width", lambda s: replaced(s, "final.weight", torch.zeros(1, 7)),
+     "final.weight has shape [1, 7], the other tensors need [1, 8]"),
+    ("integer weights", lambda s: replaced(s, "final.weight", s["final.weight"].int()),
+     "final.weight holds int32 values, expected floating point"),
+    ("a value that is no tensor", lambda s: replaced(s, "final.bias", [0.0]),
+     "expected a state_dict of tensors"),
+    ("a list", lambda s: list(s.values()), "expected a state_dict of tensors"),
+]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("damage, expected", [(damage, expected) for _, damage, expected
+                                              in STATE_DICT_DAMAGE],
+                         ids=[name for name, _, _ in STATE_DICT_DAMAGE])
+def test_tampered_state_dict_is_one_line(tiny_data, trained, tmp_path, capsys, tool, damage,
+                                         expected):
+    path = tmp_path / "model.pth"
+    torch.save(damage(dict(trained[0])), path)
+    with pytest.raises(SystemExit) as exit_info:
+        TOOLS[tool](tiny_data, path)
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys, tool, path)
+    assert f"not a NeuMF checkpoint ({expected}" in line
+    assert line.endswith("use a checkpoint written by ncf.py")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_untampered_state_dict_is_accepted_by_every_tool(tiny_data, trained, tmp_path, tool):
+    path = tmp_path / "model.pth"
+    torch.save(trained[0], path)
+    TOOLS[tool](tiny_data, path)
+
+
+@pytest.mark.parametrize("layers", [[8], [8, 4], [16, 8, 4, 2]])
+def test_neumf_shapes_follow_the_parameter_order(layers):
+    model = NeuMF(5, 7, 3, layers)
+    assert checkpoint.neumf_shapes(model.state_dict(), "m.pth") == {
+        name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+
+
+def other_model_optimizer(factors, layers):
+    """The Adam state of a NeuMF of another shape after one step."""
+    model = NeuMF(USERS, ITEMS, factors, layers)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.tensor([0]), torch.tensor([0])).sum().backward()
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def edit(change):
+    def edited(state):
+        state = copy.deepcopy(state)
+        change(state)
+        return state
+    return edited
+
+
+def set_entry(keys, value):
+    def change(state):
+        *parents, last = keys
+        for key in parents:
+            state = state[key]
+        state[last] = value
+    return edit(change)
+
+
+def delete_entry(*keys):
+    def change(state):
+        *parents, last = keys
+        for key in parents:
+            state = state[key]
+        del state[last]
+    return edit(change)
+
+
+LAST_PTH_DAMAGE = [
+    ("a list", lambda s: [s], "holds a list of length 1, expected a dict"),
+    ("no optimizer", delete_entry("optimizer"), "missing optimizer"),
+    ("no rng", delete_entry("rng"), "missing rng"),
+    ("negative epoch", set_entry(["epoch"], -1), "epoch is -1, expected a whole number, 0 or more"),
+    ("epoch as text", set_entry(["epoch"], "1"), "epoch is '1', expected a whole number"),
+    ("epoch as bool", set_entry(["epoch"], True), "epoch is True, expected a whole number"),
+    ("epoch beyond history", set_entry(["epoch"], 5), "epoch is 5 but history holds 1 epochs"),
+    ("best as list", set_entry(["best"], [0.5]), "best is a list of length 1, expected a dict"),
+    ("best without hr", delete_entry("best", "hr"), "best is a dict of length 5"),
+    ("best time as text", set_entry(["best", "time_to_best"], "soon"), "best is a dict"),
+    ("history of None", set_entry(["history"], None), "history is None, expected a list"),
+    ("history record without throughput", delete_entry("history", 0, "train_throughput"),
+     "history is a list of length 1, expected a list of dicts"),
+    ("args as list", set_entry(["args"], ["-e", "1"]), "args is a list of length 2"),
+    ("data without nb_train", delete_entry("data", "nb_train"), "data is a dict of length 2"),
+    ("negative nb_users", set_entry(["data", "nb_users"], -30), "data is a dict of length 3"),
+    ("mixed_precision as text", set_entry(["mixed_precision"], "no"),
+     "mixed_precision is 'no', expected True or False"),
+    ("scaler as list", set_entry(["scaler"], []), "scaler is a list of length 0"),
+    ("mixed precision without a loss scale", set_entry(["mixed_precision"], True),
+     "scaler lacks the loss scale of a mixed-precision run"),
+    ("rng of the wrong size", set_entry(["rng", "torch"], torch.zeros(5, dtype=torch.uint8)),
+     "rng is a dict of length 2, expected {'torch': a uint8 tensor of"),
+    ("rng of floats", set_entry(["rng", "torch"], torch.zeros(torch.get_rng_state().numel())),
+     "rng is a dict of length 2"),
+    ("rng as None", set_entry(["rng"], None), "rng is None"),
+    ("cuda rng as text", set_entry(["rng", "cuda"], "seed"), "rng is a dict of length 2"),
+    ("no cuda rng entry", delete_entry("rng", "cuda"), "rng is a dict of length 1"),
+    ("optimizer as None", set_entry(["optimizer"], None), "optimizer is None"),
+    ("optimizer of a model with fewer layers",
+     set_entry(["optimizer"], other_model_optimizer(4, [8])),
+     "optimizer's parameters are a list of length 6, the model has 8: an optimiser state of "
+     "another model"),
+    ("optimizer of a model with other factors",
+     set_entry(["optimizer"], other_model_optimizer(6, [8, 4])),
+     "optimizer's exp_avg of parameter 0 is a float32 tensor of shape [30, 6], the parameter "
+     "is [30, 4]: an optimiser state of another model"),
+    ("optimizer moment of another shape",
+     set_entry(["optimizer", "state", 7, "exp_avg_sq"], torch.zeros(3)),
+     "optimizer's exp_avg_sq of parameter 7 is a float32 tensor of shape [3]"),
+    ("optimizer without a moment", delete_entry("optimizer", "state", 2, "exp_avg"),
+     "optimizer's state 2 is not the Adam state of a model parameter"),
+    ("optimizer state of a ninth parameter",
+     set_entry(["optimizer", "state", 8], {"step": torch.tensor(1.0)}),
+     "optimizer's state 8 is not the Adam state"),
+    ("optimizer step as int", set_entry(["optimizer", "state", 0, "step"], 1),
+     "optimizer's step of parameter 0 is 1"),
+    ("negative optimizer step", set_entry(["optimizer", "state", 0, "step"], torch.tensor(-1.0)),
+     "optimizer's step of parameter 0 is a float32 tensor of shape []"),
+    ("two parameter groups", edit(lambda s: s["optimizer"]["param_groups"].append({})),
+     "optimizer is not the state of one Adam parameter group"),
+    ("learning rate as text", set_entry(["optimizer", "param_groups", 0, "lr"], "fast"),
+     "optimizer lacks numeric lr, betas, eps or weight_decay"),
+    ("one beta", set_entry(["optimizer", "param_groups", 0, "betas"], (0.9,)),
+     "optimizer lacks numeric lr, betas, eps or weight_decay"),
+]
+
+
+@pytest.mark.parametrize("damage, expected", [(damage, expected) for _, damage, expected
+                                              in LAST_PTH_DAMAGE],
+                         ids=[name for name, _, _ in LAST_PTH_DAMAGE])
+def test_tampered_last_pth_is_refused_before_use(tiny_data, trained, tmp_path, capsys, damage,
+                                                 expected):
+    torch.save(damage(trained[1]), tmp_path / "last.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume"))
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys, "ncf.py", tmp_path / "last.pth")
+    assert f": not a training state written by ncf.py ({expected}" in line
+    assert line.endswith("; run without --resume to start afresh")
+
+
+def test_tampered_model_inside_last_pth_is_refused(tiny_data, trained, tmp_path, capsys):
+    state = copy.deepcopy(trained[1])
+    state["model"]["mf_user_embed.weight"] = state["model"]["mf_user_embed.weight"].flatten()
+    torch.save(state, tmp_path / "last.pth")
+    with pytest.raises(SystemExit):
+        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume"))
+    assert "not a NeuMF checkpoint (mf_user_embed.weight has shape [120]" in \
+        one_error_line(capsys, "ncf.py", tmp_path / "last.pth")
+
+
+def test_untampered_last_pth_passes(trained):
+    assert checkpoint.check_training_state(trained[1], "last.pth") is None
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_pickle(kind, path, marker):
+    payload = {"model": RunsCode(marker)}
+    if kind == "torch.save":
+        torch.save(payload, path)
+    elif kind == "legacy torch.save":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(kind.removeprefix("pickle protocol "))))
+
+
+PICKLES = ["torch.save", "legacy torch.save", "pickle protocol 0", "pickle protocol 2",
+           "pickle protocol 5"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("kind", PICKLES)
+def test_code_running_pickle_is_refused_in_one_line(tiny_data, tmp_path, capsys, tool, kind):
+    path, marker = tmp_path / "evil.pth", tmp_path / "pwned"
+    write_pickle(kind, path, marker)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exit_info:
+        warnings.simplefilter("always")
+        TOOLS[tool](tiny_data, path)
+    assert exit_info.value.code == 2
+    assert "refused: it holds objects that would run code" in one_error_line(capsys, tool, path)
+    assert not marker.exists()
+    assert [str(warning.message) for warning in caught] == []
+
+
+def test_code_running_pickle_refusal_is_the_only_stderr_line_of_the_cli(tiny_data, tmp_path):
+    path, marker = tmp_path / "evil.pth", tmp_path / "pwned"
+    write_pickle("pickle protocol 5", path, marker)
+    result = subprocess.run([sys.executable, "inference.py", "--device", "cpu",
+                             "--load_checkpoint_path", str(path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"inference.py: error: {path}: refused: it holds objects that would run code when "
+        f"loaded (only tensors and plain values are accepted); pass a state_dict saved by ncf.py"]
+    assert not marker.exists()
+
+
+def failing_save(error_number):
+    def save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError(error_number, os.strerror(error_number))
+    return save
+
+
+def failing_fsync(error_number):
+    def fsync(descriptor):
+        raise OSError(error_number, os.strerror(error_number))
+    return fsync
+
+
+@pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EIO, errno.EDQUOT])
+@pytest.mark.parametrize("patch", [(checkpoint.torch, "save", failing_save),
+                                   (fileio.os, "fsync", failing_fsync)],
+                         ids=["torch.save", "fsync"])
+def test_failed_save_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch, patch,
+                                                              error_number):
+    path = tmp_path / "last.pth"
+    checkpoint.atomic_save({"epoch": 1}, path)
+    before = path.read_bytes()
+    module, name, make_failure = patch
+    monkeypatch.setattr(module, name, make_failure(error_number))
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.atomic_save({"epoch": 2}, path)
+    assert str(caught.value) == (f"{path}: cannot be saved ({os.strerror(error_number)}); the "
+                                 f"previous file, if any, is unchanged; free space on that disk "
+                                 f"or write elsewhere")
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_full_disk_during_training_is_one_line_and_keeps_last_epoch(tiny_data, tmp_path,
+                                                                    monkeypatch, capsys):
+    real_save = torch.save
+
+    def save_until_epoch_two(obj, handle):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            failing_save(errno.ENOSPC)(obj, handle)
+        real_save(obj, handle)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_epoch_two)
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(train_flags(tiny_data, tmp_path, "-e", "3"))
+    assert exit_info.value.code == 2
+    assert "cannot be saved (No space left on device)" in \
+        one_error_line(capsys, "ncf.py", tmp_path / "last.pth")
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 1
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_temporaries_of_dead_writers_are_removed(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    dead, alive = process.pid, os.getppid()
+    leftovers = {name: f"leftover {name}" for name in (
+        f".last.pth.{dead}.tmp", f".last.pth.{alive}.tmp", f".model.pth.{dead}.tmp",
+        ".last.pth.notapid.tmp")}
+    for name, text in leftovers.items():
+        (tmp_path / name).write_text(text)
+    checkpoint.atomic_save({"epoch": 1}, tmp_path / "last.pth")
+    # A live writer's file and other files' temporaries stay.
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["last.pth", f".last.pth.{alive}.tmp", f".model.pth.{dead}.tmp", ".last.pth.notapid.tmp"])
+
+
+def test_atomic_output_fsyncs_the_file_before_and_the_directory_after_the_rename(tmp_path,
+                                                                                monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    path = tmp_path / "finished"
+    with fileio.atomic_output(path) as temporary, open(temporary, "w") as handle:
+        handle.write("done\n")
+    assert events == [("fsync", str(tmp_path / f".finished.{os.getpid()}.tmp")),
+                      ("replace", str(path)), ("fsync", str(tmp_path))]
+    assert path.read_text() == "done\n"
+
+
+def test_lock_is_exclusive_names_the_holder_and_is_released_on_close(tmp_path):
+    held = fileio.lock_directory(str(tmp_path))
+    with pytest.raises(fileio.DirectoryLocked) as caught:
+        fileio.lock_directory(str(tmp_path))
+    assert caught.value.holder == str(os.getpid())
+    held.close()
+    fileio.lock_directory(str(tmp_path)).close()
+
+
+HOLD_LOCK = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from fileio import lock_directory
+lock = lock_directory(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_second_training_on_a_locked_checkpoint_dir_is_refused(tiny_data, tmp_path, capsys):
+    (tmp_path / "log.json").write_text("the first run's log\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path), ROOT],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SystemExit) as exit_info:
+            ncf.main(train_flags(tiny_data, tmp_path, "-e", "1"))
+        assert exit_info.value.code == 2
+        line = one_error_line(capsys, "ncf.py", f"--checkpoint_dir {tmp_path}")
+        assert line.endswith(f"in use by another training (pid {holder.pid}); wait for it to "
+                             f"end or pass another --checkpoint_dir")
+        assert (tmp_path / "log.json").read_text() == "the first run's log\n"
+    finally:
+        holder.kill()  # a killed holder must leave no stale lock
+        holder.wait()
+    summary = ncf.main(train_flags(tiny_data, tmp_path, "-e", "1"))
+    assert summary["epochs_run"] == 1
