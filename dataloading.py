@@ -134,9 +134,9 @@ def check_counts(data_dir, metadata, actual):
     for key, value in actual.items():
         recorded = metadata.get(key)
         if recorded != value:
-            raise DataError(f"{path}: records {key} = {recorded} but the tensors beside it have "
-                            f"{value}; the files come from different conversions, re-run "
-                            f"convert.py with --output {data_dir}")
+            raise DataError(f"{path}: records {key} = {json.dumps(recorded)} but the tensors "
+                            f"beside it have {value}; the files come from different "
+                            f"conversions, re-run convert.py with --output {data_dir}")
 
 
 def id_bounds(train, test, negatives):
