@@ -11,8 +11,6 @@ from typing import NamedTuple, Optional
 import torch
 
 DATA_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt")
-# Written by this project's convert.py only: the original's output is the three DATA_FILES.
-ID_MAP_FILES = ("user_ids.pt", "item_ids.pt")
 METADATA = "metadata.json"
 # convert.py creates it before touching a directory and removes it after metadata.json is
 # written: while it exists the directory may mix two conversions.
@@ -62,13 +60,6 @@ def open_dataset(data_dir):
         raise DataError(f"{os.path.join(data_dir, CONVERTING)}: a conversion into {data_dir} "
                         f"started and did not finish; re-run convert.py with --output {data_dir}")
     metadata = read_metadata(data_dir)
-    if metadata is None:
-        leftovers = [name for name in ID_MAP_FILES if os.path.exists(os.path.join(data_dir, name))]
-        if leftovers:
-            # Older versions of convert.py wrote no marker; their id maps give them away.
-            raise DataError(f"{data_dir}: holds {leftovers[0]} but no {METADATA}, so a "
-                            f"conversion did not finish; re-run convert.py with --output "
-                            f"{data_dir}")
     train, test, negatives = (load_tensor(data_dir, name, 2) for name in DATA_FILES)
     check_shapes(data_dir, train, test, negatives)
     lowest, nb_users, nb_items = id_bounds(train, test, negatives)
