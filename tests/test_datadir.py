@@ -1,4 +1,4 @@
-"""One validation of a data directory before ncf.py or recommend.py uses it (dataloading.open_dataset)."""
+"""One validation of a data directory before ncf.py or recommend.py uses it (open_dataset)."""
 import json
 import os
 import shutil
@@ -62,7 +62,8 @@ BAD_DIRECTORIES = [
     ("killed conversion", "converted",
      lambda d: write_text(d, ".converting", ""), ".converting: a conversion into"),
     ("killed while replacing", "converted",
-     lambda d: (write_text(d, ".converting", ""), save(d, "train_ratings.pt", torch.tensor(TRAIN[:4]))),
+     lambda d: (write_text(d, ".converting", ""),
+                save(d, "train_ratings.pt", torch.tensor(TRAIN[:4]))),
      ".converting: a conversion into"),
     ("killed while converting afresh", "original",
      lambda d: (write_text(d, ".converting", ""), remove(d, "test_negatives.pt")),
@@ -256,7 +257,8 @@ def test_resume_from_a_copy_of_the_data_warns(one_epoch, tmp_path, capsys):
     capsys.readouterr()
     ncf.main(train_args(copy, work, "-e", "2", "--resume"))
     out = capsys.readouterr().out
-    assert f"warning: resuming with --data {copy} instead of {data}, which holds the same data" in out
+    assert (f"warning: resuming with --data {copy} instead of {data}, which holds the same "
+            f"data") in out
     assert "Epoch 1:" in out
 
 
