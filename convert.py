@@ -19,8 +19,10 @@ Output in DIR (int64 tensors, loadable with torch.load(..., weights_only=True)):
     test_negatives.pt  [U, valid_negative] items
     user_ids.pt        [U] original user id of each dense user id
     item_ids.pt        [I] original item id of each dense item id
-    metadata.json      source, reader, settings and counts; written last, so a directory without
-                       it holds no finished conversion
+    metadata.json      source, reader, settings, counts and the tensors' fingerprint; written
+                       last, so a directory without it holds no finished conversion
+    .converting        present only while a conversion writes (or after one was killed); ncf.py
+                       and recommend.py refuse the directory while it is there
 """
 import argparse
 import contextlib
@@ -33,13 +35,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from dataloading import CONVERTING, METADATA, tensors_fingerprint
 from fileio import atomic_output, make_writable_dir
 from load import DataError, load_ratings
 
 PROG = "convert.py"
 FORMAT_VERSION = 1
 TENSORS = ("train_ratings", "test_ratings", "test_negatives", "user_ids", "item_ids")
-METADATA = "metadata.json"
 # Test negatives are drawn this many at a time. Part of the seeded result: changing it changes
 # which negatives a seed gives.
 DRAWS_PER_BLOCK = 2**20
@@ -250,24 +252,78 @@ def _prepare_output(directory):
                         "writable --output") from None
 
 
+class _KeepWriteError:
+    """A file handle for torch.save that keeps the OSError of a failed write.
+
+    torch.save reports one as a RuntimeError without errno ("unexpected pos" on a full disk);
+    write_outputs re-raises the OSError so the user reads its reason.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.handle.flush()
+
+
+def _save_tensor(tensor, path):
+    # A handle, not the temporary name: torch.save names the zip archive after the file's
+    # stem, which holds the pid, and the files of two runs would differ.
+    with atomic_output(path) as temporary, open(temporary, "wb") as handle:
+        writer = _KeepWriteError(handle)
+        try:
+            torch.save(tensor, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
+
+
 def write_outputs(directory, tensors, metadata, disable=True):
     """Write each tensor as NAME.pt, then metadata.json, so that no reader sees a partial result.
 
-    An earlier conversion's metadata.json is removed first and the new one is written last, so
-    it is there only when every .pt file is this conversion's. Each file is written under a
-    temporary name and renamed: an error or a kill leaves no partial file.
+    The CONVERTING marker is created first and removed last: while it is there, readers refuse
+    the directory, which may hold an earlier conversion's files beside this one's. Each file is
+    written under a temporary name and renamed, so none is ever partial. On an error the files
+    this call renamed into place are removed, and the marker too when the directory is back to
+    a finished state (nothing renamed yet) or holds nothing of any conversion; a kill leaves
+    the marker. metadata.json also gets the tensors' fingerprint, which ncf.py saves with its
+    checkpoints to refuse resuming on other data.
     """
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(directory, METADATA))
-    for name in tqdm(TENSORS, desc="write", unit="file", disable=disable, leave=False):
-        # A handle, not the temporary name: torch.save names the zip archive after the file's
-        # stem, which holds the pid, and the files of two runs would differ.
-        with atomic_output(os.path.join(directory, f"{name}.pt")) as temporary, \
-                open(temporary, "wb") as f:
-            torch.save(tensors[name], f)
-    with atomic_output(os.path.join(directory, METADATA)) as temporary, \
-            open(temporary, "wb") as f:
-        f.write(json.dumps(metadata, indent=1).encode() + b"\n")
+    marker = os.path.join(directory, CONVERTING)
+    unfinished_before = os.path.exists(marker)
+    open(marker, "wb").close()
+    written = []
+    try:
+        for name in tqdm(TENSORS, desc="write", unit="file", disable=disable, leave=False):
+            path = os.path.join(directory, f"{name}.pt")
+            _save_tensor(tensors[name], path)
+            written.append(path)
+        fingerprint = tensors_fingerprint(
+            *(tensors[name] for name in ("train_ratings", "test_ratings", "test_negatives")))
+        path = os.path.join(directory, METADATA)
+        with atomic_output(path) as temporary, open(temporary, "wb") as f:
+            f.write(json.dumps({**metadata, "fingerprint": fingerprint}, indent=1).encode()
+                    + b"\n")
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        names = [f"{name}.pt" for name in TENSORS] + [METADATA]
+        unchanged = not written and not unfinished_before
+        if unchanged or not any(os.path.exists(os.path.join(directory, name)) for name in names):
+            with contextlib.suppress(OSError):
+                os.remove(marker)
+        raise
+    os.remove(marker)
 
 
 def main(argv=None):

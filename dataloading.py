@@ -3,19 +3,36 @@
 Everything here is tensor operations on the training device: the original does the same on
 the GPU, and on a CPU a Python loop over ml-20m's 99 M samples per epoch would dominate.
 """
+import hashlib
+import json
 import os
+from typing import NamedTuple, Optional
 
 import torch
 
 DATA_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt")
+METADATA = "metadata.json"
+# convert.py creates it before touching a directory and removes it after metadata.json is
+# written: while it exists the directory may mix two conversions.
+CONVERTING = ".converting"
 
 
 class DataError(Exception):
     """Unusable input data; the message says which file and what to do."""
 
 
+class Dataset(NamedTuple):
+    train: torch.Tensor
+    test: torch.Tensor
+    negatives: torch.Tensor
+    nb_users: int
+    nb_items: int
+    fingerprint: str
+    metadata: Optional[dict]  # None: converted by the original convert.py
+
+
 def load_tensor(data_dir, name, dims):
-    """One int64 tensor of `dims` dimensions written by convert.py into data_dir."""
+    """One dense int64 tensor of `dims` dimensions written by convert.py into data_dir."""
     path = os.path.join(data_dir, name)
     if not os.path.isfile(path):
         raise DataError(f"{path}: not found; convert the ratings first with "
@@ -25,21 +42,104 @@ def load_tensor(data_dir, name, dims):
     except Exception as error:  # torch raises several types for damaged files
         raise DataError(f"{path}: cannot be read ({type(error).__name__}); "
                         f"re-run convert.py to rewrite it") from None
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != dims or tensor.dtype != torch.int64:
-        raise DataError(f"{path}: expected a {dims}-D int64 tensor; re-run convert.py to rewrite it")
+    if (not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided
+            or tensor.dim() != dims or tensor.dtype != torch.int64):
+        raise DataError(f"{path}: expected a dense {dims}-D int64 tensor; re-run convert.py to "
+                        f"rewrite it")
     return tensor
 
 
-def load_dataset(data_dir):
-    """The three tensors of a converted dataset, checked for shape and dtype."""
+def open_dataset(data_dir):
+    """The converted dataset in data_dir, refused (DataError) unless it is whole and consistent.
+
+    A directory written by this project's convert.py has metadata.json, whose counts must match
+    the tensors; one written by the original has only the three DATA_FILES and passes the same
+    content checks. A conversion that did not finish is refused, whichever files it left.
+    """
+    if os.path.exists(os.path.join(data_dir, CONVERTING)):
+        raise DataError(f"{os.path.join(data_dir, CONVERTING)}: a conversion into {data_dir} "
+                        f"started and did not finish; re-run convert.py with --output {data_dir}")
+    metadata = read_metadata(data_dir)
     train, test, negatives = (load_tensor(data_dir, name, 2) for name in DATA_FILES)
-    if train.shape[1] != 2 or test.shape[1] != 2 or len(train) == 0:
-        raise DataError(f"{data_dir}: train/test ratings must be non-empty [N, 2] tensors; "
+    check_shapes(data_dir, train, test, negatives)
+    lowest, nb_users, nb_items = id_bounds(train, test, negatives)
+    if lowest < 0:
+        raise DataError(f"{data_dir}: holds the negative id {lowest}; ids are 0-based indices, "
                         f"re-run convert.py")
-    if len(negatives) != len(test):
-        raise DataError(f"{data_dir}: test_negatives.pt has {len(negatives)} rows but "
-                        f"test_ratings.pt has {len(test)}; re-run convert.py")
-    return train, test, negatives
+    if len(torch.unique(test[:, 0])) != len(test):
+        raise DataError(f"{os.path.join(data_dir, DATA_FILES[1])}: a user has more than one test "
+                        f"row; each user has exactly one, re-run convert.py")
+    if metadata is None:
+        fingerprint = tensors_fingerprint(train, test, negatives)
+    else:
+        check_counts(data_dir, metadata, {
+            "train": len(train), "test": len(test), "valid_negative": negatives.shape[1],
+            "users": nb_users, "items": nb_items})
+        # Hashing ml-20m's tensors takes longer than loading them; convert.py hashed them as it
+        # wrote them. A metadata.json older than the fingerprint has none: hash them now.
+        fingerprint = metadata.get("fingerprint") or tensors_fingerprint(train, test, negatives)
+    return Dataset(train, test, negatives, nb_users, nb_items, fingerprint, metadata)
+
+
+def load_dataset(data_dir):
+    """The three tensors of a converted dataset, after open_dataset's checks."""
+    return open_dataset(data_dir)[:3]
+
+
+def read_metadata(data_dir):
+    """metadata.json as a dict, or None when there is none."""
+    path = os.path.join(data_dir, METADATA)
+    try:
+        with open(path, "rb") as handle:
+            metadata = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot be read ({type(error).__name__}); re-run convert.py "
+                        f"to rewrite it") from None
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path}: not a JSON object; re-run convert.py to rewrite it")
+    return metadata
+
+
+def check_shapes(data_dir, train, test, negatives):
+    """[N, 2] training pairs, [U, 2] test pairs, [U, C] test negatives, none of them empty."""
+    train_path, test_path, negatives_path = (os.path.join(data_dir, name) for name in DATA_FILES)
+    problems = [
+        (train_path, train.shape[1] != 2, f"has {train.shape[1]} columns, not 2 (user, item)"),
+        (test_path, test.shape[1] != 2, f"has {test.shape[1]} columns, not 2 (user, item)"),
+        (train_path, len(train) == 0, "holds no training pair"),
+        (test_path, len(test) == 0, "holds no test pair"),
+        (negatives_path, len(negatives) != len(test),
+         f"has {len(negatives)} rows but {DATA_FILES[1]} has {len(test)}"),
+        (negatives_path, negatives.shape[1] == 0, "has no column of test negatives"),
+    ]
+    for path, failed, problem in problems:
+        if failed:
+            raise DataError(f"{path}: {problem}; re-run convert.py")
+
+
+def check_counts(data_dir, metadata, actual):
+    """The counts metadata.json records against those of the tensors beside it."""
+    path = os.path.join(data_dir, METADATA)
+    for key, value in actual.items():
+        recorded = metadata.get(key)
+        if recorded != value:
+            raise DataError(f"{path}: records {key} = {json.dumps(recorded)} but the tensors "
+                            f"beside it have {value}; the files come from different "
+                            f"conversions, re-run convert.py with --output {data_dir}")
+
+
+def id_bounds(train, test, negatives):
+    """(smallest id anywhere, nb_users, nb_items) with nb_* = max id + 1 (dataset_sizes)."""
+    # aminmax over dim 0 reads the rows once; train[:, 0].max() strides and is 3x slower
+    train_low, train_high = torch.aminmax(train, dim=0)
+    test_low, test_high = torch.aminmax(test, dim=0)
+    negatives_low, negatives_high = torch.aminmax(negatives)
+    lowest = int(min(train_low.min(), test_low.min(), negatives_low))
+    nb_users = int(max(train_high[0], test_high[0])) + 1
+    nb_items = int(max(train_high[1], test_high[1], negatives_high)) + 1
+    return lowest, nb_users, nb_items
 
 
 def dataset_sizes(train, test, negatives):
@@ -49,9 +149,16 @@ def dataset_sizes(train, test, negatives):
     drawn as a test negative) would then index past the embedding table. Where every test id
     also occurs in training, as in ml-20m, both counts agree.
     """
-    nb_users = int(max(train[:, 0].max(), test[:, 0].max())) + 1
-    nb_items = int(max(train[:, 1].max(), test[:, 1].max(), negatives.max())) + 1
-    return nb_users, nb_items
+    return id_bounds(train, test, negatives)[1:]
+
+
+def tensors_fingerprint(train, test, negatives):
+    """SHA-256 of the three tensors' shapes and contents: equal exactly for equal data."""
+    digest = hashlib.sha256()
+    for tensor in (train, test, negatives):
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().data)
+    return digest.hexdigest()
 
 
 def create_test_data(test_ratings, test_negatives):

@@ -327,8 +327,13 @@ def synchronize(ctx):
 
 
 def load_data(args, ctx):
-    train, test, negatives = dataloading.load_dataset(args.data)
-    nb_users, nb_items = dataloading.dataset_sizes(train, test, negatives)
+    dataset = dataloading.open_dataset(args.data)
+    if dataset.metadata is None:
+        log_line(ctx, f"note: {args.data} has no {dataloading.METADATA}: taken as converted by "
+                      f"the original convert.py (its tensors passed the same checks)")
+    # Saved with the training state so that --resume can refuse other data.
+    args.data_fingerprint = dataset.fingerprint
+    train, test, negatives, nb_users, nb_items = dataset[:5]
     # int32 ids halve the memory of an epoch's samples; embeddings accept them directly.
     id_dtype = torch.int32 if max(nb_users, nb_items) < 2 ** 31 else torch.int64
     train_users = train[:, 0].to(ctx.device, id_dtype)
@@ -350,7 +355,8 @@ def save_checkpoint(path, model, optimizer, scaler, history, best, args, ctx, nb
         "history": history,
         "args": vars(args),
         "mixed_precision": ctx.use_amp,
-        "data": {"nb_users": nb_users, "nb_items": nb_items, "nb_train": nb_train},
+        "data": {"nb_users": nb_users, "nb_items": nb_items, "nb_train": nb_train,
+                 "fingerprint": args.data_fingerprint},
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
     }
@@ -386,6 +392,14 @@ def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_tra
     if saved_data["nb_train"] != nb_train:
         raise RunError(f"{path}: checkpoint was trained on {saved_data['nb_train']} training "
                        f"positives, --data has {nb_train}; resume with the same data")
+    if saved_data.get("fingerprint") != args.data_fingerprint:
+        raise RunError(f"{path}: the saved run's data fingerprint differs from that of --data "
+                       f"{args.data} (same counts, other content: converted with another "
+                       f"--seed, say; or saved before fingerprints); resume with the same data "
+                       f"or start a new run")
+    if state["args"]["data"] != args.data:
+        log_line(ctx, f"warning: resuming with --data {args.data} instead of "
+                      f"{state['args']['data']}, which holds the same data")
     changes = check_resume_args(state["args"], args, path)
     for change in changes:
         log_line(ctx, f"warning: resuming with a changed setting: {change}")

@@ -12,8 +12,9 @@ Usage: $PROG [DATASET] [RAW_DIR] [CACHE_DIR]
 Prepare DATASET (default ml-20m) for ncf.py --data CACHE_DIR. Archives live in RAW_DIR
 (default /data); the converted tensors go to CACHE_DIR (default RAW_DIR/cache/DATASET).
 Each step is skipped when its result is already there: a missing archive is downloaded and
-verified, an archive not yet unpacked is verified and unpacked, and a CACHE_DIR that holds
-metadata.json (convert.py writes it last) is used as it is.
+verified, an archive not yet unpacked is verified and unpacked, and a CACHE_DIR holding a
+finished conversion is used as it is: convert.py's metadata.json without the .converting marker
+of an unfinished run, or the three .pt files alone, as the original convert.py writes them.
 
 DATASET is one of
   ml-100k ml-1m ml-10m ml-20m ml-25m ml-32m ml-latest-small   GroupLens releases
@@ -57,8 +58,22 @@ case "$DATASET" in
     *) die "unknown dataset '$DATASET'; known: ml-100k ml-1m ml-10m ml-20m ml-25m ml-32m ml-latest-small synthetic synthetic-small synthetic-ml-latest-small synthetic-ml-20m" ;;
 esac
 
-if [ -f "$CACHE_DIR/metadata.json" ]; then
+original_cache() {
+    local name
+    for name in train_ratings.pt test_ratings.pt test_negatives.pt; do
+        [ -f "$CACHE_DIR/$name" ] || return 1
+    done
+    # the id maps come from this project's convert.py, whose finished output has metadata.json
+    [ ! -e "$CACHE_DIR/user_ids.pt" ] && [ ! -e "$CACHE_DIR/item_ids.pt" ]
+}
+
+if [ -e "$CACHE_DIR/.converting" ]; then
+    echo "$CACHE_DIR: an earlier conversion did not finish; converting again"
+elif [ -f "$CACHE_DIR/metadata.json" ]; then
     echo "using cache $CACHE_DIR"
+    exit 0
+elif original_cache; then
+    echo "using cache $CACHE_DIR (no metadata.json: converted by the original convert.py)"
     exit 0
 fi
 [ -f "$HERE/convert.py" ] || die "convert.py not found in $HERE"

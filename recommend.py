@@ -59,8 +59,7 @@ class Recommender:
     """A model with the data it was trained on: scores users, hides their training items."""
 
     def __init__(self, data_dir, checkpoint_path, device="cpu"):
-        train, test, negatives = dataloading.load_dataset(data_dir)
-        nb_users, nb_items = dataloading.dataset_sizes(train, test, negatives)
+        train, _, _, nb_users, nb_items = dataloading.open_dataset(data_dir)[:5]
         self.user_ids, self.item_ids = (dataloading.load_tensor(data_dir, name, 1)
                                       for name in ID_FILES)
         for name, ids, count in (("user_ids.pt", self.user_ids, nb_users),

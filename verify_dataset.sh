@@ -9,8 +9,11 @@ KNOWN="ml-100k ml-1m ml-10m ml-20m ml-25m ml-32m ml-latest-small"
 usage() {
     cat <<USAGE
 Usage: $PROG DATASET ZIPFILE
+       $PROG DATASET
 
 Compare ZIPFILE's MD5 with the one GroupLens publishes at $BASE_URL/DATASET.zip.md5.
+With DATASET alone, as the original script, check DATASET.zip in the current directory (or in
+/data, where download_dataset.sh puts it) and print PASSED or FAILED.
 The sums of ml-100k, ml-1m, ml-10m, ml-20m and ml-25m are built in; for ml-32m and
 ml-latest-small (which GroupLens regenerates now and then) the published file is fetched, so
 checking those needs the network.
@@ -54,13 +57,22 @@ fetch_md5() {
 case "${1:-}" in
     -h | --help) usage; exit 0 ;;
 esac
-if [ $# -ne 2 ]; then
-    echo "$PROG: needs DATASET and ZIPFILE (see $PROG -h)" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "$PROG: needs DATASET and optionally ZIPFILE (see $PROG -h)" >&2
     exit 2
 fi
 
 DATASET=$1
-ZIPFILE=$2
+ORIGINAL_FORM=
+if [ $# -eq 2 ]; then
+    ZIPFILE=$2
+else
+    ORIGINAL_FORM=1
+    ZIPFILE=$DATASET.zip
+    [ -f "$ZIPFILE" ] || [ ! -f "/data/$DATASET.zip" ] || ZIPFILE=/data/$DATASET.zip
+    # every failure below exits non-zero from this shell (die, or set -e after a failed fetch)
+    trap '[ $? -eq 0 ] || echo FAILED' EXIT
+fi
 [[ " $KNOWN " == *" $DATASET "* ]] || die "unknown dataset '$DATASET'; known: $KNOWN"
 [ -f "$ZIPFILE" ] || die "$ZIPFILE: no such file; download it with download_dataset.sh $DATASET"
 
@@ -73,4 +85,8 @@ EXPECTED=$(published_md5 "$DATASET")
 [[ "$EXPECTED" =~ ^[0-9a-f]{32}$ ]] || die "no MD5 in the file published for $DATASET"
 [ "$ACTUAL" = "$EXPECTED" ] ||
     die "$ZIPFILE: MD5 $ACTUAL does not match the published $EXPECTED for $DATASET; delete it and download again"
-echo "$ZIPFILE: MD5 matches the published one for $DATASET"
+if [ -n "$ORIGINAL_FORM" ]; then
+    echo PASSED
+else
+    echo "$ZIPFILE: MD5 matches the published one for $DATASET"
+fi

@@ -9,6 +9,7 @@ import torch
 
 import checkpoint
 import convert
+import dataloading
 from neumf import NeuMF
 
 HEADER = "userId,movieId,rating,timestamp\n"
@@ -64,6 +65,8 @@ def test_protocol_on_a_hand_made_file(tmp_path, tiny, capsys):
     for tensor in got.values():
         assert tensor.dtype == torch.int64
     metadata = json.loads((output / "metadata.json").read_text())
+    assert metadata.pop("fingerprint") == convert.tensors_fingerprint(
+        got["train_ratings"], got["test_ratings"], got["test_negatives"])
     assert metadata == {
         "format_version": 1, "source": str(tiny.resolve()), "reader": "movielens-csv",
         "seed": 1, "valid_negative": 5, "min_ratings": 3, "ratings_read": 9,
@@ -261,28 +264,24 @@ def finished(tmp_path, tiny, capsys):
     return {file: (reference / file).read_bytes() for file in TENSOR_FILES + ["metadata.json"]}
 
 
-def assert_unfinished_but_whole(output, finished):
-    """No metadata.json, no temporary left, and every .pt there is a complete one."""
-    assert not (output / "metadata.json").exists()
-    assert not list(output.glob(".*"))
-    for path in output.glob("*.pt"):
-        assert path.read_bytes() == finished[path.name], path.name
+def assert_nothing_left(output):
+    """A failed conversion into a fresh directory removes all it wrote, marker included."""
+    assert sorted(path.name for path in output.iterdir()) == []
 
 
 # os.replace is called once per file: the five tensors, then metadata.json.
 @pytest.mark.parametrize("failing_rename", [1, 3, 6])
-def test_failed_rename_leaves_no_finished_or_partial_file(tmp_path, tiny, finished, monkeypatch,
-                                                          capsys, failing_rename):
+def test_failed_rename_removes_what_it_wrote(tmp_path, tiny, monkeypatch, capsys,
+                                             failing_rename):
     output = tmp_path / "out"
     monkeypatch.setattr(convert.os, "replace",
                         fail_on_call(failing_rename, os.replace, OSError(5, "Input/output error")))
     line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
     assert "Input/output error" in line
-    assert len(list(output.glob("*.pt"))) == failing_rename - 1
-    assert_unfinished_but_whole(output, finished)
+    assert_nothing_left(output)
 
 
-def test_failed_write_leaves_no_partial_file(tmp_path, tiny, finished, monkeypatch, capsys):
+def test_failed_write_removes_what_it_wrote(tmp_path, tiny, monkeypatch, capsys):
     output = tmp_path / "out"
     real_save = torch.save
     calls = []
@@ -296,19 +295,23 @@ def test_failed_write_leaves_no_partial_file(tmp_path, tiny, finished, monkeypat
     monkeypatch.setattr(convert.torch, "save", save_then_run_out_of_space)
     line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
     assert "No space left on device" in line
-    assert [path.name for path in output.glob("*.pt")] == [TENSOR_FILES[0]]
-    assert_unfinished_but_whole(output, finished)
+    assert_nothing_left(output)
 
 
-def test_interrupted_rerun_does_not_look_complete(tmp_path, tiny, finished, monkeypatch):
+def test_interrupted_rerun_leaves_a_refused_directory(tmp_path, tiny, finished, monkeypatch):
     output = tmp_path / "out"
     assert run("--path", tiny, "--output", output, "--min_ratings", 1) == 0
     monkeypatch.setattr(convert.os, "replace",
                         fail_on_call(2, os.replace, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run("--path", tiny, "--output", output, "--min_ratings", 1)
-    assert len(list(output.glob("*.pt"))) == len(TENSOR_FILES)
-    assert_unfinished_but_whole(output, finished)
+    # the new train_ratings.pt is removed again; the earlier conversion's other files stay
+    assert sorted(path.name for path in output.iterdir()) == sorted(
+        [".converting", "metadata.json"] + TENSOR_FILES[1:])
+    for name in TENSOR_FILES[1:]:
+        assert (output / name).read_bytes() == finished[name], name
+    with pytest.raises(dataloading.DataError, match="started and did not finish"):
+        dataloading.open_dataset(str(output))
 
 
 def test_atomic_save_gives_the_same_bytes_every_time(tmp_path):

@@ -1,5 +1,6 @@
 """The dataset shell helpers, run offline: curl and wget are replaced by stubs on PATH."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -13,15 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("download_dataset.sh", "verify_dataset.sh", "prepare_dataset.sh")
 ML20M_MD5 = "cd245b17a1ae2cc31bb14903e1204af3"
 
-# Serves the file named by $FAKE_DOWNLOAD for any URL and logs the URL; fails without it.
+# Serves the file named by $FAKE_DOWNLOAD for any URL (to -o FILE, else to stdout) and logs
+# the URL; fails without it.
 FAKE_CURL = """#!/usr/bin/env bash
-out=; url=
+out=/dev/stdout; url=
 while [ $# -gt 0 ]; do
     case "$1" in -o) out=$2; shift ;; -*) ;; *) url=$1 ;; esac
     shift
 done
 echo "$url" >> "$FAKE_LOG"
-[ -n "${FAKE_DOWNLOAD:-}" ] && cp "$FAKE_DOWNLOAD" "$out"
+[ -n "${FAKE_DOWNLOAD:-}" ] && cat "$FAKE_DOWNLOAD" > "$out"
 """
 
 
@@ -39,9 +41,9 @@ def offline(tmp_path):
     return env
 
 
-def run(script, *args, env, cwd=ROOT):
+def run(script, *args, env, cwd=ROOT, workdir=None):
     return subprocess.run(["bash", str(Path(cwd) / script), *map(str, args)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, cwd=workdir)
 
 
 def one_line_error(done, *fragments):
@@ -69,7 +71,8 @@ def test_unknown_dataset_lists_the_known_ones(script, args, offline, tmp_path):
 
 
 def test_wrong_arguments_exit_2(offline):
-    for script, args in [("download_dataset.sh", []), ("verify_dataset.sh", ["ml-20m"]),
+    for script, args in [("download_dataset.sh", []), ("verify_dataset.sh", []),
+                         ("verify_dataset.sh", ["ml-20m", "a.zip", "b.zip"]),
                          ("prepare_dataset.sh", ["a", "b", "c", "d"])]:
         done = run(script, *args, env=offline)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, (script, done.stderr)
@@ -92,6 +95,28 @@ def test_verify_without_a_built_in_sum_needs_the_network(offline, tmp_path):
                    "cannot fetch the published MD5")
     assert (tmp_path / "urls.log").read_text() == (
         "https://files.grouplens.org/datasets/movielens/ml-32m.zip.md5\n")
+
+
+def test_verify_with_the_dataset_alone_prints_passed_or_failed(offline, tmp_path):
+    """The original's form: DATASET.zip in the current directory."""
+    (tmp_path / "ml-20m.zip").write_bytes(b"not the real ml-20m")
+    done = run("verify_dataset.sh", "ml-20m", env=offline, workdir=tmp_path)
+    assert done.stdout == "FAILED\n"
+    one_line_error(done, "ml-20m.zip: MD5", "does not match")
+    (tmp_path / "ml-20m.zip").unlink()
+    done = run("verify_dataset.sh", "ml-20m", env=offline, workdir=tmp_path)
+    assert done.stdout == "FAILED\n"
+    one_line_error(done, "ml-20m.zip: no such file")
+    # ml-32m's sum is fetched: the stub serves one that matches
+    (tmp_path / "ml-32m.zip").write_bytes(b"archive")
+    published = tmp_path / "ml-32m.zip.md5"
+    published.write_text(f"MD5 (ml-32m.zip) = {hashlib.md5(b'archive').hexdigest()}\n")
+    done = run("verify_dataset.sh", "ml-32m", env=dict(offline, FAKE_DOWNLOAD=str(published)),
+               workdir=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "PASSED\n", "")
+    done = run("verify_dataset.sh", "ml-32m", env=offline, workdir=tmp_path)
+    assert done.stdout == "FAILED\n"
+    one_line_error(done, "cannot fetch the published MD5")
 
 
 def test_download_renames_only_a_complete_file(offline, tmp_path):
@@ -162,3 +187,34 @@ def test_prepare_synthetic_end_to_end(offline, tmp_path):
     again = run("prepare_dataset.sh", "synthetic-small", raw, cache, env=offline)
     assert again.returncode == 0 and again.stdout == f"using cache {cache}\n"
     assert not (tmp_path / "urls.log").exists()
+
+
+ORIGINAL_FILES = ["test_negatives.pt", "test_ratings.pt", "train_ratings.pt"]
+
+
+@pytest.mark.parametrize("files,reused,message", [
+    (ORIGINAL_FILES, True, "using cache {cache} (no metadata.json: converted by the original "
+                           "convert.py)"),
+    (ORIGINAL_FILES + ["metadata.json", "user_ids.pt"], True, "using cache {cache}"),
+    (ORIGINAL_FILES + ["metadata.json", ".converting"], False,
+     "{cache}: an earlier conversion did not finish; converting again"),
+    (ORIGINAL_FILES + [".converting"], False, "did not finish; converting again"),
+    (ORIGINAL_FILES + ["user_ids.pt"], False, "prepared {cache}"),
+    (ORIGINAL_FILES + ["item_ids.pt"], False, "prepared {cache}"),
+    (ORIGINAL_FILES[1:], False, "prepared {cache}"),
+    ([], False, "prepared {cache}"),
+])
+def test_prepare_reuses_only_a_finished_cache(stubbed, offline, tmp_path, files, reused, message):
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    (raw / "ml-1m").mkdir(parents=True)
+    (raw / "ml-1m" / "ratings.dat").write_text("1::2::5::978300760\n")
+    cache.mkdir()
+    for name in files:
+        (cache / name).write_text("kept")
+    done = run("prepare_dataset.sh", "ml-1m", raw, cache, env=offline, cwd=stubbed)
+    assert done.returncode == 0, done.stderr
+    assert message.format(cache=cache) in done.stdout
+    # the stub convert.py writes its arguments into metadata.json
+    metadata = cache / "metadata.json"
+    assert (metadata.exists() and "--output" in metadata.read_text()) != reused
+    assert all((cache / name).read_text() == "kept" for name in files if name != "metadata.json")
