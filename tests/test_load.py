@@ -158,7 +158,7 @@ def test_missing_value_and_blank_line_name_their_line(tmp_path):
 
 
 def test_too_few_fields(tmp_path):
-    assert "cannot parse" in error(write(tmp_path, "u.data", "1\t2\n"))
+    assert "line 1: 2 fields, expected 4" in error(write(tmp_path, "u.data", "1\t2\n"))
 
 
 def test_unknown_format(tmp_path):
