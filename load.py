@@ -103,7 +103,7 @@ def _header(path):
 
 def _read_headerless(path, separator, positions, fields):
     options = dict(sep=separator, header=None)
-    frame = _read(path, options, _unused_as_category(fields, positions))
+    frame = _read(path, options, _unused_as_category(fields, positions), fields)
     if len(frame.columns) != fields:
         # the C parser takes the field count from the first line and refuses longer lines
         # after it, so only the first line can have the wrong count here
@@ -143,7 +143,7 @@ def _unused_as_category(fields, positions):
     return {field: "category" for field in range(fields) if field not in positions}
 
 
-def _read(path, options, dtype):
+def _read(path, options, dtype, fields=None):
     # Blank lines are kept (as missing values) so that row i of the frame is line i + first_line
     # of the file, and an error can point at the right line.
     try:
@@ -155,9 +155,12 @@ def _read(path, options, dtype):
         raise DataError(f"{path}: file is empty; download or write it again") from None
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
         problem = " ".join(str(e).split())
-        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", problem)
-        if fields:
-            expected, line, saw = fields.groups()
+        counts = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", problem)
+        if counts:
+            expected, line, saw = map(int, counts.groups())
+            if fields is not None and expected != fields:
+                # pandas expects the first line's count: there, not here, is the wrong one
+                expected, line, saw = fields, 1, expected
             raise DataError(f"{path}: line {line}: {_fields(saw, options)} fields, expected "
                             f"{_fields(expected, options)}; fix or remove that line") from None
         raise DataError(f"{path}: cannot parse ({problem}); check that the file is complete and "
@@ -171,7 +174,6 @@ def _read(path, options, dtype):
 
 def _fields(count, options):
     """A field count as the file's reader sees it: `::` files are read as ':' (_HEADERLESS)."""
-    count = int(count)
     return (count + 1) // 2 if options.get("sep") == ":" else count
 
 
