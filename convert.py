@@ -56,14 +56,14 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False):
 
     Returns a dict with the int64 tensors named in TENSORS and the counts ratings_read,
     users_dropped, duplicates_dropped, users, items, train, test. Raises DataError when no user
-    is left.
+    is left, FlagError when the test negatives cannot fit in this machine's memory.
     """
     disable = None if progress else True
     steps = tqdm(total=4, desc="convert", unit="step", disable=disable, leave=False)
 
     steps.set_postfix_str("users")
     user, item, timestamp, user_ids, users_dropped = _keep_active_users(frame, min_ratings)
-    check_negatives_fit(len(user_ids), valid_negative)
+    _check_negatives_fit(len(user_ids), valid_negative)
     steps.update()
 
     steps.set_postfix_str("items")
@@ -107,7 +107,7 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False):
     }
 
 
-def check_negatives_fit(users, valid_negative):
+def _check_negatives_fit(users, valid_negative):
     """Refuse test negatives that cannot fit in memory before the slow steps, not during them."""
     needed = users * valid_negative * 8
     memory = _memory_bytes()
@@ -314,7 +314,7 @@ def main(argv=None):
     progress = sys.stderr.isatty()
     try:
         # one user is the fewest a conversion can keep: no need to read the file to refuse
-        check_negatives_fit(1, args.valid_negative)
+        _check_negatives_fit(1, args.valid_negative)
         _prepare_output(args.output)
         if progress:
             print(f"{PROG}: reading {args.path}", file=sys.stderr)
