@@ -325,4 +325,5 @@ def test_first_columns_whatever_their_names(tmp_path):
 
 def test_first_columns_needs_three(tmp_path):
     message = error(write(tmp_path, "log.csv", "user,item\n1,2\n"), first_columns=True)
-    assert "header 'user,item' has 2 columns; --first_columns reads user, item, timestamp" in message
+    assert "header 'user,item' has 2 columns; --first_columns reads user, item, timestamp " \
+        "from the first three" in message
