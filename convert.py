@@ -1,10 +1,12 @@
 """Turn a ratings file into the tensors that ncf.py trains and evaluates on.
 
-    python convert.py --path RATINGS --output DIR [--seed 1] [--valid_negative 100]
-                      [--min_ratings 20] [--user_col C --item_col C --time_col C]
+    python convert.py [--path RATINGS] [--output DIR] [--seed 1] [--valid_negative 100]
+                      [--min_ratings 20] [--user_col C --item_col C --time_col C | --first_columns]
 
-Input RATINGS: MovieLens u.data, ratings.dat or ratings.csv, or any CSV with a header whose user,
-item and timestamp columns are named by --user_col, --item_col, --time_col (see load.py).
+Input RATINGS (default /data/ml-20m/ratings.csv, output DIR default /data, as in the original):
+MovieLens u.data, ratings.dat or ratings.csv, or any CSV with a header whose user, item and
+timestamp columns are named by --user_col, --item_col, --time_col, or are its first three
+(--first_columns) (see load.py).
 
 Protocol: drop users with fewer than --min_ratings ratings; renumber users and items to dense
 0-based ids in order of first appearance; sort by timestamp, stable (ties keep file order); drop
@@ -47,18 +49,23 @@ TENSORS = ("train_ratings", "test_ratings", "test_negatives", "user_ids", "item_
 DRAWS_PER_BLOCK = 2**20
 
 
+class FlagError(DataError):
+    """A flag value that the data cannot be converted with; the message starts with the flag."""
+
+
 def convert(frame, seed, valid_negative, min_ratings, progress=False):
     """Apply the preprocessing protocol to a frame of user_id, item_id, timestamp (file order).
 
     Returns a dict with the int64 tensors named in TENSORS and the counts ratings_read,
     users_dropped, duplicates_dropped, users, items, train, test. Raises DataError when no user
-    is left.
+    is left, FlagError when the test negatives cannot fit in this machine's memory.
     """
     disable = None if progress else True
     steps = tqdm(total=4, desc="convert", unit="step", disable=disable, leave=False)
 
     steps.set_postfix_str("users")
     user, item, timestamp, user_ids, users_dropped = _keep_active_users(frame, min_ratings)
+    _check_negatives_fit(len(user_ids), valid_negative)
     steps.update()
 
     steps.set_postfix_str("items")
@@ -100,6 +107,25 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False):
         "train": len(train),
         "test": len(test),
     }
+
+
+def _check_negatives_fit(users, valid_negative):
+    """Refuse test negatives that cannot fit in memory before the slow steps, not during them."""
+    needed = users * valid_negative * 8
+    memory = _memory_bytes()
+    if needed > memory:
+        raise FlagError(f"--valid_negative {valid_negative}: the test negatives need at least "
+                        f"{_gigabytes(needed)} (users x negatives x 8 bytes = {users} x "
+                        f"{valid_negative} x 8), more than this machine's {_gigabytes(memory)} of "
+                        "memory; lower --valid_negative")
+
+
+def _memory_bytes():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gigabytes(size):
+    return f"{size / 1e9:,.1f} GB"
 
 
 def _first_appearance_ids(values):
@@ -223,10 +249,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser():
     parser = _Parser(prog=PROG, description="Preprocess a ratings file for ncf.py.")
-    parser.add_argument("--path", required=True, help="ratings file (u.data, ratings.dat, "
-                        "ratings.csv or a CSV named by the column flags)")
-    parser.add_argument("--output", required=True, help="directory for the .pt files")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the test negatives")
+    parser.add_argument("--path", default="/data/ml-20m/ratings.csv",
+                        help="ratings file (u.data, ratings.dat, ratings.csv or a CSV read with "
+                        "the column flags or --first_columns)")
+    parser.add_argument("--output", default="/data", help="directory for the .pt files")
+    parser.add_argument("-s", "--seed", type=int, default=1, help="seed of the test negatives")
     parser.add_argument("--valid_negative", type=int, default=100,
                         help="test negatives per user")
     parser.add_argument("--min_ratings", type=int, default=20,
@@ -235,6 +262,10 @@ def _parser():
     parser.add_argument("--item_col", help="item column of a CSV with a header (default movieId)")
     parser.add_argument("--time_col",
                         help="timestamp column of a CSV with a header (default timestamp)")
+    parser.add_argument("--first_columns", action="store_true",
+                        help="read a CSV with a header, whatever its column names, as user, "
+                        "item, timestamp in its first three columns (the 2023 original's reader "
+                        "for other datasets)")
     return parser
 
 
@@ -332,14 +363,22 @@ def main(argv=None):
         _fail(f"--valid_negative must be at least 1, not {args.valid_negative}")
     if args.min_ratings < 1:
         _fail(f"--min_ratings must be at least 1, not {args.min_ratings}")
+    columns = (args.user_col, args.item_col, args.time_col)
+    if args.first_columns and columns != (None, None, None):
+        _fail("--first_columns reads the first three columns; drop it or drop --user_col, "
+              "--item_col, --time_col")
     progress = sys.stderr.isatty()
     try:
+        # one user is the fewest a conversion can keep: no need to read the file to refuse
+        _check_negatives_fit(1, args.valid_negative)
         _prepare_output(args.output)
         if progress:
             print(f"{PROG}: reading {args.path}", file=sys.stderr)
-        frame, reader = load_ratings(args.path, args.user_col, args.item_col, args.time_col)
+        frame, reader = load_ratings(args.path, *columns, first_columns=args.first_columns)
         try:
             result = convert(frame, args.seed, args.valid_negative, args.min_ratings, progress)
+        except FlagError:
+            raise
         except DataError as e:
             raise DataError(f"{args.path}: {e}") from None
         del frame
@@ -360,6 +399,9 @@ def main(argv=None):
     except OSError as e:
         _fail(f"{args.output}: cannot write the output ({e.strerror or e}); check free space and "
               "permissions")
+    except MemoryError:
+        _fail(f"{args.path}: out of memory while converting it; free some memory, use a machine "
+              "with more, or lower --valid_negative")
     print(f"{PROG}: read {result['ratings_read']} ratings; kept {result['users']} users "
           f"({result['users_dropped']} dropped), {result['items']} items; "
           f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "

@@ -10,6 +10,7 @@ import torch
 import checkpoint
 import convert
 import dataloading
+from conftest import REAL_DATA
 from neumf import NeuMF
 
 HEADER = "userId,movieId,rating,timestamp\n"
@@ -338,7 +339,7 @@ def test_load_state_names_the_file_when_the_weights_do_not_fit():
     assert torch.equal(model.mf_item_embed.weight, fitting.mf_item_embed.weight)
 
 
-REAL = Path("/work/shared/data/ml-latest-small/ratings.csv")
+REAL = Path(REAL_DATA)
 
 
 @pytest.mark.skipif(not REAL.exists(), reason=f"{REAL} not present")
@@ -358,3 +359,101 @@ def test_ml_latest_small(tmp_path, capsys):
     order = pd.Index(test["user_id"]).get_indexer(user_ids)
     assert np.array_equal(item_ids[got["test_ratings"][:, 1].numpy()],
                           test["item_id"].to_numpy()[order])
+
+
+# (rows after the header, message or None when it converts); each a case of issue 10.2
+ISSUE_ROWS = [
+    (f"{2**63},1,3,1\n", f"line 2: user id '{2**63}' does not fit in 64 bits"),
+    (f"{2**64 - 1},1,3,1\n", f"line 2: user id '{2**64 - 1}' does not fit in 64 bits"),
+    (f"1,1,3,1\n2,1,3,{2**63}\n", f"line 3: timestamp '{2**63}' does not fit in 64 bits"),
+    (f"1,1,3,1\n2,1,3,{-2**63 - 1}\n",
+     f"line 3: timestamp '{-2**63 - 1}' does not fit in 64 bits"),
+    ("1,1,3,1\n2,1,3,1,extra\n", "line 3: 5 fields, expected 4"),
+    ("1,1,3,1\n2,1,3,0x10\n", "line 3: timestamp '0x10' is not an integer"),
+]
+
+
+@pytest.mark.parametrize("text,expected", ISSUE_ROWS)
+def test_ids_and_times_that_would_be_corrupted_are_refused(tmp_path, capsys, text, expected):
+    path = tmp_path / "ratings.csv"
+    path.write_text(HEADER + text)
+    line = failure(capsys, "--path", path, "--output", tmp_path / "out", "--min_ratings", 1)
+    assert line.startswith(f"convert.py: error: {path}: {expected}; ")
+    assert no_results(tmp_path / "out")
+
+
+def test_large_ids_are_not_merged_by_a_float_row(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text(HEADER + f"{2**53 + 1},1,3,1\n{2**53},1,3,2\n5.0,1,3,3\n")
+    assert run("--path", path, "--output", tmp_path / "out", "--min_ratings", 1) == 0
+    assert tensors(tmp_path / "out")["user_ids"].tolist() == [2**53 + 1, 2**53, 5]
+
+
+def test_latest_time_stays_latest_at_the_top_of_the_range(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text(HEADER + f"1,10,3,{2**63 - 1}\n1,20,3,{-2**63}\n1,30,3,0\n")
+    assert run("--path", path, "--output", tmp_path / "out", "--min_ratings", 1) == 0
+    got = tensors(tmp_path / "out")
+    assert got["test_ratings"].tolist() == [[0, 0]]
+    assert got["train_ratings"].tolist() == [[0, 1], [0, 2]]
+
+
+def test_first_columns_reads_any_header(tmp_path, capsys):
+    source = tmp_path / "clicks.csv"
+    source.write_text("who,what,when,score\n" + "".join(f"{u},{i},{u + i},1\n"
+                                                         for u in range(3) for i in range(4)))
+    assert failure(capsys, "--path", source, "--output", tmp_path / "out").endswith(
+        "or read its first three columns as user, item, timestamp with --first_columns")
+    assert run("--path", source, "--output", tmp_path / "out", "--min_ratings", 1,
+               "--first_columns") == 0
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["reader"] == \
+        "csv-first-columns"
+    assert tensors(tmp_path / "out")["test_ratings"].tolist() == [[0, 3], [1, 3], [2, 3]]
+
+
+@pytest.mark.parametrize("flag", ["--user_col", "--item_col", "--time_col"])
+def test_first_columns_excludes_the_column_flags(tmp_path, tiny, capsys, flag):
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", "--first_columns",
+                   flag, "userId")
+    assert line.startswith("convert.py: error: --first_columns reads the first three columns")
+    assert no_results(tmp_path / "out")
+
+
+def test_defaults_of_the_original():
+    args = convert._parser().parse_args([])
+    assert (args.path, args.output, args.seed) == ("/data/ml-20m/ratings.csv", "/data", 1)
+    assert convert._parser().parse_args(["-s", "7"]).seed == 7
+
+
+def test_test_negatives_too_large_for_any_machine_are_refused_before_reading(tmp_path, capsys):
+    # the file does not exist: the flag is refused before it is looked at
+    line = failure(capsys, "--path", tmp_path / "ratings.csv", "--output", tmp_path / "out",
+                   "--valid_negative", 10**15)
+    assert line.startswith(f"convert.py: error: --valid_negative {10**15}: the test negatives "
+                           "need at least 8,000,000.0 GB (users x negatives x 8 bytes = 1 x "
+                           f"{10**15} x 8), more than this machine's ")
+    assert line.endswith(" of memory; lower --valid_negative")
+    assert not (tmp_path / "out").exists()
+
+
+def test_test_negatives_too_large_for_this_machine_are_refused_once_users_are_counted(
+        tmp_path, tiny, capsys, monkeypatch):
+    # tiny keeps 2 users at --min_ratings 3: 2 x 10**8 x 8 bytes = 1.6 GB; one user's 0.8 fit
+    monkeypatch.setattr(convert, "_memory_bytes", lambda: 10**9)
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", "--min_ratings", 3,
+                   "--valid_negative", 10**8)
+    assert line == ("convert.py: error: --valid_negative 100000000: the test negatives need at "
+                    "least 1.6 GB (users x negatives x 8 bytes = 2 x 100000000 x 8), more than "
+                    "this machine's 1.0 GB of memory; lower --valid_negative")
+    assert no_results(tmp_path / "out")
+
+
+@pytest.mark.parametrize("where", ["load_ratings", "convert", "write_outputs"])
+def test_out_of_memory_is_one_line(tmp_path, tiny, capsys, monkeypatch, where):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(convert, where, out_of_memory)
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", "--min_ratings", 1)
+    assert line == (f"convert.py: error: {tiny}: out of memory while converting it; free some "
+                    "memory, use a machine with more, or lower --valid_negative")
+    assert no_results(tmp_path / "out")

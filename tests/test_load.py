@@ -1,7 +1,10 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
+import load
 from load import DataError, load_ratings
 
 
@@ -158,7 +161,7 @@ def test_missing_value_and_blank_line_name_their_line(tmp_path):
 
 
 def test_too_few_fields(tmp_path):
-    assert "cannot parse" in error(write(tmp_path, "u.data", "1\t2\n"))
+    assert "line 1: 2 fields, expected 4" in error(write(tmp_path, "u.data", "1\t2\n"))
 
 
 def test_unknown_format(tmp_path):
@@ -176,3 +179,151 @@ def test_file_order_is_kept(tmp_path):
         tmp_path / "ratings.csv", index=False)
     frame, _ = load_ratings(tmp_path / "ratings.csv")
     assert rows(frame) == expected.tolist()
+
+
+# Each reader, as (file name, header, row writer from user, item, timestamp fields, options).
+# The rating and note fields are read too (so that field counts are checked) but never used.
+READERS = {
+    "u.data": ("u.data", "", lambda u, i, t: f"{u}\t{i}\t3\t{t}", {}),
+    "ratings.dat": ("ratings.dat", "", lambda u, i, t: f"{u}::{i}::3.5::{t}", {}),
+    "ratings.csv": ("ratings.csv", "userId,movieId,rating,timestamp\n",
+                    lambda u, i, t: f"{u},{i},3.5,{t}", {}),
+    "named columns": ("events.csv", "ts,customer,note,sku\n", lambda u, i, t: f"{t},{u},x,{i}",
+                      dict(user_col="customer", item_col="sku", time_col="ts")),
+    "first columns": ("export.csv", "who,what,when,score\n", lambda u, i, t: f"{u},{i},{t},5",
+                      dict(first_columns=True)),
+}
+GOOD = (1, 10, 100)
+# stays exact whatever the other rows hold: a float64 keeps 2**53 + 1 as 2**53
+BIG = 2**53 + 1
+
+EXACT = [
+    ("9007199254740993", BIG), ("9007199254740992", 2**53), ("5.0", 5), ("12.000", 12),
+    ("1e3", 1000), ("1.5e1", 15), (" 7", 7), ("7 ", 7), ("+7", 7), ("007", 7), ("-0", 0),
+    ("-12", -12), ("9223372036854775807", 2**63 - 1), ("-9223372036854775808", -2**63),
+    ("9.223372036854775807e18", 2**63 - 1),
+]
+REFUSED = [
+    ("9223372036854775808", "'9223372036854775808' does not fit in 64 bits"),
+    ("18446744073709551615", "'18446744073709551615' does not fit in 64 bits"),
+    ("-9223372036854775809", "'-9223372036854775809' does not fit in 64 bits"),
+    ("1e19", "'1e19' does not fit in 64 bits"),
+    ("1e999999999", "'1e999999999' does not fit in 64 bits"),
+    ("1" * 60, f"'{'1' * 40}...' does not fit in 64 bits"),
+    ("1.5", "'1.5' is not an integer"), ("1e-1", "'1e-1' is not an integer"),
+    ("0x10", "'0x10' is not an integer"), ("1_000", "'1_000' is not an integer"),
+    ("NaN", "'NaN' is not an integer"), ("inf", "'inf' is not an integer"),
+    ("-inf", "'-inf' is not an integer"), ("5.0.0", "'5.0.0' is not an integer"),
+    ("abc", "'abc' is not an integer"), ("True", "'True' is not an integer"),
+    ("", "missing"), (" ", "missing"),
+]
+WHAT = {"user_id": "user id", "item_id": "item id", "timestamp": "timestamp"}
+
+
+def write_rows(directory, reader, *fields):
+    name, header, row, _ = READERS[reader]
+    return write(directory, name, header + "".join(row(*f) + "\n" for f in fields))
+
+
+def read_as(reader, path):
+    return load_ratings(path, **READERS[reader][3])
+
+
+def with_field(column, text):
+    """GOOD with one field replaced by text."""
+    fields = list(GOOD)
+    fields[["user_id", "item_id", "timestamp"].index(column)] = text
+    return fields
+
+
+@pytest.mark.parametrize("text,value", EXACT)
+@pytest.mark.parametrize("column", ["user_id", "item_id", "timestamp"])
+@pytest.mark.parametrize("reader", READERS)
+def test_ids_and_times_read_exactly(tmp_path, reader, column, text, value):
+    path = write_rows(tmp_path, reader, GOOD, with_field(column, text), (BIG, BIG, BIG))
+    frame, _ = read_as(reader, path)
+    assert_integer_columns(frame)
+    assert rows(frame) == [list(GOOD), with_field(column, value), [BIG, BIG, BIG]]
+
+
+@pytest.mark.parametrize("text,problem", REFUSED)
+@pytest.mark.parametrize("column", ["user_id", "item_id", "timestamp"])
+@pytest.mark.parametrize("reader", READERS)
+def test_ids_and_times_that_are_not_int64_are_refused(tmp_path, reader, column, text, problem):
+    path = write_rows(tmp_path, reader, GOOD, with_field(column, text), GOOD)
+    message = error(path, **READERS[reader][3])
+    line = 2 if READERS[reader][1] == "" else 3
+    what = WHAT[column]
+    expected = f"missing {what}" if problem == "missing" else f"{what} {problem}"
+    assert f": line {line}: {expected}; ids and timestamps must be whole numbers" in message
+
+
+def test_large_ids_stay_apart_when_another_row_is_written_as_a_float(tmp_path):
+    path = write_rows(tmp_path, "ratings.csv", (2**53 + 1, 1, 1), (2**53, 1, 2), ("5.0", 1, 3))
+    frame, _ = load_ratings(path)
+    assert frame["user_id"].tolist() == [2**53 + 1, 2**53, 5]
+
+
+def test_all_integer_files_are_not_scanned_again(tmp_path, monkeypatch):
+    def scanned(*args):
+        raise AssertionError("the exact scan ran on an all-integer file")
+    monkeypatch.setattr(load, "_exact_integers", scanned)
+    for reader in READERS:
+        frame, _ = read_as(reader, write_rows(tmp_path, reader, GOOD, (2**62, -3, -2**63)))
+        assert rows(frame) == [list(GOOD), [2**62, -3, -2**63]]
+
+
+def test_a_bad_value_past_the_first_block_names_its_line_and_warns_nothing(tmp_path):
+    # pandas reads large files in blocks and warns when a column's type differs between them
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n" + "1,2,3,4\n" * 300_000 + "abc,2,3,4\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        message = error(path)
+    assert "line 300002: user id 'abc' is not an integer" in message
+
+
+# (reader, rows as written, expected: rows read or the error's text)
+FIELD_COUNTS = [
+    ("u.data", ["1\t10\t3\t100", "1\t10\t3\t100\t9"], "line 2: 5 fields, expected 4"),
+    ("u.data", ["1\t10\t3\t100\t9", "1\t10\t3\t100"], "line 1: 5 fields, expected 4"),
+    ("u.data", ["1\t10\t3\t100", "1\t10\t3"], "line 2: missing timestamp"),
+    ("u.data", ["1\t10\t3", "1\t10\t3\t100"], "line 1: 3 fields, expected 4"),
+    ("u.data", ["1\t10\t3", "1\t10\t3"], "line 1: 3 fields, expected 4"),
+    ("ratings.dat", ["1::10::3", "1::10::3::100"], "line 1: 3 fields, expected 4"),
+    ("ratings.dat", ["1::10::3::100", "1::10::3::100::9"], "line 2: 5 fields, expected 4"),
+    ("ratings.dat", ["1::10::3::100::9", "1::10::3::100"], "line 1: 5 fields, expected 4"),
+    ("ratings.dat", ["1::10::3::100", "1::10::3"], "line 2: missing timestamp"),
+    ("ratings.csv", ["1,10,3,100", "1,10,3,100,9"], "line 3: 5 fields, expected 4"),
+    ("ratings.csv", ["1,10,3,100,9", "1,10,3,100"], "line 2: more fields than the header's 4"),
+    ("ratings.csv", ["1,10,3,100", "1,10,3"], "line 3: missing timestamp"),
+    ("named columns", ["100,1,x,10", "100,1,x,10,"], "line 3: 5 fields, expected 4"),
+    ("named columns", ["100,1,x,10", "100,1,x"], "line 3: missing item id"),
+    ("first columns", ["1,10,100,5", "1,10,100,5,6"], "line 3: 5 fields, expected 4"),
+    ("first columns", ["1,10,100,5,6", "1,10,100,5"], "line 2: more fields than the header's 4"),
+    # a short row lacking only a field that is not read is taken as it stands
+    ("first columns", ["1,10,100,5", "2,20,200"], [[1, 10, 100], [2, 20, 200]]),
+    ("ratings.csv", ["1,10,,100", "2,20,3,200"], [[1, 10, 100], [2, 20, 200]]),
+]
+
+
+@pytest.mark.parametrize("reader,lines,expected", FIELD_COUNTS)
+def test_field_counts(tmp_path, reader, lines, expected):
+    name, header, _, options = READERS[reader]
+    path = write(tmp_path, name, header + "".join(line + "\n" for line in lines))
+    if isinstance(expected, list):
+        assert rows(read_as(reader, path)[0]) == expected
+    else:
+        assert f": {expected};" in error(path, **options)
+
+
+def test_first_columns_whatever_their_names(tmp_path):
+    path = write(tmp_path, "log.txt", "userId,a,a,rating\n3,7,50,1\n4,8,40,2\n")
+    frame, reader = load_ratings(path, first_columns=True)
+    assert (reader, rows(frame)) == ("csv-first-columns", [[3, 7, 50], [4, 8, 40]])
+
+
+def test_first_columns_needs_three(tmp_path):
+    message = error(write(tmp_path, "log.csv", "user,item\n1,2\n"), first_columns=True)
+    assert "header 'user,item' has 2 columns; --first_columns reads user, item, timestamp " \
+        "from the first three" in message
