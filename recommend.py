@@ -93,11 +93,9 @@ class Recommender:
         users = users.to(self.device)
         nb_items = len(self.item_ids)
         with torch.inference_mode():
-            scores = self.scorer(users)
-            scores.masked_fill_(self.trained.mask(users, nb_items), -float("inf"))
-            best = scores.topk(min(topk, nb_items), dim=1)
-            items = best.indices.masked_fill(best.values == -float("inf"), -1)
-            return items.cpu(), torch.sigmoid(best.values).cpu()
+            items, scores = scoring.top_items(self.scorer(users),
+                                              self.trained.mask(users, nb_items), topk)
+            return items.cpu(), torch.sigmoid(scores).cpu()
 
     def table(self, users, topk):
         """One row per recommendation: userId, rank (from 1), movieId, score."""
