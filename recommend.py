@@ -1,7 +1,7 @@
 """Top-k recommendations from a trained NeuMF, in the original user and movie ids.
 
-    python recommend.py --data DIR --checkpoint model.pth --users 1 42 [--movies movies.csv]
-    python recommend.py --data DIR --checkpoint model.pth --all_users --output recs.csv
+    python recommend.py --data DIR --load_checkpoint_path model.pth --users 1 42 --movies movies.csv
+    python recommend.py --data DIR --load_checkpoint_path model.pth --all_users --output recs.csv
 
 DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
@@ -31,14 +31,16 @@ class RecommendError(Exception):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="directory written by convert.py")
-    parser.add_argument("--checkpoint", required=True, help="model.pth written by ncf.py")
+    # The names ncf.py and inference.py use; --checkpoint is this tool's first spelling.
+    parser.add_argument("--load_checkpoint_path", "--checkpoint", dest="checkpoint",
+                        required=True, help="model.pth written by ncf.py")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", nargs="+", type=int, metavar="ID",
                      help="original user ids (as in the ratings file)")
     who.add_argument("--all_users", action="store_true",
                      help="every user, written as CSV to --output")
     parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title]")
-    parser.add_argument("--topk", type=int, default=10, help="items per user")
+    parser.add_argument("-k", "--topk", type=int, default=10, help="items per user")
     parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -172,10 +174,16 @@ def main(argv=None):
         users = recommender.dense_users(list(dict.fromkeys(args.users)))
         table = add_titles(recommender.table(users, args.topk), titles)
         print_table(table)
+        sys.stdout.flush()
         return table
     except (RecommendError, dataloading.DataError, CheckpointError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader (head, a pager) went away having read what it wanted. What is still
+        # buffered goes to /dev/null, or the flush at exit would fail again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":
