@@ -189,14 +189,7 @@ def free_memory(device):
         # Blocks PyTorch has cached for reuse look taken to the driver but are free to us.
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + cached
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return cli.available_memory()
 
 
 def model_bytes(nb_users, nb_items, factors, layers):
