@@ -7,7 +7,6 @@ DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, i
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
 sigmoid output. Every item is scored for a user in one pass of the factored model (scoring.py).
 """
-import argparse
 import os
 import sys
 
@@ -15,6 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import cli
 import dataloading
 import scoring
 from checkpoint import CheckpointError, check_matches, load_model
@@ -29,7 +29,7 @@ class RecommendError(Exception):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="directory written by convert.py")
     # The names ncf.py and inference.py use; --checkpoint is this tool's first spelling.
     parser.add_argument("--load_checkpoint_path", "--checkpoint", dest="checkpoint",
@@ -146,7 +146,8 @@ def write_all_users(recommender, topk, titles, output):
     progress bar on a terminal)."""
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
-        raise RecommendError(f"--output {output}: directory {directory} does not exist")
+        raise RecommendError(f"--output {output}: directory {directory} does not exist; "
+                             f"create it or pass a path in an existing directory")
     order = torch.argsort(recommender.user_ids)
     scorer = recommender.scorer
     step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
@@ -159,7 +160,8 @@ def write_all_users(recommender, topk, titles, output):
                 table.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
                 bar.update(len(users))
     except OSError as error:
-        raise RecommendError(f"--output {output}: cannot write ({error.strerror})") from None
+        raise RecommendError(f"--output {output}: cannot write ({error.strerror}); pass a "
+                             f"writable file path") from None
 
 
 def main(argv=None):
