@@ -42,7 +42,7 @@ def read_curve(path):
     if not os.path.isfile(path):
         raise PlotError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
                         f"(its --log_path)")
-    by_epoch = {}
+    by_epoch, warnings = {}, []
     try:
         # Undecodable bytes become U+FFFD, so a binary line is reported like any non-JSON line.
         with open(path, encoding="utf-8", errors="replace") as log_file:
@@ -55,7 +55,7 @@ def read_curve(path):
                     # A run killed while writing leaves one cut line; the records around it count.
                     # json also raises ValueError for an over-long integer and RecursionError for
                     # very deep nesting.
-                    _warn(f"{path} line {number} is not JSON; skipped")
+                    warnings.append(f"{path} line {number} is not JSON; skipped")
                     continue
                 if not isinstance(record, dict):
                     continue
@@ -64,15 +64,20 @@ def read_curve(path):
                     continue  # the settings, the summary or metadata
                 epoch = _epoch(step[0])
                 if epoch is None or not isinstance(record.get("data"), dict):
-                    _warn(f"{path} line {number}: an epoch record needs a step [EPOCH] with a "
-                          f"whole number and an object as data; skipped")
+                    warnings.append(f"{path} line {number}: an epoch record needs a step "
+                                    f"[EPOCH] with a whole number and an object as data; "
+                                    f"skipped")
                     continue
                 by_epoch[epoch] = record["data"]
     except OSError as error:
-        raise PlotError(f"--log {path}: cannot read ({error.strerror})") from None
+        raise PlotError(f"--log {path}: cannot read ({error.strerror}); pass a readable "
+                        f"log") from None
     if not by_epoch:
         raise PlotError(f"--log {path}: no epoch records; pass the log.json of a training run "
                         f"(ncf.py --mode train) that finished at least one epoch")
+    # Only now: a file that is no log at all gets its one error line, not a warning per line.
+    for warning in warnings:
+        print(f"plot_curve.py: warning: {warning}", file=sys.stderr)
     epochs = sorted(by_epoch)
     records = [by_epoch[epoch] for epoch in epochs]
     metrics = sorted({key for record in records for key in record
@@ -81,10 +86,6 @@ def read_curve(path):
     for key in ["train_loss"] + metrics:
         curve[key] = [_number(record.get(key)) for record in records]
     return curve
-
-
-def _warn(message):
-    print(f"plot_curve.py: warning: {message}", file=sys.stderr)
 
 
 def _epoch(value):
@@ -147,7 +148,8 @@ def draw(curve, title, output):
         with atomic_output(output) as temporary:
             figure.savefig(temporary, format="png", dpi=100)
     except OSError as error:
-        raise PlotError(f"--output {output}: cannot write there ({error.strerror})") from None
+        raise PlotError(f"--output {output}: cannot write there ({error.strerror}); pass a "
+                        f"writable path") from None
 
 
 def main(argv=None):
