@@ -11,7 +11,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends unzip curl \
     && rm -rf /var/lib/apt/lists/*
 
-WORKDIR /workspace/ncf
+WORKDIR /workspace/recommendation
 # Alone first, so editing the code does not re-run pip. requirements.txt asks for a torch
 # range that the image's own build (e.g. 2.4.0a0+...nv24.05) satisfies, so pip keeps it.
 COPY requirements.txt .

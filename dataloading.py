@@ -179,16 +179,28 @@ def create_test_data(test_ratings, test_negatives):
 def positive_ranks(scores, items, duplicate_mask):
     """0-based rank of each row's positive (its last column) among the row's candidates.
 
-    Repeats get the lowest score (the original gives their sigmoids -1), so each item is ranked
-    once. The positive is ranked at the first column holding its item, and ties go to the
-    earlier column, like a stable sort.
+    Repeats never count (the original gives their sigmoids -1), so each item is ranked once.
+    The positive is ranked at the first column holding its item, and ties go to the earlier
+    column, like a stable sort. NaN ranks last (see ranked_ahead).
     """
-    scores = scores.masked_fill(duplicate_mask, float("-inf"))
     first_column = (items == items[:, -1:]).int().argmax(dim=1, keepdim=True)
     positive_score = scores.gather(1, first_column)
     columns = torch.arange(items.shape[1], device=items.device)
-    ahead = (scores > positive_score) | ((scores == positive_score) & (columns < first_column))
-    return ahead.sum(dim=1)
+    ahead = ranked_ahead(scores, positive_score, columns < first_column,
+                         columns == first_column)
+    return (ahead & ~duplicate_mask).sum(dim=1)
+
+
+def ranked_ahead(scores, positive_scores, wins_ties, is_positive):
+    """Bool: which candidates rank ahead of their row's positive.
+
+    A higher score is ahead; an equal one only where wins_ties. NaN is the worst score: a NaN
+    candidate is never ahead of a number, and a NaN positive is behind every other candidate,
+    NaNs included. Plain comparisons, all false with NaN, would rank a NaN positive first, and
+    a broken, all-NaN model would score HR 1.0 instead of 0.
+    """
+    ahead = (scores > positive_scores) | ((scores == positive_scores) & wins_ties)
+    return torch.where(positive_scores.isnan(), ~is_positive, ahead)
 
 
 def hit_rate_and_ndcg(ranks, k):

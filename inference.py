@@ -3,21 +3,25 @@
     python inference.py                                   # ml-20m-sized model, fp32 and amp
     python inference.py --load_checkpoint_path model.pth --batch_sizes 1024 65536
     python inference.py --device cpu --precision fp32 --batch_sizes 1024 --num_batches 5
+    python inference.py --opt_level O2 --batch_sizes 1,4,16   # the original's spellings
 
 amp is autocast: float16 on CUDA, bfloat16 on the CPU (the only reduced precision CPU autocast
-offers). Ids are drawn before timing, so only the forward pass is measured.
+offers). Ids are drawn before timing, so only the forward pass is measured. Throughput is
+samples over the summed time of all timed passes; the original reports its best pass
+(batch size / fastest pass), printed and logged beside it as best_inference_throughput.
 """
 import argparse
 import platform
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 
+import cli
 from checkpoint import CheckpointError, load_model
-from logger import JsonLogger
+from logger import PARAMETER, JsonLogger
 from neumf import NeuMF
 
 ML20M_USERS = 138493
@@ -27,7 +31,11 @@ DEFAULT_LAYERS = [256, 256, 128, 64]
 DEFAULT_BATCH_SIZES = [1, 64, 1024, 16384, 65536, 262144, 1048576]
 AUTOCAST_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 SHORT_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+OPT_LEVEL_PRECISION = {"O0": "fp32", "O2": "amp"}
 PERCENTILES = (90, 95, 99)
+# float32 values a forward pass keeps per sample, times this, bounds its activations: autocast
+# adds half-precision copies and ReLU's outputs sit beside their inputs.
+ACTIVATION_COPIES = 3
 
 
 class BenchmarkError(Exception):
@@ -35,7 +43,8 @@ class BenchmarkError(Exception):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Benchmark NeuMF inference (forward pass)")
+    parser = cli.ArgumentParser(prog="inference.py",
+                                description="Benchmark NeuMF inference (forward pass)")
     # Shape flags default to None so that, with a checkpoint, an explicit value that
     # contradicts the checkpoint can be refused instead of silently ignored.
     parser.add_argument("--n_users", type=int, default=None,
@@ -48,25 +57,48 @@ def parse_args(argv=None):
                         help=f"MLP layer sizes (default {' '.join(map(str, DEFAULT_LAYERS))})")
     parser.add_argument("--load_checkpoint_path", type=str, default=None,
                         help="model.pth or last.pth; the model's shape is read from it")
-    parser.add_argument("--batch_sizes", nargs="+", type=int, default=DEFAULT_BATCH_SIZES,
-                        help="every size is run for every --precision")
+    parser.add_argument("--batch_sizes", nargs="+", type=batch_size_list, default=None,
+                        help="every size is run for every --precision; space- or "
+                             "comma-separated (the original's 1,4,16) (default "
+                             f"{','.join(map(str, DEFAULT_BATCH_SIZES))})")
     parser.add_argument("--num_batches", type=int, default=20,
                         help="timed forward passes per batch size")
     parser.add_argument("--warmup_batches", type=int, default=3,
                         help="untimed forward passes before the timed ones")
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "amp"],
-                        default=["fp32", "amp"],
-                        help="amp: autocast float16 on CUDA, bfloat16 on the CPU")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--precision", nargs="+", choices=["fp32", "amp"],
+                           default=["fp32", "amp"],
+                           help="amp: autocast float16 on CUDA, bfloat16 on the CPU")
+    precision.add_argument("--opt_level", choices=sorted(OPT_LEVEL_PRECISION),
+                           help="the original's flag: O0 is --precision fp32, O2 --precision amp")
+    precision.add_argument("--fp16", action="store_true",
+                           help="the original's flag: --precision amp")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("-s", "--seed", type=int, default=1)
-    parser.add_argument("--log_path", type=str, default=None,
-                        help="also write one JSON line per (precision, batch size) here")
+    parser.add_argument("--log_path", type=str, default="log.json",
+                        help="dllogger-format log as the original's: the settings, then one "
+                             "record per (precision, batch size) (default log.json)")
     args = parser.parse_args(argv)
     check_args(args, parser)
     return args
 
 
+def batch_size_list(word):
+    """The sizes in one --batch_sizes word: 1024, or the original's comma list 1,4,16."""
+    try:
+        return [int(size) for size in word.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers such as 1024 or 1,4,16, "
+                                         f"got {word!r}") from None
+
+
 def check_args(args, parser):
+    args.batch_sizes = ([size for word in args.batch_sizes for size in word]
+                        if args.batch_sizes is not None else DEFAULT_BATCH_SIZES)
+    if args.opt_level is not None:
+        args.precision = [OPT_LEVEL_PRECISION[args.opt_level]]
+    if args.fp16:
+        args.precision = ["amp"]
     for flag, value in {"--n_users": args.n_users, "--n_items": args.n_items,
                         "--factors": args.factors, "--num_batches": args.num_batches}.items():
         if value is not None and value < 1:
@@ -116,7 +148,8 @@ def synchronize(device):
 def benchmark(model, batch_size, num_batches, precision, device, warmup_batches=3, seed=1):
     """Time `num_batches` forward passes of `batch_size` random (user, item) pairs.
 
-    Returns throughput (samples/s) and latency mean and percentiles (ms) per forward pass.
+    Returns throughput (samples/s), the original's best-pass throughput, and latency mean and
+    percentiles (ms) per forward pass.
     """
     device = torch.device(device)
     autocast_dtype = AUTOCAST_DTYPES[device.type] if precision == "amp" else None
@@ -143,10 +176,55 @@ def benchmark(model, batch_size, num_batches, precision, device, warmup_batches=
               "dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
               "batch_size": batch_size, "num_batches": num_batches,
               "throughput": batch_size * num_batches / float(np.sum(latencies)),
+              "best_inference_throughput": batch_size / min(latencies),
               "latency_mean_ms": float(latencies_ms.mean())}
     for percentile, value in zip(PERCENTILES, percentiles):
         result[f"latency_p{percentile}_ms"] = float(value)
     return result
+
+
+def free_memory(device):
+    """Bytes that can still be allocated on `device`; None where that is unknown."""
+    if device.type == "cuda":
+        # Blocks PyTorch has cached for reuse look taken to the driver but are free to us.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    return cli.available_memory()
+
+
+def model_bytes(nb_users, nb_items, factors, layers):
+    """The float32 parameters of a NeuMF of this shape."""
+    embedding_width = factors + layers[0] // 2
+    mlp = sum(inputs * outputs + outputs for inputs, outputs in zip(layers, layers[1:]))
+    return 4 * ((nb_users + nb_items) * embedding_width + mlp + factors + layers[-1] + 1)
+
+
+def benchmark_bytes(model, batch_size, passes):
+    """What benchmark() allocates: every pass's ids, drawn up front, and one pass's activations."""
+    values_per_sample = 4 * model.mf_dim + 2 * sum(model.mlp_layer_sizes) + 1
+    return passes * batch_size * 2 * 8 + ACTIVATION_COPIES * 4 * values_per_sample * batch_size
+
+
+def check_fits(needed, device, name, flags, advice):
+    """Refuse up front what cannot fit: an allocation that fails mid-run is a traceback, or on
+    an overcommitting Linux the kernel's out-of-memory killer with no message at all."""
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise BenchmarkError(f"{flags}: needs {needed / 2**30:,.1f} GiB, more than the "
+                             f"{free / 2**30:,.1f} GiB free on {name}; {advice}")
+
+
+@contextmanager
+def refusing_out_of_memory(flags, name, advice):
+    """An allocation that fails anyway (the estimate is rough, and others share the device)
+    becomes the one-line error: CUDA's OutOfMemoryError or the CPU allocator's RuntimeError."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not (isinstance(error, torch.OutOfMemoryError) or
+                "can't allocate memory" in str(error)):
+            raise
+        raise BenchmarkError(f"{flags}: does not fit in the memory of {name}; {advice}") from None
 
 
 def build_model(args, device):
@@ -175,7 +253,7 @@ def print_header(name, model):
     print(f"Device: {name}")
     print(f"Model: {model.nb_users:,} users, {model.nb_items:,} items, factors {model.mf_dim}, "
           f"layers {_flag_text(model.mlp_layer_sizes)}")
-    print(f"{'precision':<12}{'batch size':>12}{'samples/s':>16}"
+    print(f"{'precision':<12}{'batch size':>12}{'samples/s':>16}{'best samples/s':>16}"
           f"{'mean ms':>12}{'p90 ms':>12}{'p95 ms':>12}{'p99 ms':>12}", flush=True)
 
 
@@ -184,30 +262,49 @@ def print_row(result):
     if precision == "amp":
         precision += f" ({SHORT_DTYPE_NAMES[result['dtype']]})"
     print(f"{precision:<12}{result['batch_size']:>12,}{result['throughput']:>16,.0f}"
+          f"{result['best_inference_throughput']:>16,.0f}"
           f"{result['latency_mean_ms']:>12.3f}{result['latency_p90_ms']:>12.3f}"
           f"{result['latency_p95_ms']:>12.3f}{result['latency_p99_ms']:>12.3f}", flush=True)
 
 
 def run(args):
     device = resolve_device(args.device)
-    model = build_model(args, device)
     name = device_name(device)
+    shape = {"--n_users": args.n_users or ML20M_USERS,
+             "--n_items": args.n_items or ML20M_ITEMS,
+             "--factors": args.factors or DEFAULT_FACTORS,
+             "--layers": args.layers or DEFAULT_LAYERS}
+    shape_flags = " ".join(f"{flag} {_flag_text(value)}" for flag, value in shape.items())
+    if args.load_checkpoint_path is None:
+        check_fits(model_bytes(*shape.values()), device, name, shape_flags,
+                   "pass a smaller model")
+    with refusing_out_of_memory(args.load_checkpoint_path or shape_flags, name,
+                                "pass a smaller model"):
+        model = build_model(args, device)
+    passes = args.warmup_batches + args.num_batches
+    advice = "pass smaller --batch_sizes or --num_batches"
+
+    def batch_flags(batch_size):
+        return f"--batch_sizes {batch_size} (with --num_batches + --warmup_batches {passes})"
+
+    # All sizes before the first run, so a run does not fail only after its long first part.
+    for batch_size in args.batch_sizes:
+        check_fits(benchmark_bytes(model, batch_size, passes), device, name,
+                   batch_flags(batch_size), advice)
     try:
         logger = JsonLogger(args.log_path)
     except OSError as error:
         raise BenchmarkError(f"--log_path {args.log_path}: cannot write there "
-                             f"({error.strerror})") from None
+                             f"({error.strerror}); pass --log_path with a writable file"
+                             ) from None
+    logger.log(PARAMETER, vars(args))
     print_header(name, model)
     results = []
     for precision in args.precision:
         for batch_size in args.batch_sizes:
-            try:
+            with refusing_out_of_memory(batch_flags(batch_size), name, advice):
                 result = benchmark(model, batch_size, args.num_batches, precision, device,
                                    args.warmup_batches, args.seed)
-            except torch.cuda.OutOfMemoryError:
-                raise BenchmarkError(
-                    f"--batch_sizes {batch_size}: does not fit in the memory of {name}; "
-                    f"pass smaller --batch_sizes") from None
             result.update(device=str(device), device_name=name, n_users=model.nb_users,
                           n_items=model.nb_items, factors=model.mf_dim,
                           layers=model.mlp_layer_sizes)

@@ -5,14 +5,17 @@
 Reads the dllogger-format log ncf.py writes (--log_path). Needs matplotlib, an optional dependency:
 pip install -r requirements-optional.txt
 """
-import argparse
 import json
 import math
 import os
 import sys
 
+import cli
 from fileio import atomic_output
 from logger import PREFIX
+
+# Epochs are whole numbers that a float holds exactly (matplotlib plots floats).
+LARGEST_EPOCH = 2 ** 53
 
 
 class PlotError(Exception):
@@ -20,7 +23,8 @@ class PlotError(Exception):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Plot HR@k, NDCG@k and training loss per epoch")
+    parser = cli.ArgumentParser(prog="plot_curve.py",
+                                description="Plot HR@k, NDCG@k and training loss per epoch")
     parser.add_argument("--log", type=str, required=True, help="log.json written by ncf.py")
     parser.add_argument("--output", type=str, default="curve.png", help="PNG file to write")
     return parser.parse_args(argv)
@@ -31,12 +35,14 @@ def read_curve(path):
 
     A resumed run logs again the epoch it was killed in; the last record of an epoch is the
     one the finished run's weights come from, so it wins. A metric missing from a record
-    (a resumed run may change --topk) or logged as null (not finite) is NaN: a gap in the line.
+    (a resumed run may change --topk), logged as null (not finite) or as anything but a number
+    is NaN: a gap in the line. An epoch record whose step is not [whole number] or whose data
+    is not an object is skipped with a warning, as a line that is not JSON is.
     """
     if not os.path.isfile(path):
         raise PlotError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
                         f"(its --log_path)")
-    by_epoch = {}
+    by_epoch, warnings = {}, []
     try:
         # Undecodable bytes become U+FFFD, so a binary line is reported like any non-JSON line.
         with open(path, encoding="utf-8", errors="replace") as log_file:
@@ -45,22 +51,33 @@ def read_curve(path):
                     continue
                 try:
                     record = json.loads(line.removeprefix(PREFIX))
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     # A run killed while writing leaves one cut line; the records around it count.
-                    print(f"plot_curve.py: warning: {path} line {number} is not JSON; skipped",
-                          file=sys.stderr)
+                    # json also raises ValueError for an over-long integer and RecursionError for
+                    # very deep nesting.
+                    warnings.append(f"{path} line {number} is not JSON; skipped")
                     continue
                 if not isinstance(record, dict):
                     continue
                 step = record.get("step")
-                if (record.get("type") == "LOG" and isinstance(step, list) and step
-                        and isinstance(record.get("data"), dict)):
-                    by_epoch[step[0]] = record["data"]
+                if record.get("type") != "LOG" or not isinstance(step, list) or not step:
+                    continue  # the settings, the summary or metadata
+                epoch = _epoch(step[0])
+                if epoch is None or not isinstance(record.get("data"), dict):
+                    warnings.append(f"{path} line {number}: an epoch record needs a step "
+                                    f"[EPOCH] with a whole number and an object as data; "
+                                    f"skipped")
+                    continue
+                by_epoch[epoch] = record["data"]
     except OSError as error:
-        raise PlotError(f"--log {path}: cannot read ({error.strerror})") from None
+        raise PlotError(f"--log {path}: cannot read ({error.strerror}); pass a readable "
+                        f"log") from None
     if not by_epoch:
         raise PlotError(f"--log {path}: no epoch records; pass the log.json of a training run "
                         f"(ncf.py --mode train) that finished at least one epoch")
+    # Only now: a file that is no log at all gets its one error line, not a warning per line.
+    for warning in warnings:
+        print(f"plot_curve.py: warning: {warning}", file=sys.stderr)
     epochs = sorted(by_epoch)
     records = [by_epoch[epoch] for epoch in epochs]
     metrics = sorted({key for record in records for key in record
@@ -71,8 +88,24 @@ def read_curve(path):
     return curve
 
 
+def _epoch(value):
+    """The epoch an epoch record's step names, as an int; None for anything else."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= LARGEST_EPOCH:
+        return value
+    return None
+
+
 def _number(value):
-    return float(value) if isinstance(value, (int, float)) else math.nan
+    """A metric as a finite float; NaN (a gap) for anything else, true and false included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def draw(curve, title, output):
@@ -115,7 +148,8 @@ def draw(curve, title, output):
         with atomic_output(output) as temporary:
             figure.savefig(temporary, format="png", dpi=100)
     except OSError as error:
-        raise PlotError(f"--output {output}: cannot write there ({error.strerror})") from None
+        raise PlotError(f"--output {output}: cannot write there ({error.strerror}); pass a "
+                        f"writable path") from None
 
 
 def main(argv=None):

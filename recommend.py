@@ -1,13 +1,12 @@
 """Top-k recommendations from a trained NeuMF, in the original user and movie ids.
 
-    python recommend.py --data DIR --checkpoint model.pth --users 1 42 [--movies movies.csv]
-    python recommend.py --data DIR --checkpoint model.pth --all_users --output recs.csv
+    python recommend.py --data DIR --load_checkpoint_path model.pth --users 1 42 --movies movies.csv
+    python recommend.py --data DIR --load_checkpoint_path model.pth --all_users --output recs.csv
 
 DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
 sigmoid output. Every item is scored for a user in one pass of the factored model (scoring.py).
 """
-import argparse
 import os
 import sys
 
@@ -15,6 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import cli
 import dataloading
 import scoring
 from checkpoint import CheckpointError, check_matches, load_model
@@ -29,16 +29,18 @@ class RecommendError(Exception):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="directory written by convert.py")
-    parser.add_argument("--checkpoint", required=True, help="model.pth written by ncf.py")
+    # The names ncf.py and inference.py use; --checkpoint is this tool's first spelling.
+    parser.add_argument("--load_checkpoint_path", "--checkpoint", dest="checkpoint",
+                        required=True, help="model.pth written by ncf.py")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", nargs="+", type=int, metavar="ID",
                      help="original user ids (as in the ratings file)")
     who.add_argument("--all_users", action="store_true",
                      help="every user, written as CSV to --output")
     parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title]")
-    parser.add_argument("--topk", type=int, default=10, help="items per user")
+    parser.add_argument("-k", "--topk", type=int, default=10, help="items per user")
     parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -83,7 +85,7 @@ class Recommender:
             raise RecommendError(
                 f"--users: unknown user id {unknown[0]}: not among the {len(self.user_ids)} users "
                 f"of {self.data_dir} (convert.py drops users with fewer than --min_ratings "
-                f"ratings)")
+                f"ratings); pass ids of users kept there")
         return torch.tensor([position[user] for user in original_ids], dtype=torch.int64)
 
     def top_items(self, users, topk):
@@ -92,11 +94,9 @@ class Recommender:
         users = users.to(self.device)
         nb_items = len(self.item_ids)
         with torch.inference_mode():
-            scores = self.scorer(users)
-            scores.masked_fill_(self.trained.mask(users, nb_items), -float("inf"))
-            best = scores.topk(min(topk, nb_items), dim=1)
-            items = best.indices.masked_fill(best.values == -float("inf"), -1)
-            return items.cpu(), torch.sigmoid(best.values).cpu()
+            items, scores = scoring.top_items(self.scorer(users),
+                                              self.trained.mask(users, nb_items), topk)
+            return items.cpu(), torch.sigmoid(scores).cpu()
 
     def table(self, users, topk):
         """One row per recommendation: userId, rank (from 1), movieId, score."""
@@ -120,9 +120,10 @@ def load_titles(path):
     except (ValueError, pd.errors.ParserError) as error:
         reason = str(error).splitlines()[0]
         raise RecommendError(f"--movies {path}: expected MovieLens movies.csv with columns "
-                             f"movieId,title ({reason})") from None
+                             f"movieId,title ({reason}); pass that file") from None
     except OSError as error:
-        raise RecommendError(f"--movies {path}: cannot read ({error.strerror})") from None
+        raise RecommendError(f"--movies {path}: cannot read ({error.strerror}); pass a "
+                             f"readable movies.csv") from None
     return movies.drop_duplicates("movieId").set_index("movieId")["title"]
 
 
@@ -145,7 +146,8 @@ def write_all_users(recommender, topk, titles, output):
     progress bar on a terminal)."""
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
-        raise RecommendError(f"--output {output}: directory {directory} does not exist")
+        raise RecommendError(f"--output {output}: directory {directory} does not exist; "
+                             f"create it or pass a path in an existing directory")
     order = torch.argsort(recommender.user_ids)
     scorer = recommender.scorer
     step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
@@ -158,7 +160,8 @@ def write_all_users(recommender, topk, titles, output):
                 table.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
                 bar.update(len(users))
     except OSError as error:
-        raise RecommendError(f"--output {output}: cannot write ({error.strerror})") from None
+        raise RecommendError(f"--output {output}: cannot write ({error.strerror}); pass a "
+                             f"writable file path") from None
 
 
 def main(argv=None):
@@ -173,10 +176,16 @@ def main(argv=None):
         users = recommender.dense_users(list(dict.fromkeys(args.users)))
         table = add_titles(recommender.table(users, args.topk), titles)
         print_table(table)
+        sys.stdout.flush()
         return table
     except (RecommendError, dataloading.DataError, CheckpointError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader (head, a pager) went away having read what it wanted. What is still
+        # buffered goes to /dev/null, or the flush at exit would fail again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ default --layers 256 256 128 64): that, not the first layer, bounds the speed.
 """
 import torch
 
+import dataloading
+
 
 def default_chunk_pairs(device):
     """Pairs scored per pass, so a pass's activations (about 1.8 KiB a pair at the default
@@ -146,6 +148,23 @@ class TrainingItems:
         return mask
 
 
+def top_items(scores, excluded, k):
+    """(item indices, scores), [rows, min(k, items)] each, of each row's best items, best first,
+    never an excluded one: where fewer are left, the last indices are -1.
+
+    NaN ranks last, after -inf, as in dataloading.ranked_ahead; topk alone would put it first.
+    """
+    # float64 has room below every float32 score for -inf and NaN, keeping -inf for exclusion.
+    keys = scores.double()
+    lowest = torch.finfo(keys.dtype).min
+    keys.masked_fill_(keys == -float("inf"), lowest / 2)
+    keys.masked_fill_(keys.isnan(), lowest)
+    keys.masked_fill_(excluded, -float("inf"))
+    best = keys.topk(min(k, scores.shape[1]), dim=1)
+    indices = best.indices.masked_fill(best.values == -float("inf"), -1)
+    return indices, scores.gather(1, best.indices)
+
+
 def users_per_batch(nb_items, chunk_pairs):
     """Users per batch so that a batch's score matrix holds about 16 chunks of pairs."""
     return max(1, 16 * chunk_pairs // nb_items)
@@ -159,9 +178,9 @@ def full_ranking_ranks(model, test_users, test_items, train_users, train_items, 
     train_users, train_items: the training positives; a user's own are not candidates, except
     its test positive, which always is.
     Ties: an item with a score equal to the positive's counts ahead of it only when its item id
-    is lower, the rule dataloading.positive_ranks applies to columns. Scores are logits, not
-    sigmoids as in the sampled protocol: the order is the same, without the ties that float32
-    sigmoid rounding creates among large logits.
+    is lower, the rule dataloading.positive_ranks applies to columns; NaN ranks last, as
+    there. Scores are logits, not sigmoids as in the sampled protocol: the order is
+    the same, without the ties that float32 sigmoid rounding creates among large logits.
     share: (begin, end) rows of the test users to rank here; other rows are 0, so the [U] tensors
     of all processes add up (all-reduce, sum) to every user's rank.
     Returns int64 [U], on the model's device, ready for dataloading.hit_rate_and_ndcg(ranks, k).
@@ -191,8 +210,8 @@ def full_ranking_ranks(model, test_users, test_items, train_users, train_items, 
             users, positives = test_users[start:stop], test_items[start:stop, None]
             scores = scorer(users)
             positive_scores = scores.gather(1, positives)
-            ahead = (scores > positive_scores) | ((scores == positive_scores) &
-                                                  (item_ids < positives))
+            ahead = dataloading.ranked_ahead(scores, positive_scores, item_ids < positives,
+                                             item_ids == positives)
             ahead &= ~trained.mask(users, nb_items)
             ranks[start:stop] = ahead.sum(dim=1)
     return ranks

@@ -37,7 +37,8 @@ def main(argv=None):
     big_batch = 65536 if args.quick else 2 ** 20
     forward = inference.main([*shape, "--device", "cpu", "--precision", "fp32",
                               "--batch_sizes", "1024", str(big_batch), "--num_batches",
-                              "3" if args.quick else "5", "--warmup_batches", "1"])
+                              "3" if args.quick else "5", "--warmup_batches", "1",
+                              "--log_path", os.path.join(args.workdir, "inference.json")])
 
     rows = [("convert.py, wall time", f"{convert['seconds']:.1f} s"),
             ("convert.py, peak RSS", f"{convert['peak_rss_gb']:.2f} GB")]

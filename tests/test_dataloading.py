@@ -114,3 +114,64 @@ def test_load_dataset_errors_name_the_file(tmp_path):
         (tmp_path / name).write_bytes(b"not a tensor")
     with pytest.raises(dataloading.DataError, match="train_ratings.pt: cannot be read"):
         dataloading.load_dataset(str(tmp_path))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def keyed_rank(scores, items):
+    """Rank of the positive by a plain loop over sort keys: NaN below every number, and a NaN
+    positive behind every other distinct item."""
+    first = items.index(items[-1])
+    positive = scores[first]
+    others = [(column, score) for column, (score, item) in enumerate(zip(scores, items))
+              if column != first and item not in items[:column]]
+    if math.isnan(positive):
+        return len(others)
+    return sum(1 for column, score in others
+               if not math.isnan(score) and (score > positive or
+                                             (score == positive and column < first)))
+
+
+@pytest.mark.parametrize("row_items, row_scores, rank", [
+    ([1, 2, 3, 4], [NAN, 0.5, NAN, 0.2], 1),       # NaN negatives rank behind a number
+    ([1, 2, 3, 4], [0.1, NAN, -INF, NAN], 3),      # a NaN positive is behind everything
+    ([1, 2, 3, 4], [NAN, NAN, NAN, NAN], 3),       # ... NaN ties included
+    ([1, 2, 3, 4], [-INF, NAN, 0.3, -INF], 2),     # -inf ties with -inf, beats NaN
+    ([1, 2, 3, 4], [INF, 1e30, NAN, INF], 1),      # +inf ties with +inf at an earlier column
+    ([1, 2, 3, 4], [0.7, 0.7, 0.1, 0.7], 2),       # plain ties go to the earlier columns
+    ([4, 7, 4, 7], [NAN, 0.5, 0.9, NAN], 0),       # repeats never count, a high one included
+    ([4, 9, 4, 7], [NAN, NAN, 0.1, NAN], 2),       # a NaN positive is behind distinct items
+    ([7, 9, 4, 7], [NAN, 0.2, 0.1, 0.9], 2),       # the positive is ranked at its first column
+])
+def test_nan_ranks_last(row_items, row_scores, rank):
+    test_ratings = torch.tensor([[0, row_items[-1]]])
+    _, items, mask = create_test_data(test_ratings, torch.tensor([row_items[:-1]]))
+    assert positive_ranks(torch.tensor([row_scores]), items, mask).tolist() == [rank]
+    assert keyed_rank(row_scores, row_items) == rank
+
+
+def test_ranks_with_nan_and_inf_equal_a_plain_recomputation():
+    generator = torch.Generator().manual_seed(1)
+    test_ratings = torch.stack((torch.arange(300), torch.randint(0, 8, (300,),
+                                                                 generator=generator)), 1)
+    negatives = torch.randint(0, 8, (300, 12), generator=generator)
+    _, items, mask = create_test_data(test_ratings, negatives)
+    values = torch.tensor([NAN, -INF, INF, 0.0, 0.5, 1.0])
+    scores = values[torch.randint(0, len(values), items.shape, generator=generator)]
+    ranks = positive_ranks(scores, items, mask).tolist()
+    assert ranks == [keyed_rank(s, i) for s, i in zip(scores.tolist(), items.tolist())]
+    assert len(set(ranks)) > 5  # the draw is not degenerate
+
+
+def test_an_all_nan_model_scores_zero_in_test_mode(clustered_data, tmp_path, capsys):
+    import ncf
+    from neumf import NeuMF
+    checkpoint = tmp_path / "nan.pth"
+    shape = NeuMF(300, 200, 8, [16, 8]).state_dict()
+    torch.save({name: torch.full_like(tensor, NAN) for name, tensor in shape.items()}, checkpoint)
+    result = ncf.main(["--data", clustered_data, "--mode", "test", "--load_checkpoint_path",
+                       str(checkpoint), "-f", "8", "--layers", "16", "8", "--full_ranking",
+                       "--log_path", str(tmp_path / "log.json")])
+    assert (result["hr"], result["ndcg"], result["full_hr"], result["full_ndcg"]) == (0, 0, 0, 0)
+    assert "HR@10 = 0.0000, NDCG@10 = 0.0000" in capsys.readouterr().out

@@ -132,6 +132,12 @@ def test_base_image_is_an_ngc_pytorch_release(dockerfile):
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", args["FROM_IMAGE_NAME"])
 
 
+def test_workdir_is_the_originals(dockerfile):
+    # The original's README and scripts run from /workspace/recommendation inside the container.
+    assert [arguments for keyword, arguments in dockerfile if keyword == "WORKDIR"] == \
+        ["/workspace/recommendation"]
+
+
 def test_every_copied_path_exists(dockerfile):
     copies = [words(arguments) for keyword, arguments in dockerfile if keyword in ("COPY", "ADD")]
     assert copies, "the Dockerfile copies nothing"

@@ -49,6 +49,7 @@ def test_benchmark_times_only_the_timed_passes(monkeypatch):
     assert result["latency_p95_ms"] == pytest.approx(9.55)
     assert result["latency_p99_ms"] == pytest.approx(9.91)
     assert result["throughput"] == pytest.approx(40 / 0.055)
+    assert result["best_inference_throughput"] == pytest.approx(4 / 0.001)
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("amp", torch.bfloat16)])
@@ -71,7 +72,8 @@ def test_shape_comes_from_checkpoint(tmp_path):
     for name, tensor in saved.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor)
     results = inference.main(args + ["--batch_sizes", "5", "--num_batches", "2",
-                                     "--warmup_batches", "0", "--precision", "fp32"])
+                                     "--warmup_batches", "0", "--precision", "fp32",
+                                     "--log_path", str(tmp_path / "log.json")])
     assert [(r["n_users"], r["n_items"], r["factors"], r["layers"]) for r in results] == \
         [(40, 25, 6, [12, 6])]
 
@@ -111,3 +113,74 @@ def test_cuda_without_cuda_exits_2(capsys):
         inference.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda: no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, precision, batch_sizes", [
+    ([], ["fp32", "amp"], inference.DEFAULT_BATCH_SIZES),
+    (["--opt_level", "O0", "--batch_sizes", "1,4,16"], ["fp32"], [1, 4, 16]),
+    (["--opt_level", "O2", "--batch_sizes", "8", "1,2", "3"], ["amp"], [8, 1, 2, 3]),
+    (["--fp16", "--batch_sizes", "64"], ["amp"], [64]),
+    (["--precision", "amp", "fp32"], ["amp", "fp32"], inference.DEFAULT_BATCH_SIZES),
+])
+def test_the_originals_flag_spellings(argv, precision, batch_sizes):
+    args = inference.parse_args(["--device", "cpu"] + argv)
+    assert (args.precision, args.batch_sizes, args.log_path) == \
+        (precision, batch_sizes, "log.json")
+
+
+def test_log_json_by_default_with_settings_and_both_throughputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = inference.main(TINY + ["--batch_sizes", "2,5", "--opt_level", "O0"])
+    records = read_log(tmp_path / "log.json")
+    settings = log_records(records, "parameter")
+    assert len(settings) == 1 and settings[0]["batch_sizes"] == [2, 5]
+    assert settings[0]["precision"] == ["fp32"]
+    logged = log_records(records, "summary")
+    assert [record["batch_size"] for record in logged] == [2, 5]
+    for record, result in zip(logged, results):
+        # The best pass is at least as fast as the average one.
+        assert record["best_inference_throughput"] >= record["throughput"] > 0
+        assert record["best_inference_throughput"] == \
+            pytest.approx(result["best_inference_throughput"])
+
+
+def one_error_line(capsys):
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--batch_sizes", "3", "100000"], "--batch_sizes 100000 (with --num_batches"),
+    (["--n_users", "100000"], "--n_users 100000 --n_items 20 --factors 4 --layers 8 4: needs"),
+])
+def test_what_cannot_fit_is_refused_before_anything_runs(argv, named, tmp_path, capsys,
+                                                         monkeypatch):
+    # 100 KB free: the tiny model and batches of 3 fit, the asked-for sizes do not.
+    monkeypatch.setattr(inference, "free_memory", lambda device: 100_000)
+    monkeypatch.setattr(inference, "benchmark", pytest.fail)
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(TINY + argv + ["--log_path", str(tmp_path / "log.json")])
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"inference.py: error: {named}") and "GiB free on" in line
+    assert not (tmp_path / "log.json").exists()
+
+
+def test_an_allocation_failure_is_one_line_and_other_errors_are_not_hidden(tmp_path, capsys,
+                                                                          monkeypatch):
+    def fail(message):
+        def benchmark(*args, **kwargs):
+            raise RuntimeError(message)
+        return benchmark
+
+    argv = TINY + ["--batch_sizes", "7", "--log_path", str(tmp_path / "log.json")]
+    monkeypatch.setattr(inference, "benchmark", fail("DefaultCPUAllocator: can't allocate memory"))
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(argv)
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys).startswith("inference.py: error: --batch_sizes 7 (with "
+                                             "--num_batches + --warmup_batches 6): does not fit")
+    monkeypatch.setattr(inference, "benchmark", fail("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        inference.main(argv)

@@ -104,3 +104,67 @@ def test_missing_matplotlib_exits_2(tmp_path, capsys, monkeypatch):
         "plot_curve.py: error: matplotlib is needed to draw the curve: pip install matplotlib "
         "(or pip install -r requirements-optional.txt)")
     assert not (tmp_path / "curve.png").exists()
+
+
+def record(step, data):
+    return {"type": "LOG", "step": step, "data": data}
+
+
+@pytest.mark.parametrize("junk", [
+    record([[1]], {"hr@10": 0.9}),
+    record(["x"], {"hr@10": 0.9}),
+    record([True], {"hr@10": 0.9}),
+    record([-1], {"hr@10": 0.9}),
+    record([1.5], {"hr@10": 0.9}),
+    record([2 ** 60], {"hr@10": 0.9}),
+    record([None], {"hr@10": 0.9}),
+    record([{"epoch": 1}], {"hr@10": 0.9}),
+    record([1], [0.9]),
+    record([1], "hr 0.9"),
+    record([1], None),
+])
+def test_an_odd_epoch_record_is_skipped_with_a_warning(tmp_path, capsys, junk):
+    log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5), junk,
+                                            epoch(2, 0.6, 0.3, 0.4)])
+    curve = plot_curve.read_curve(str(log))
+    assert curve == {"epoch": [0, 2], "train_loss": [0.5, 0.4], "hr@10": [0.4, 0.6],
+                     "ndcg@10": [0.2, 0.3]}
+    assert capsys.readouterr().err == (f"plot_curve.py: warning: {log} line 2: an epoch record "
+                                       f"needs a step [EPOCH] with a whole number and an object "
+                                       f"as data; skipped\n")
+
+
+@pytest.mark.parametrize("value", ["0.9", [0.9], {"value": 0.9}, True, False, None,
+                                   10 ** 400, {"nested": [[{"deep": [1]}]]}])
+def test_a_metric_that_is_not_a_number_is_a_gap(tmp_path, value):
+    log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5), epoch(1, value, 0.3, value),
+                                            epoch(2, 0.6, 0.35, 0.3)])
+    curve = plot_curve.read_curve(str(log))
+    assert curve["hr@10"][::2] == [0.4, 0.6] and math.isnan(curve["hr@10"][1])
+    assert math.isnan(curve["train_loss"][1]) and curve["ndcg@10"] == [0.2, 0.3, 0.35]
+
+
+def test_whole_float_epochs_and_non_finite_metrics(tmp_path):
+    log = tmp_path / "log.json"
+    log.write_text('DLLL {"type": "LOG", "step": [1.0], "data": {"hr@10": Infinity}}\n'
+                   'DLLL {"type": "LOG", "step": [0], "data": {"hr@10": NaN}}\n'
+                   'DLLL {"type": "LOG", "step": [2.0], "data": {"hr@10": 0.5}}\n')
+    curve = plot_curve.read_curve(str(log))
+    assert curve["epoch"] == [0, 1, 2] and all(isinstance(e, int) for e in curve["epoch"])
+    assert [math.isnan(value) for value in curve["hr@10"]] == [True, True, False]
+
+
+def test_a_log_of_junk_still_draws_its_good_epochs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    log = write_log(tmp_path / "log.json", [
+        epoch(0, 0.4, 0.2, 0.5), record([[1]], {}), record(["x"], {"hr@10": "high"}),
+        epoch(1, "high", [1], {"a": 2}), record([2.0], {"hr@10": True, "hr@5": "x"}),
+        epoch(3, 0.7, 0.4, 0.3), [1, 2, 3], "text", 17,
+    ], extra_lines=["DLLL " + "[" * 100_000, "DLLL " + "9" * 5000])
+    output = tmp_path / "curve.png"
+    curve = plot_curve.main(["--log", str(log), "--output", str(output)])
+    assert curve["epoch"] == [0, 1, 2, 3]
+    assert output.read_bytes()[:8] == PNG_SIGNATURE
+    warnings = capsys.readouterr().err.splitlines()
+    assert [line.split(" line ")[1].split()[0] for line in warnings] == ["2:", "3:", "10",
+                                                                         "11"]

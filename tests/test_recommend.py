@@ -1,4 +1,7 @@
+import math
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -6,6 +9,8 @@ import torch
 
 import recommend
 from neumf import NeuMF
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 USER_IDS = [101, 7, 55, 300]                       # original id of dense user 0, 1, 2, 3
 ITEM_IDS = [900 + 3 * item for item in range(10)]  # original id of dense item 0..9
@@ -132,3 +137,37 @@ def test_output_without_all_users_is_refused(data, capsys):
         run(data, "--users", "101", "--output", "x.csv")
     assert exit_info.value.code == 2
     assert "--output goes with --all_users" in capsys.readouterr().err
+
+
+def test_new_flag_names_give_the_same_table(data):
+    old = run(data, "--users", "7", "--topk", "3")
+    new = recommend.main(["--data", data["dir"], "--load_checkpoint_path", data["checkpoint"],
+                          "--users", "7", "-k", "3"])
+    pd.testing.assert_frame_equal(old, new)
+    assert len(new) == 3
+
+
+def test_an_item_scored_nan_is_recommended_last(data):
+    model = model_for(4, 10)
+    with torch.no_grad():
+        model.mf_item_embed.weight[8] = float("nan")
+    torch.save(model.state_dict(), data["checkpoint"])
+    table = run(data, "--users", "55", "--topk", "10")
+    # User 55 (dense 2) trained on items 0 and 9, leaving eight; item 8 scores NaN.
+    movies, scores = expected_top(2, 8)
+    movies.remove(ITEM_IDS[8])
+    assert table["movieId"].tolist() == movies + [ITEM_IDS[8]]
+    assert table["score"].iloc[:7].tolist() == pytest.approx(
+        [score for movie, score in zip(*expected_top(2, 8)) if movie != ITEM_IDS[8]], abs=1e-5)
+    assert math.isnan(table["score"].iloc[7])
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(data):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "recommend.py"), "--data",
+                           data["dir"], "--load_checkpoint_path", data["checkpoint"],
+                           "--users", "7", "55", "101", "300"],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=data["tmp"])
+    os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")

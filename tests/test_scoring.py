@@ -166,3 +166,35 @@ def test_candidates_equal_the_plain_forward():
             plain = model(users[:, None].expand_as(items).reshape(-1), items.reshape(-1))
         assert logits.shape == (7, 11)
         torch.testing.assert_close(logits, plain.view(7, 11), rtol=1e-5, atol=1e-5)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_full_ranking_ranks_nan_last():
+    # Item logits for a +1 user: [nan, 1, inf, nan, -inf, 0.5]; a -1 user sees them negated.
+    model = hand_model([1.0, 1.0, 1.0, -1.0, -1.0], [NAN, 1.0, INF, NAN, -INF, 0.5])
+    test_users = torch.tensor([0, 1, 2, 3, 4])
+    test_items = torch.tensor([1, 3, 0, 4, 2])
+    train = torch.tensor([[1, 2]])  # user 1 trained on item 2 (+inf): not a candidate
+    ranks = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1])
+    # user 0: only +inf is ahead of 1.0, the NaNs are behind.
+    # users 1 and 2: a NaN positive is behind every other candidate, the other NaN included.
+    # user 3: its positive is +inf, nothing is ahead. user 4: its -inf trails -1, -0.5, +inf.
+    assert ranks.tolist() == [1, 4, 5, 0, 3]
+
+
+@pytest.mark.parametrize("k, items", [
+    (5, [[4, 0, 2, 1, -1], [0, 2, 3, 1, -1]]),  # the fifth best of each row is excluded
+    (2, [[4, 0], [0, 2]]),
+    (9, [[4, 0, 2, 1, -1], [0, 2, 3, 1, -1]]),  # k beyond the row: every item once
+])
+def test_top_items_rank_nan_after_every_number_and_skip_excluded(k, items):
+    all_scores = torch.tensor([[0.5, NAN, -INF, 2.0, 1.0], [INF, NAN, 0.1, -INF, 7.0]])
+    excluded = torch.tensor([[False, False, False, True, False],
+                             [False, False, False, False, True]])
+    top, top_scores = scoring.top_items(all_scores, excluded, k)
+    assert top.tolist() == items
+    kept = top >= 0
+    torch.testing.assert_close(top_scores[kept], all_scores.gather(1, top.clamp(min=0))[kept],
+                               equal_nan=True)

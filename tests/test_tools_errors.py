@@ -1,0 +1,115 @@
+"""The small tools' bad inputs, one table: each exits with status 2, prints one line on stderr,
+`PROG: error: ...`, that names the flag or file at fault, and writes nothing."""
+import json
+import os
+
+import pytest
+import torch
+
+import generate
+import inference
+import plot_curve
+import recommend
+from conftest import write_clustered_dataset
+from neumf import NeuMF
+
+TOOLS = {"generate.py": generate.main, "inference.py": inference.main,
+         "recommend.py": recommend.main, "plot_curve.py": plot_curve.main}
+TINY_INFERENCE = ["--device", "cpu", "--n_users", "30", "--n_items", "20", "-f", "4",
+                  "--layers", "8", "4", "--num_batches", "1", "--warmup_batches", "0",
+                  "--log_path", "{tmp}/log.json"]
+RECOMMEND = ["--data", "{data}", "--load_checkpoint_path", "{checkpoint}"]
+HUGE = str(10 ** 12)
+
+CASES = [
+    ("generate.py", [], "--output"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--preset", "ml-1b"], "--preset"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--users", "0"], "--users 0"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--users", "many"], "--users"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--items", "5"], "--items 5"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--mean_ratings", "1e9"], "--mean_ratings"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--mean_ratings", "nan"], "--mean_ratings nan"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--min_ratings", "0"], "--min_ratings 0"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--seed", "-1"], "--seed -1"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--users", HUGE], f"--users {HUGE}"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--items", HUGE], f"--items {HUGE}"),
+    ("generate.py", ["--output", "{tmp}/a_dir"], "--output {tmp}/a_dir"),
+    ("generate.py", ["--output", "{tmp}/a_file/r.csv"], "--output {tmp}/a_file/r.csv"),
+    ("inference.py", TINY_INFERENCE + ["--batch_sizes", "64", "0"], "--batch_sizes"),
+    ("inference.py", TINY_INFERENCE + ["--batch_sizes", "1,x"], "--batch_sizes"),
+    ("inference.py", TINY_INFERENCE + ["--batch_sizes", "1,,4"], "--batch_sizes"),
+    ("inference.py", TINY_INFERENCE + ["--batch_sizes", HUGE], f"--batch_sizes {HUGE}"),
+    ("inference.py", TINY_INFERENCE + ["--n_users", HUGE], f"--n_users {HUGE}"),
+    ("inference.py", TINY_INFERENCE + ["--layers", "8", HUGE], f"--layers 8 {HUGE}"),
+    ("inference.py", TINY_INFERENCE + ["--n_users", "0"], "--n_users"),
+    ("inference.py", TINY_INFERENCE + ["--precision", "fp16"], "--precision"),
+    ("inference.py", TINY_INFERENCE + ["--opt_level", "O3"], "--opt_level"),
+    ("inference.py", TINY_INFERENCE + ["--fp16", "--precision", "fp32"], "--fp16"),
+    ("inference.py", TINY_INFERENCE + ["--num_batches", "0"], "--num_batches"),
+    ("inference.py", TINY_INFERENCE + ["--warmup_batches", "-1"], "--warmup_batches"),
+    ("inference.py", TINY_INFERENCE + ["--layers", "7", "4"], "--layers"),
+    ("inference.py", TINY_INFERENCE + ["--log_path", "{tmp}/a_file/log.json"], "--log_path"),
+    ("inference.py", ["--device", "cpu", "--load_checkpoint_path", "{tmp}/none.pth"],
+     "{tmp}/none.pth"),
+    ("recommend.py", ["--users", "1"], "--data"),
+    ("recommend.py", RECOMMEND + ["--users", "1", "-k", "0"], "--topk"),
+    ("recommend.py", RECOMMEND + ["--users", "one"], "--users"),
+    ("recommend.py", RECOMMEND + ["--users", "99999"], "--users"),
+    ("recommend.py", RECOMMEND + ["--all_users"], "--all_users"),
+    ("recommend.py", RECOMMEND + ["--users", "1", "--output", "{tmp}/r.csv"], "--output"),
+    ("recommend.py", RECOMMEND + ["--all_users", "--output", "{tmp}/none/r.csv"], "--output"),
+    ("recommend.py", RECOMMEND + ["--all_users", "--output", "{tmp}/a_dir"], "--output"),
+    ("recommend.py", RECOMMEND + ["--users", "1", "--movies", "{tmp}/none.csv"], "--movies"),
+    ("recommend.py", RECOMMEND + ["--users", "1", "--movies", "{tmp}/a_file"], "--movies"),
+    ("recommend.py", ["--data", "{tmp}/a_dir", "--load_checkpoint_path", "{checkpoint}",
+                      "--users", "1"], "train_ratings.pt"),
+    ("recommend.py", ["--data", "{data}", "--checkpoint", "{tmp}/none.pth", "--users", "1"],
+     "{tmp}/none.pth"),
+    ("plot_curve.py", [], "--log"),
+    ("plot_curve.py", ["--log", "{tmp}/none.json"], "--log {tmp}/none.json"),
+    ("plot_curve.py", ["--log", "{tmp}/a_dir"], "--log {tmp}/a_dir"),
+    ("plot_curve.py", ["--log", "{tmp}/a_file"], "--log {tmp}/a_file"),
+    ("plot_curve.py", ["--log", "{tmp}/binary.json"], "--log {tmp}/binary.json"),
+    ("plot_curve.py", ["--log", "{tmp}/log.json", "--output", "{tmp}/a_file/c.png"],
+     "--output {tmp}/a_file/c.png"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Good inputs for the flags a case does not test, and things that are not what a flag
+    wants: a plain file, a directory, a binary file."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    data = write_clustered_dataset(str(tmp / "data"), nb_users=20, nb_items=30, per_user=5,
+                                   negatives=5)
+    torch.save(torch.arange(20) * 10, os.path.join(data, "user_ids.pt"))
+    torch.save(torch.arange(30) + 1, os.path.join(data, "item_ids.pt"))
+    torch.save(NeuMF(20, 30, 4, [8, 4]).state_dict(), tmp / "model.pth")
+    (tmp / "a_file").write_text("just text\n")
+    (tmp / "a_dir").mkdir()
+    (tmp / "binary.json").write_bytes(bytes(range(256)) * 8)
+    epoch = {"type": "LOG", "step": [0], "data": {"hr@10": 0.5, "train_loss": 0.3}}
+    (tmp / "log.json").write_text("DLLL " + json.dumps(epoch) + "\n")
+    return {"tmp": str(tmp), "data": data, "checkpoint": str(tmp / "model.pth")}
+
+
+def listing(top):
+    return sorted(os.path.relpath(os.path.join(folder, name), top)
+                  for folder, folders, files in os.walk(top) for name in files + folders)
+
+
+@pytest.mark.parametrize("tool, argv, named", CASES)
+def test_bad_input_is_one_line_exit_2_naming_it(tool, argv, named, inputs, capsys):
+    before = listing(inputs["tmp"])
+    with pytest.raises(SystemExit) as exit_info:
+        TOOLS[tool]([word.format(**inputs) for word in argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{tool}: error: ")
+    assert named.format(**inputs) in lines[0]
+    if not named.endswith(".pth"):  # checkpoint.py's messages: another module's wording
+        assert "; " in lines[0]  # the problem, then what to do
+    assert captured.out == ""
+    assert listing(inputs["tmp"]) == before
