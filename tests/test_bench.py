@@ -18,3 +18,23 @@ def test_bench_run_quick_prints_the_table(tmp_path):
                 "evaluation, ours", "peak RSS, ours", "inference fp32, batch 1,024"):
         assert f"| {row} |" in table
     assert "samples/s" in table and "quick shape" in run.stdout
+
+
+@pytest.mark.slow
+def test_stress_distributed_counts_its_runs(tmp_path):
+    run = subprocess.run([sys.executable, "bench/stress_distributed.py", "--runs", "1",
+                          "--epochs", "1", "--workdir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == ["run 1/1 train", "run 1/1 test"]
+    assert all(": exit 0," in line for line in lines[:-1])
+    assert lines[-1] == "2 runs, 0 failures"
+    assert sorted(os.listdir(tmp_path / "ck")) == ["last.pth", "model.pth"]
+
+
+def test_stress_failure_rows_show_the_last_stderr_lines_escaped_for_the_table():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from stress_distributed import stderr_tail
+    assert stderr_tail("first\n\nterminate | called\n  Fatal  \nlast\n") == (
+        "terminate \\| called / Fatal / last")
