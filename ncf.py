@@ -512,11 +512,12 @@ def summarize(history, best, args, ctx, logger):
 
 def run(args):
     ctx = init_distributed(args)
+    checkpoint_lock = None
     try:
         if args.mode == "train" and ctx.is_main:
             # Held until run() returns, so two runs never share one directory; the OS
             # releases it if the process dies.
-            checkpoint_lock = prepare_checkpoint_dir(args.checkpoint_dir)  # noqa: F841
+            checkpoint_lock = prepare_checkpoint_dir(args.checkpoint_dir)
         if args.mode == "train" and not args.resume:
             last = os.path.join(args.checkpoint_dir, "last.pth")
             if ctx.is_main and os.path.exists(last):
@@ -544,6 +545,8 @@ def run(args):
         args.world_size = ctx.world_size
         return train(args, ctx, model, ddp_model, data, logger)
     finally:
+        if checkpoint_lock is not None:
+            checkpoint_lock.close()
         if ctx.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
