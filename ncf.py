@@ -42,8 +42,16 @@ class RunError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag error is one line on stderr, as every other refusal (argparse adds the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train a Neural Collaborative Filtering model")
+    parser = OneLineParser(prog="ncf.py",
+                           description="Train a Neural Collaborative Filtering model")
     parser.add_argument("--data", type=str, required=True,
                         help="directory with the files convert.py writes")
     parser.add_argument("-e", "--epochs", type=int, default=30)
@@ -503,9 +511,9 @@ def run_test(args, ctx, model, data, logger):
               "validation_loss": validation_loss}
     record = {f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg, "eval_throughput": throughput,
               "validation_loss": validation_loss, "validation_epoch_time": val_time}
-    line = (f"HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, validation_loss = "
-            f"{validation_loss:.4f}, val_time = {val_time:.2f}, eval_throughput = "
-            f"{throughput:.0f} samples/s")
+    line = (f"HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, val_time = "
+            f"{val_time:.2f}, eval_throughput = {throughput:.0f} samples/s, validation_loss = "
+            f"{validation_loss:.4f}")
     if args.full_ranking:
         result["full_hr"], result["full_ndcg"] = full_ranking_epoch(
             model, train_users, train_items, test_data[0], test_data[1], args, ctx)
