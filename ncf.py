@@ -34,14 +34,24 @@ RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "to
                         "load_checkpoint_path", "data", "full_ranking"}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 CPU_CHUNK = 2 ** 18
+# Counts above this are typing mistakes that would otherwise fail deep inside torch.
+MAX_COUNT = 2 ** 31 - 1
 
 
 class RunError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag error is one line on stderr, as every other refusal (argparse adds the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train a Neural Collaborative Filtering model")
+    parser = OneLineParser(prog="ncf.py",
+                           description="Train a Neural Collaborative Filtering model")
     parser.add_argument("--data", type=str, required=True,
                         help="directory with the files convert.py writes")
     parser.add_argument("-e", "--epochs", type=int, default=30)
@@ -62,8 +72,13 @@ def parse_args(argv=None):
     parser.add_argument("-b2", "--beta2", type=float, default=0.5)
     parser.add_argument("--eps", type=float, default=1e-8)
     parser.add_argument("--dropout", type=float, default=0.5)
-    parser.add_argument("--checkpoint_dir", type=str, default="/data/checkpoints/")
-    parser.add_argument("--load_checkpoint_path", type=str, default=None)
+    parser.add_argument("--checkpoint_dir", type=str, default="/data/checkpoints/",
+                        help="where model.pth (best weights) and last.pth (the training state, "
+                             "rewritten every epoch: about 380 MB at ml-20m) go; '' saves "
+                             "neither")
+    parser.add_argument("--load_checkpoint_path", type=str, default=None,
+                        help="weights to evaluate (--mode test; none: the untrained model) or "
+                             "to start training from (ignored with --resume)")
     parser.add_argument("--mode", choices=["train", "test"], default="train")
     parser.add_argument("--grads_accumulated", type=int, default=1,
                         help="batches per optimiser step")
@@ -84,15 +99,21 @@ def parse_args(argv=None):
 
 
 def check_args(args, parser):
-    positive = {"--epochs": args.epochs, "--batch_size": args.batch_size,
-                "--valid_batch_size": args.valid_batch_size, "--factors": args.factors,
-                "--topk": args.topk, "--grads_accumulated": args.grads_accumulated}
-    for flag, value in positive.items():
-        if value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
-    if args.negative_samples < 0:
-        parser.error(f"--negative_samples must be 0 or more, got {args.negative_samples}")
-    if any(size < 1 for size in args.layers) or args.layers[0] % 2:
+    counts = {"--epochs": (args.epochs, 1), "--batch_size": (args.batch_size, 1),
+              "--valid_batch_size": (args.valid_batch_size, 1), "--factors": (args.factors, 1),
+              "--topk": (args.topk, 1), "--grads_accumulated": (args.grads_accumulated, 1),
+              "--negative_samples": (args.negative_samples, 0),
+              "--local_rank": (args.local_rank, 0)}
+    for flag, (value, lowest) in counts.items():
+        if not lowest <= value <= MAX_COUNT:
+            parser.error(f"{flag} must be in [{lowest}, {MAX_COUNT}], got {value}")
+    # numpy's SeedSequence and torch.manual_seed both take the seed as an unsigned 64-bit value.
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    for flag in ("learning_rate", "threshold", "beta1", "beta2", "eps", "dropout"):
+        if not math.isfinite(getattr(args, flag)):
+            parser.error(f"--{flag} must be a finite number, got {getattr(args, flag)}")
+    if any(not 1 <= size <= MAX_COUNT for size in args.layers) or args.layers[0] % 2:
         parser.error(f"--layers must be positive and the first even (it is split between "
                      f"user and item embeddings), got {' '.join(map(str, args.layers))}")
     if not 0.0 <= args.dropout < 1.0:
@@ -101,8 +122,9 @@ def check_args(args, parser):
         parser.error("--learning_rate and --eps must be positive")
     if not (0.0 <= args.beta1 < 1.0 and 0.0 <= args.beta2 < 1.0):
         parser.error("--beta1 and --beta2 must be in [0, 1)")
-    if args.mode == "test" and not args.load_checkpoint_path:
-        parser.error("--mode test needs --load_checkpoint_path")
+    if args.resume and not args.checkpoint_dir:
+        parser.error("--resume continues CHECKPOINT_DIR/last.pth, and --checkpoint_dir '' saves "
+                     "none; pass the --checkpoint_dir of the run to resume")
 
 
 @dataclass
@@ -118,7 +140,8 @@ def init_distributed(args):
     """Pick the device once: LOCAL_RANK's GPU + NCCL, else the GPU, else the CPU + gloo."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
-    rank = int(os.environ.get("RANK", local_rank))
+    # A single process is rank 0 whichever GPU --local_rank picks; it must print and save.
+    rank = int(os.environ.get("RANK", local_rank if world_size > 1 else 0))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise RunError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
@@ -127,6 +150,11 @@ def init_distributed(args):
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
+        # A CPU process has no device to pick: a local rank beyond the processes is a mistake
+        # that would leave it scoring nobody's share (or printing nothing as a non-main rank).
+        if local_rank >= world_size:
+            raise RunError(f"--local_rank {local_rank}: only {world_size} process(es) on this "
+                           f"machine and no GPU; leave --local_rank to the launcher")
         device = torch.device("cpu")
         backend = "gloo"
     if world_size > 1:
@@ -142,7 +170,14 @@ def wants_mixed_precision(args):
 
 def log_line(ctx, message):
     if ctx.is_main:
-        print(message, flush=True)
+        try:
+            print(message, flush=True)
+        except BrokenPipeError:
+            # The reader went away (`| head -1`): the run goes on training and saving, and
+            # prints into /dev/null from now on (also its buffered rest at exit).
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def prepare_checkpoint_dir(path):
@@ -160,13 +195,44 @@ def prepare_checkpoint_dir(path):
 
 
 def build_model(args, nb_users, nb_items, ctx):
+    check_model_fits(args, nb_users, nb_items, ctx)
     torch.manual_seed(args.seed)
-    model = NeuMF(nb_users, nb_items, args.factors, args.layers, dropout=args.dropout)
+    try:
+        model = NeuMF(nb_users, nb_items, args.factors, args.layers, dropout=args.dropout)
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "alloc" not in str(error):
+            raise
+        raise RunError(f"--factors {args.factors} --layers {' '.join(map(str, args.layers))}: "
+                       f"the model cannot be allocated; use smaller sizes") from None
     model = model.to(ctx.device)
     if ctx.world_size > 1:
         return model, torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return model, model
+
+
+def parameter_count(nb_users, nb_items, factors, layers):
+    embeddings = (nb_users + nb_items) * (factors + layers[0] // 2)
+    mlp = sum(inputs * outputs + outputs for inputs, outputs in zip(layers, layers[1:]))
+    return embeddings + mlp + factors + layers[-1] + 1
+
+
+def check_model_fits(args, nb_users, nb_items, ctx):
+    """Refuse model sizes whose training state cannot fit, before torch tries to allocate it.
+
+    Training holds four float32 copies of the parameters (weights, gradients, Adam's two
+    moments); a size past the machine's memory would otherwise end in a traceback or the
+    kernel's OOM killer rather than a message.
+    """
+    needed = 4 * 4 * parameter_count(nb_users, nb_items, args.factors, args.layers)
+    if ctx.device.type == "cuda":
+        available = torch.cuda.get_device_properties(ctx.device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise RunError(f"--factors {args.factors} --layers {' '.join(map(str, args.layers))}: "
+                       f"training this model needs about {needed / 2 ** 30:,.0f} GiB, the "
+                       f"{ctx.device.type} has {available / 2 ** 30:,.0f} GiB; use smaller sizes")
 
 
 def build_optimizer(args, model):
@@ -273,10 +339,12 @@ def progress(iterable, ctx, description):
 
 
 def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
-    """HR@k and NDCG@k over all test users; each rank scores a contiguous share of users.
+    """HR@k, NDCG@k and validation loss over all test users; each rank scores a share of users.
 
-    Ranks exchange every user's positive rank (not partial sums), so the metrics are computed
-    from the same numbers in the same order whatever the number of processes.
+    The validation loss is the mean BCE-with-logits over the candidates, label 1 for the test
+    positive; a repeat in a row counts once, as in the ranking. Ranks exchange every user's
+    positive rank and loss sum (not partial sums), so the metrics are computed from the same
+    numbers in the same order whatever the number of processes.
     """
     model.eval()
     nb_users, nb_candidates = test_items.shape
@@ -286,6 +354,7 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
         samples_per_batch = min(samples_per_batch, CPU_CHUNK)
     rows_per_batch = max(1, samples_per_batch // nb_candidates)
     ranks = torch.zeros(nb_users, dtype=torch.int64, device=ctx.device)
+    loss_sums = torch.zeros(nb_users, dtype=torch.float64, device=ctx.device)
     with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=torch.float16,
                                                 enabled=ctx.use_amp):
         # The same logits as model(user, item), with the item half of the first MLP layer
@@ -299,7 +368,14 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
             scores = scorer.candidates(test_users[start:stop], items).float()
             ranks[start:stop] = dataloading.positive_ranks(
                 scores, items, duplicate_mask[start:stop])
-    return metrics_of_all_users(ranks, args, ctx)
+            labels = (items == items[:, -1:]).float()
+            losses = F.binary_cross_entropy_with_logits(scores, labels, reduction="none")
+            loss_sums[start:stop] = losses.masked_fill(duplicate_mask[start:stop], 0.0).double(
+            ).sum(dim=1)
+    if ctx.world_size > 1:
+        dist.all_reduce(loss_sums)
+    validation_loss = (loss_sums.sum() / (~duplicate_mask).sum()).item()
+    return (*metrics_of_all_users(ranks, args, ctx), validation_loss)
 
 
 def metrics_of_all_users(ranks, args, ctx):
@@ -414,40 +490,79 @@ def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_tra
     return state["epoch"], state["best"], state["history"]
 
 
-def run_test(args, ctx, model, data):
+def load_starting_weights(args, ctx, model, nb_users, nb_items):
+    """The weights a run starts from: --load_checkpoint_path, checked as strictly in both modes.
+
+    Loaded before the log is opened, so a refused file leaves the previous log be. With
+    --resume, last.pth holds the model and the warm-start file would be overwritten anyway.
+    """
+    path = args.load_checkpoint_path
+    if args.mode == "train" and args.resume:
+        if path:
+            log_line(ctx, f"note: --resume continues "
+                          f"{os.path.join(args.checkpoint_dir, 'last.pth')}; "
+                          f"--load_checkpoint_path {path} is not used")
+        return
+    if not path:
+        if args.mode == "test":
+            log_line(ctx, "note: no --load_checkpoint_path: evaluating the untrained model "
+                          "(a chance-level baseline)")
+        return
+    state = model_state(load_checkpoint(path), path)
+    check_matches(state, path, nb_users, nb_items, args.factors, args.layers)
+    load_state(model, state, path)
+    log_line(ctx, f"{'Evaluating' if args.mode == 'test' else 'Starting training from'} {path}")
+
+
+def run_test(args, ctx, model, data, logger):
     nb_users, nb_items, train_users, train_items, *test_data = data
-    state = model_state(load_checkpoint(args.load_checkpoint_path), args.load_checkpoint_path)
-    check_matches(state, args.load_checkpoint_path, nb_users, nb_items, args.factors, args.layers)
-    load_state(model, state, args.load_checkpoint_path)
     synchronize(ctx)
     start = time.time()
-    hr, ndcg = val_epoch(model, *test_data, args, ctx)
+    hr, ndcg, validation_loss = val_epoch(model, *test_data, args, ctx)
     synchronize(ctx)
     val_time = time.time() - start
     throughput = test_data[1].numel() / val_time
-    result = {"hr": hr, "ndcg": ndcg, "eval_throughput": throughput}
+    result = {"hr": hr, "ndcg": ndcg, "eval_throughput": throughput,
+              "validation_loss": validation_loss}
+    record = {f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg, "eval_throughput": throughput,
+              "validation_loss": validation_loss, "validation_epoch_time": val_time}
     line = (f"HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, val_time = "
-            f"{val_time:.2f}, eval_throughput = {throughput:.0f} samples/s")
+            f"{val_time:.2f}, eval_throughput = {throughput:.0f} samples/s, validation_loss = "
+            f"{validation_loss:.4f}")
     if args.full_ranking:
         result["full_hr"], result["full_ndcg"] = full_ranking_epoch(
             model, train_users, train_items, test_data[0], test_data[1], args, ctx)
+        record.update({f"full_hr@{args.topk}": result["full_hr"],
+                       f"full_ndcg@{args.topk}": result["full_ndcg"]})
         line += full_ranking_text((result["full_hr"], result["full_ndcg"]), args)
     log_line(ctx, line)
+    logger.log((), record)
     return result
 
 
-def train(args, ctx, model, ddp_model, data, logger):
+def parameters_are_finite(model):
+    return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
+
+
+def train(args, ctx, model, ddp_model, data, logger, run_start):
     nb_users, nb_items, train_users, train_items, *test_data = data
     nb_samples = samples_per_epoch(len(train_users), args)
     optimizer = build_optimizer(args, model)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.use_amp)
     first_epoch, best = 0, {"hr": 0.0, "ndcg": 0.0, "epoch": -1, "train_seconds": 0.0,
-                            "time_to_best": None, "time_to_target": None}
+                            "run_seconds": 0.0, "time_to_best": None, "time_to_target": None,
+                            "train_time_to_best": None, "train_time_to_target": None}
     history = []
     if args.resume:
-        first_epoch, best, history = resume_state(args, ctx, model, optimizer, scaler, nb_users,
-                                                  nb_items, len(train_users))
+        # Over the defaults: a last.pth saved before wall-clock times were kept lacks them.
+        first_epoch, saved_best, history = resume_state(args, ctx, model, optimizer, scaler,
+                                                        nb_users, nb_items, len(train_users))
+        best.update(saved_best)
+    # Wall-clock seconds as the original counts them (loading and evaluation included), carried
+    # over from the processes a resumed run was made of, up to their last saved epoch.
+    seconds_before = best["run_seconds"]
     logger.log(PARAMETER, {"first_epoch": first_epoch, "resumed": args.resume})
+    last_path = os.path.join(args.checkpoint_dir, "last.pth")
     for epoch in range(first_epoch, args.epochs):
         synchronize(ctx)
         start = time.time()
@@ -455,15 +570,25 @@ def train(args, ctx, model, ddp_model, data, logger):
                                  nb_items, epoch, args, ctx)
         synchronize(ctx)
         train_time = time.time() - start
-        hr, ndcg = val_epoch(model, *test_data, args, ctx)
+        # Under mixed precision an overflowing step is skipped by the scaler, so only weights
+        # gone non-finite mean the run is lost; in float32 a non-finite loss already does.
+        if not parameters_are_finite(model) or (not ctx.use_amp and not math.isfinite(train_loss)):
+            kept = (f"{last_path} still holds epoch {epoch - 1}" if args.checkpoint_dir and
+                    epoch > first_epoch else "nothing of this run was saved")
+            raise RunError(f"epoch {epoch}: training diverged (loss {train_loss}); {kept}; "
+                           f"lower -l/--learning_rate")
+        hr, ndcg, validation_loss = val_epoch(model, *test_data, args, ctx)
         synchronize(ctx)
         val_time = time.time() - start - train_time
         best["train_seconds"] += train_time
+        best["run_seconds"] = seconds_before + time.time() - run_start
         record = {"epoch": epoch, f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg,
-                  "train_loss": train_loss, "train_throughput": nb_samples / train_time,
+                  "train_loss": train_loss, "validation_loss": validation_loss,
+                  "train_throughput": nb_samples / train_time,
                   "eval_throughput": test_data[1].numel() / val_time,
                   "train_epoch_time": train_time, "validation_epoch_time": val_time}
         line = (f"Epoch {epoch}: HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, "
+                f"train_loss = {train_loss:.4f}, validation_loss = {validation_loss:.4f}, "
                 f"train_time = {train_time:.2f}, val_time = {val_time:.2f}")
         if args.full_ranking:
             full = full_ranking_epoch(model, train_users, train_items, test_data[0],
@@ -474,27 +599,38 @@ def train(args, ctx, model, ddp_model, data, logger):
         log_line(ctx, line)
         logger.log((epoch,), record)
         if hr > best["hr"]:
-            best.update(hr=hr, ndcg=ndcg, epoch=epoch, time_to_best=best["train_seconds"])
-            if ctx.is_main:
-                atomic_save(model.state_dict(), os.path.join(args.checkpoint_dir, "model.pth"))
+            best.update(hr=hr, ndcg=ndcg, epoch=epoch, time_to_best=best["run_seconds"],
+                        train_time_to_best=best["train_seconds"])
+            if args.checkpoint_dir:
+                model_path = os.path.join(args.checkpoint_dir, "model.pth")
+                log_line(ctx, f"New best hr! Saving the model to: {model_path}")
+                if ctx.is_main:
+                    atomic_save(model.state_dict(), model_path)
         reached = hr >= args.threshold
         if reached and best["time_to_target"] is None:
-            best["time_to_target"] = best["train_seconds"]
-        if ctx.is_main:
-            save_checkpoint(os.path.join(args.checkpoint_dir, "last.pth"), model, optimizer,
-                            scaler, history, best, args, ctx, nb_users, nb_items,
-                            len(train_users))
+            best.update(time_to_target=best["run_seconds"],
+                        train_time_to_target=best["train_seconds"])
+        if ctx.is_main and args.checkpoint_dir:
+            save_checkpoint(last_path, model, optimizer, scaler, history, best, args, ctx,
+                            nb_users, nb_items, len(train_users))
         if reached:
             log_line(ctx, f"HR@{args.topk} {hr:.4f} reached --threshold {args.threshold}; "
                           f"stopping")
             break
-    return summarize(history, best, args, ctx, logger)
+    return summarize(history, best, args, ctx, logger, seconds_before + time.time() - run_start)
 
 
-def summarize(history, best, args, ctx, logger):
+def summarize(history, best, args, ctx, logger, run_seconds):
+    """The run's summary; time_to_target is the whole run's time when the target was missed,
+    as in the original."""
+    reached = best["time_to_target"] is not None
     summary = {"best_accuracy": best["hr"], "best_ndcg": best["ndcg"],
-               "best_epoch": best["epoch"], "time_to_target": best["time_to_target"],
-               "time_to_best_model": best["time_to_best"], "epochs_run": len(history)}
+               "best_epoch": best["epoch"],
+               "time_to_target": best["time_to_target"] if reached else run_seconds,
+               "target_reached": reached, "time_to_best_model": best["time_to_best"],
+               "train_time_to_target": best["train_time_to_target"],
+               "train_time_to_best_model": best["train_time_to_best"],
+               "epochs_run": len(history)}
     if history:
         train_rates = [record["train_throughput"] for record in history]
         eval_rates = [record["eval_throughput"] for record in history]
@@ -506,19 +642,47 @@ def summarize(history, best, args, ctx, logger):
                       f"{best['ndcg']:.4f}) at epoch {best['epoch']}; best train throughput "
                       f"{summary['best_train_throughput']:.0f} samples/s, best eval throughput "
                       f"{summary['best_eval_throughput']:.0f} samples/s")
+    log_line(ctx, f"time_to_target = {summary['time_to_target']:.2f} s"
+                  f"{'' if reached else ' (--threshold not reached: the run time)'}, "
+                  f"time_to_best_model = {summary['time_to_best_model'] or 0.0:.2f} s")
     logger.log((), summary)
     return summary
 
 
+def log_metric_metadata(logger, args):
+    """dllogger METADATA records describing the metrics, as the 2023 original writes them."""
+    k = args.topk
+    for metric, metadata in ((f"hr@{k}", {"unit": None, "format": ":.5f"}),
+                             (f"ndcg@{k}", {"unit": None, "format": ":.5f"}),
+                             ("validation_loss", {"unit": None, "format": ":.5f"}),
+                             ("train_throughput", {"unit": "samples/s", "format": ":.3e"}),
+                             ("eval_throughput", {"unit": "samples/s", "format": ":.3e"}),
+                             ("time_to_target", {"unit": "s", "format": ":.2f"}),
+                             ("time_to_best_model", {"unit": "s", "format": ":.2f"})):
+        logger.metadata(metric, metadata)
+
+
+def open_logger(args, ctx):
+    # Opened only once the data has loaded, so a mistyped --data leaves an existing log be.
+    try:
+        return JsonLogger(args.log_path if ctx.is_main else None, append=args.resume)
+    except OSError as error:
+        raise RunError(f"--log_path {args.log_path}: cannot write there ({error.strerror}); "
+                       f"pass --log_path with a writable file") from None
+
+
 def run(args):
+    run_start = time.time()
     ctx = init_distributed(args)
     checkpoint_lock = None
     try:
-        if args.mode == "train" and ctx.is_main:
+        if args.mode == "train" and not args.checkpoint_dir:
+            log_line(ctx, "note: --checkpoint_dir '': model.pth and last.pth are not saved")
+        if args.mode == "train" and ctx.is_main and args.checkpoint_dir:
             # Held until run() returns, so two runs never share one directory; the OS
             # releases it if the process dies.
             checkpoint_lock = prepare_checkpoint_dir(args.checkpoint_dir)
-        if args.mode == "train" and not args.resume:
+        if args.mode == "train" and not args.resume and args.checkpoint_dir:
             last = os.path.join(args.checkpoint_dir, "last.pth")
             if ctx.is_main and os.path.exists(last):
                 log_line(ctx, f"note: {last} exists and will be replaced; pass --resume to "
@@ -529,21 +693,27 @@ def run(args):
         data = load_data(args, ctx)
         nb_users, nb_items = data[0], data[1]
         model, ddp_model = build_model(args, nb_users, nb_items, ctx)
-        # Opened only once the data has loaded, so a mistyped --data leaves an existing log be.
+        log_line(ctx, str(model))
+        log_line(ctx, f"{sum(parameter.numel() for parameter in model.parameters())} parameters")
+        load_starting_weights(args, ctx, model, nb_users, nb_items)
+        logger = open_logger(args, ctx)
         try:
-            logger = JsonLogger(args.log_path if ctx.is_main else None, append=args.resume)
+            logger.log(PARAMETER, {**vars(args), "world_size": ctx.world_size,
+                                   "device": str(ctx.device), "mixed_precision": ctx.use_amp,
+                                   "nb_users": nb_users, "nb_items": nb_items})
+            log_metric_metadata(logger, args)
+            if args.mode == "test":
+                return run_test(args, ctx, model, data, logger)
+            check_epoch_holds_a_step(len(data[2]), args, ctx)
+            # Saved with the training state so --resume can refuse a different world size.
+            args.world_size = ctx.world_size
+            return train(args, ctx, model, ddp_model, data, logger, run_start)
         except OSError as error:
-            raise RunError(f"--log_path {args.log_path}: cannot write there ({error.strerror}); "
-                           f"pass --log_path with a writable file") from None
-        logger.log(PARAMETER, {**vars(args), "world_size": ctx.world_size,
-                               "device": str(ctx.device), "mixed_precision": ctx.use_amp,
-                               "nb_users": nb_users, "nb_items": nb_items})
-        if args.mode == "test":
-            return run_test(args, ctx, model, data)
-        check_epoch_holds_a_step(len(data[2]), args, ctx)
-        # Saved with the training state so --resume can refuse a different world size.
-        args.world_size = ctx.world_size
-        return train(args, ctx, model, ddp_model, data, logger)
+            if error.filename != logger.path:
+                raise
+            raise RunError(f"--log_path {args.log_path}: writing failed ({error.strerror}); the "
+                           f"checkpoints saved so far are complete; free space or pass "
+                           f"--log_path elsewhere") from None
     finally:
         if checkpoint_lock is not None:
             checkpoint_lock.close()

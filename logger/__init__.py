@@ -59,8 +59,12 @@ class JsonLogger:
                   "datetime": str(datetime.datetime.fromtimestamp(now)),
                   "elapsedtime": str(now - self.start), **fields}
         # Flushed and closed per record so a killed run keeps every epoch it finished.
-        with open(self.path, "a") as log_file:
-            log_file.write(PREFIX + json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as log_file:
+                log_file.write(PREFIX + json.dumps(record) + "\n")
+        except OSError as error:
+            # A full disk fails in write or close, whose errors name no file; name the log's.
+            raise OSError(error.errno, error.strerror, self.path) from None
 
 
 def read_log(path):

@@ -408,7 +408,7 @@ def time_evaluation(report, data, mode, trained, device, clock):
     repeats = max(1, min(EVAL_REPEATS, int(clock.allow("eval") / warm_seconds)))
     seconds = 0.0
     for _ in range(repeats):
-        elapsed, (hr, ndcg) = timed(evaluate, device)
+        elapsed, (hr, ndcg, _) = timed(evaluate, device)
         seconds += elapsed
     samples = data.test_items.numel() * repeats
     report.row({**row, "samples": samples, "seconds": seconds, "throughput": samples / seconds,
