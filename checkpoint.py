@@ -220,8 +220,8 @@ def _describe(value):
 
 
 CPU_RNG_BYTES = torch.get_rng_state().numel()
-BEST_NUMBERS = ("hr", "ndcg", "train_seconds")
-BEST_TIMES = ("time_to_best", "time_to_target")
+BEST_NUMBERS = ("hr", "ndcg", "train_seconds", "run_seconds")
+BEST_TIMES = ("time_to_best", "time_to_target", "train_time_to_best", "train_time_to_target")
 RECORD_NUMBERS = ("train_throughput", "eval_throughput")
 # Entry of last.pth: (what it must be, for the message; the test).
 TRAINING_STATE = {

@@ -554,10 +554,8 @@ def train(args, ctx, model, ddp_model, data, logger, run_start):
                             "train_time_to_best": None, "train_time_to_target": None}
     history = []
     if args.resume:
-        # Over the defaults: a last.pth saved before wall-clock times were kept lacks them.
-        first_epoch, saved_best, history = resume_state(args, ctx, model, optimizer, scaler,
-                                                        nb_users, nb_items, len(train_users))
-        best.update(saved_best)
+        first_epoch, best, history = resume_state(args, ctx, model, optimizer, scaler, nb_users,
+                                                  nb_items, len(train_users))
     # Wall-clock seconds as the original counts them (loading and evaluation included), carried
     # over from the processes a resumed run was made of, up to their last saved epoch.
     seconds_before = best["run_seconds"]

@@ -194,7 +194,7 @@ LAST_PTH_DAMAGE = [
     ("epoch as bool", set_entry(["epoch"], True), "epoch is True, expected a whole number"),
     ("epoch beyond history", set_entry(["epoch"], 5), "epoch is 5 but history holds 1 epochs"),
     ("best as list", set_entry(["best"], [0.5]), "best is a list of length 1, expected a dict"),
-    ("best without hr", delete_entry("best", "hr"), "best is a dict of length 5"),
+    ("best without hr", delete_entry("best", "hr"), "best is a dict of length 8"),
     ("best time as text", set_entry(["best", "time_to_best"], "soon"), "best is a dict"),
     ("history of None", set_entry(["history"], None), "history is None, expected a list"),
     ("history record without throughput", delete_entry("history", 0, "train_throughput"),
