@@ -30,7 +30,7 @@ def test_stress_distributed_counts_its_runs(tmp_path):
     assert [line.split(":")[0] for line in lines[:-1]] == ["run 1/1 train", "run 1/1 test"]
     assert all(": exit 0," in line for line in lines[:-1])
     assert lines[-1] == "2 runs, 0 failures"
-    assert sorted(os.listdir(tmp_path / "ck")) == ["last.pth", "model.pth"]
+    assert sorted(os.listdir(tmp_path / "ck")) == [".lock", "last.pth", "model.pth"]
 
 
 def test_stress_failure_rows_show_the_last_stderr_lines_escaped_for_the_table():
