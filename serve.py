@@ -91,14 +91,17 @@ def shown(text, limit=40):
 
 
 def whole_number(value, name, low, high, expected):
-    """The integer in a query parameter's text or a JSON body's value, refused unless it lies in
-    [low, high] (JSON's true and false are not numbers here)."""
-    if isinstance(value, str) and WHOLE_NUMBER.fullmatch(value):
-        value = int(value)
+    """`value`, a JSON number or a query parameter's text, refused unless it is an integer in
+    [low, high] (JSON's true and false and strings are not numbers here)."""
     if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
         return value
     text = value if isinstance(value, str) else json.dumps(value)
     raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: expected {expected}, got {shown(text)}")
+
+
+def from_query(text):
+    """A query parameter's text as an int when it spells one, else unchanged (to be refused)."""
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else text
 
 
 def parse_user(value, name="user"):
@@ -212,6 +215,9 @@ class Service:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+    # What an unparseable request line is answered in: HTTP/0.9, the default, has no status line
+    # and no headers, so the client could not tell the error from an answer.
+    default_request_version = "HTTP/1.0"
     server_version = "ncf-serve"
     # A client that stops sending mid-request is dropped after this many seconds.
     timeout = 30
@@ -228,7 +234,8 @@ class Handler(BaseHTTPRequestHandler):
             elif url.path == "/recommend" and method == "GET":
                 fields = query_fields(url.query)
                 payload = self.server.service.recommend(
-                    [parse_user(fields["user"])], parse_topk(fields.get("k", DEFAULT_TOPK)))[0]
+                    [parse_user(from_query(fields["user"]))],
+                    parse_topk(from_query(fields.get("k", str(DEFAULT_TOPK)))))[0]
             elif url.path == "/recommend" and method == "POST":
                 users, k = batch_request(self.read_body())
                 payload = {"recommendations": self.server.service.recommend(users, k)}
