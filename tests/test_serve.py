@@ -204,7 +204,7 @@ BAD_REQUESTS = [
     ("POST", "/recommend", b'{"users": []}', 400, "users: 0 ids, expected 1 to 256"),
     ("POST", "/recommend", json.dumps({"users": [55] * 257}).encode(), 400, "257 ids"),
     ("POST", "/recommend", b'{"users": [55, "101"]}', 400, "users[1]: expected a user id"),
-    ("POST", "/recommend", b'{"users": [true]}', 400, "users[0]: expected a user id (a 64-bit integer), got 'true'"),
+    ("POST", "/recommend", b'{"users": [true]}', 400, "users[0]: expected a user id (a 64-bit"),
     ("POST", "/recommend", b'{"users": [55.0]}', 400, "users[0]"),
     ("POST", "/recommend", b'{"users": [null]}', 400, "got 'null'"),
     ("POST", "/recommend", b'{"users": [1e400]}', 400, "users[0]"),
