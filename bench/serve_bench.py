@@ -1,17 +1,18 @@
 """Load test of serve.py on loopback: requests/s and latency percentiles of GET /recommend.
 
     python bench/serve_bench.py [--shapes ml-latest-small ml-20m] [--requests 2000]
-                                [--clients 1 4] [--topk 10]
+                                [--clients 1 4] [--topk 10] [--precision fp32 bf16]
 
 Per shape, a NeuMF with random weights (--factors 64, --layers 256 256 128 64) and random
 training data of the dataset's size (users, items, ratings) are written to a temporary
-directory; serve.py serves them on 127.0.0.1 in its own process. Then for each client count, that
-many threads, each on its own keep-alive connection, send a fixed total of --requests
-single-user requests for random known users, one after another (after 20 warm-up requests a
-client). Latency is per request, as the client sees it; requests/s is the total over the wall
-time. Every answer is checked (status 200, k items, no fallback). The server's CPU time per
-request (user + system, from /proc) is reported too: on a machine that other work keeps busy the
-rate and latencies fall with the share of the CPU left over, that figure much less.
+directory; serve.py serves them on 127.0.0.1 in its own process, once per --precision. Then
+for each client count, that many threads, each on its own keep-alive connection, send a fixed
+total of --requests single-user requests for random known users, one after another (after 20
+warm-up requests a client). Latency is per request, as the client sees it; requests/s is the
+total over the wall time. Every answer is checked (status 200, k items, no fallback). The
+server's CPU time per request (user + system, from /proc) is reported too: on a machine that
+other work keeps busy the rate and latencies fall with the share of the CPU left over, that
+figure much less.
 """
 import argparse
 import http.client
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4],
                         help="concurrent clients, one run each")
     parser.add_argument("-k", "--topk", type=int, default=10)
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                        default=["fp32", "bf16"], help="serve.py --precision, one server each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.requests < 1 or min(args.clients) < 1 or args.topk < 1:
@@ -61,7 +64,8 @@ def write_shape(directory, users, items, ratings, seed):
     train_items[-1] = items - 1
     test = torch.stack((torch.arange(users), torch.randint(0, items, (users,),
                                                             generator=generator)), dim=1)
-    tensors = {"train_ratings": torch.stack((train_users, train_items), dim=1), "test_ratings": test,
+    tensors = {"train_ratings": torch.stack((train_users, train_items), dim=1),
+               "test_ratings": test,
                "test_negatives": torch.randint(0, items, (users, 100), generator=generator),
                "user_ids": torch.arange(users) + 1, "item_ids": torch.arange(items) + 1}
     for name, tensor in tensors.items():
@@ -146,30 +150,38 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     print(f"serve.py on loopback, {cpu_model()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; GET /recommend?k={args.topk}")
-    print("| shape | users x items | clients | requests | requests/s | p50 ms | p99 ms | "
-          "server CPU ms/request |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("| shape | users x items | precision | clients | requests | requests/s | p50 ms | "
+          "p99 ms | server CPU ms/request |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for shape in args.shapes:
         users, items, ratings = SHAPES[shape]
         with tempfile.TemporaryDirectory(prefix="serve_bench_") as directory:
             checkpoint = write_shape(directory, users, items, ratings, args.seed)
-            port = free_port()
-            process = subprocess.Popen(
-                [sys.executable, os.path.join(REPO, "serve.py"), "--data", directory,
-                 "--load_checkpoint_path", checkpoint, "--port", str(port), "--device", "cpu"],
-                stdout=subprocess.DEVNULL)
-            try:
-                wait_for_health(process, port)
-                for clients in args.clients:
-                    cpu_before = cpu_seconds(process.pid)
-                    sent, rate, p50, p99 = load(port, users, clients, args.requests, args.topk,
-                                                generator)
-                    cpu = (cpu_seconds(process.pid) - cpu_before) * 1000 / sent
-                    print(f"| {shape} | {users:,} x {items:,} | {clients} | {args.requests:,} | "
-                          f"{rate:,.0f} | {p50:.1f} | {p99:.1f} | {cpu:.1f} |", flush=True)
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
+            for precision in args.precision:
+                serve(args, shape, directory, checkpoint, precision, generator)
+
+
+def serve(args, shape, directory, checkpoint, precision, generator):
+    """One serve.py process and a load run per client count against it."""
+    users, items, _ = SHAPES[shape]
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "serve.py"), "--data", directory,
+         "--load_checkpoint_path", checkpoint, "--port", str(port), "--device", "cpu",
+         "--precision", precision], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_health(process, port)
+        for clients in args.clients:
+            cpu_before = cpu_seconds(process.pid)
+            sent, rate, p50, p99 = load(port, users, clients, args.requests, args.topk,
+                                        generator)
+            cpu = (cpu_seconds(process.pid) - cpu_before) * 1000 / sent
+            print(f"| {shape} | {users:,} x {items:,} | {precision} | {clients} | "
+                  f"{args.requests:,} | {rate:,.0f} | {p50:.1f} | {p99:.1f} | {cpu:.1f} |",
+                  flush=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import serve
+from conftest import write_clustered_dataset
 from recommender import Recommender, load_titles
 from test_recommend import ITEM_IDS, TRAIN, USER_IDS, expected_top, model_for
 
@@ -372,3 +373,24 @@ def test_a_port_in_use_is_refused_in_one_line(tmp_path, capsys):
                                         files["checkpoint"], "--port", str(port),
                                         "--device", "cpu"])
     assert f"--port {port}: cannot listen there" in error
+
+
+def test_bf16_shortlist_gives_the_float32_answers(tmp_path):
+    """300 items: the bfloat16 shortlist (100 items for k <= 25) is a third of them, and the
+    items and scores returned are those of the float32 model."""
+    data = write_clustered_dataset(str(tmp_path), nb_users=40, nb_items=300, clusters=4,
+                                   per_user=60, negatives=5)
+    torch.save(torch.arange(40) + 1000, os.path.join(data, "user_ids.pt"))
+    torch.save(torch.arange(300) + 5000, os.path.join(data, "item_ids.pt"))
+    checkpoint = str(tmp_path / "model.pth")
+    torch.save(model_for(40, 300).state_dict(), checkpoint)
+    exact = Recommender(data, checkpoint)
+    shortlisted = Recommender(data, checkpoint, precision="bf16")
+    users = torch.arange(40)
+    for k in (1, 10, 25):
+        items, scores = exact.top_items(users, k)
+        fast_items, fast_scores = shortlisted.top_items(users, k)
+        assert torch.equal(fast_items, items)
+        torch.testing.assert_close(fast_scores, scores, rtol=0, atol=1e-6)
+    trained = shortlisted.trained.mask(users, 300)
+    assert not trained.gather(1, fast_items).any()
