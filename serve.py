@@ -168,7 +168,8 @@ class Service:
     def __init__(self, recommender, titles=None, fallback=True, concurrent_scorings=1):
         self.recommender = recommender
         self.item_ids = recommender.item_ids.tolist()
-        self.titles = None if titles is None else titles.to_dict()
+        # An empty title field reads as NaN, which JSON cannot carry.
+        self.titles = None if titles is None else titles.dropna().to_dict()
         self.fallback = fallback
         # More scorings at once than cores only makes each wait longer.
         self.scoring = threading.BoundedSemaphore(concurrent_scorings)

@@ -9,7 +9,8 @@ directory; serve.py serves them on 127.0.0.1 in its own process, once per --prec
 for each client count, that many threads, each on its own keep-alive connection, send a fixed
 total of --requests single-user requests for random known users, one after another (after 20
 warm-up requests a client). Latency is per request, as the client sees it; requests/s is the
-total over the wall time. Every answer is checked (status 200, k items, no fallback). The
+total over the wall time. Every answer is checked (status 200, k items, no fallback). A last run per server asks
+GET /health from one client: the cost of the HTTP server alone, without the model. The
 server's CPU time per request (user + system, from /proc) is reported too: on a machine that
 other work keeps busy the rate and latencies fall with the share of the CPU left over, that
 figure much less.
@@ -106,31 +107,36 @@ def cpu_seconds(pid):
 
 
 def client(port, users, topk, latencies, failures):
+    """Requests for `users` one after another on one connection; user None asks /health."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         for index, user in enumerate(users):
+            path = "/health" if user is None else f"/recommend?user={user}&k={topk}"
             start = time.perf_counter()
-            connection.request("GET", f"/recommend?user={user}&k={topk}")
+            connection.request("GET", path)
             response = connection.getresponse()
             body = response.read()
             elapsed = time.perf_counter() - start
             answer = json.loads(body)
-            if response.status != 200 or len(answer["items"]) != topk or answer["fallback"]:
-                failures.append(f"user {user}: status {response.status}, {body[:200]!r}")
+            if response.status != 200 or (user is not None and (
+                    len(answer["items"]) != topk or answer["fallback"])):
+                failures.append(f"{path}: status {response.status}, {body[:200]!r}")
             if index >= WARMUP_PER_CLIENT:
                 latencies.append(elapsed)
     finally:
         connection.close()
 
 
-def load(port, nb_users, clients, requests, topk, generator):
+def load(port, nb_users, clients, requests, topk, generator, health=False):
     """(requests sent, requests/s, p50 ms, p99 ms) of `requests` timed requests from `clients`
-    threads."""
+    threads; with health, of GET /health, which costs the HTTP server alone."""
     per_client = [requests // clients + (index < requests % clients) for index in range(clients)]
     latencies, failures = [], []
-    threads = [threading.Thread(target=client, args=(
-        port, (torch.randint(0, nb_users, (WARMUP_PER_CLIENT + count,), generator=generator) + 1)
-        .tolist(), topk, latencies, failures)) for count in per_client]
+    users = [[None] * (WARMUP_PER_CLIENT + count) if health else
+             (torch.randint(0, nb_users, (WARMUP_PER_CLIENT + count,), generator=generator) + 1)
+             .tolist() for count in per_client]
+    threads = [threading.Thread(target=client, args=(port, ids, topk, latencies, failures))
+               for ids in users]
     # The rate counts warm-up requests as the wall time does; the percentiles leave them out.
     start = time.perf_counter()
     for thread in threads:
@@ -171,13 +177,14 @@ def serve(args, shape, directory, checkpoint, precision, generator):
          "--precision", precision], stdout=subprocess.DEVNULL)
     try:
         wait_for_health(process, port)
-        for clients in args.clients:
+        for clients, health in [(count, False) for count in args.clients] + [(1, True)]:
             cpu_before = cpu_seconds(process.pid)
             sent, rate, p50, p99 = load(port, users, clients, args.requests, args.topk,
-                                        generator)
+                                        generator, health)
             cpu = (cpu_seconds(process.pid) - cpu_before) * 1000 / sent
-            print(f"| {shape} | {users:,} x {items:,} | {precision} | {clients} | "
-                  f"{args.requests:,} | {rate:,.0f} | {p50:.1f} | {p99:.1f} | {cpu:.1f} |",
+            what = f"{precision}, GET /health" if health else precision
+            print(f"| {shape} | {users:,} x {items:,} | {what} | {clients} | "
+                  f"{args.requests:,} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {cpu:.2f} |",
                   flush=True)
     finally:
         process.terminate()
