@@ -17,3 +17,8 @@ WORKDIR /workspace/recommendation
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY . .
+
+# The same image serves a trained model (README: Serving); serve.py needs nothing more:
+#   docker run -it --rm -p 8000:8000 -v /path/to/data:/data ncf python serve.py \
+#       --data /data/cache/ml-20m --load_checkpoint_path /data/checkpoints/model.pth --host 0.0.0.0
+EXPOSE 8000

@@ -10,22 +10,17 @@ sigmoid output. Every item is scored for a user in one pass of the factored mode
 import os
 import sys
 
-import pandas as pd
 import torch
 from tqdm import tqdm
 
 import cli
 import dataloading
 import scoring
-from checkpoint import CheckpointError, check_matches, load_model
+from checkpoint import CheckpointError
 from fileio import atomic_output
+from recommender import Recommender, RecommendError, load_titles
 
 PROG = "recommend.py"
-ID_FILES = ("user_ids.pt", "item_ids.pt")
-
-
-class RecommendError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -55,76 +50,6 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     return args
-
-
-class Recommender:
-    """A model with the data it was trained on: scores users, hides their training items."""
-
-    def __init__(self, data_dir, checkpoint_path, device="cpu"):
-        train, _, _, nb_users, nb_items = dataloading.open_dataset(data_dir)[:5]
-        self.user_ids, self.item_ids = (dataloading.load_tensor(data_dir, name, 1)
-                                      for name in ID_FILES)
-        for name, ids, count in (("user_ids.pt", self.user_ids, nb_users),
-                                 ("item_ids.pt", self.item_ids, nb_items)):
-            if len(ids) != count:
-                raise RecommendError(f"{os.path.join(data_dir, name)}: has {len(ids)} ids but the "
-                                     f"ratings have {count}; re-run convert.py on this directory")
-        model = load_model(checkpoint_path, device).eval()
-        check_matches(model.state_dict(), checkpoint_path, nb_users, nb_items)
-        self.scorer = scoring.FactoredScorer(model)
-        self.trained = scoring.TrainingItems(train[:, 0].to(device), train[:, 1].to(device),
-                                             nb_users)
-        self.device = device
-        self.data_dir = data_dir
-
-    def dense_users(self, original_ids):
-        """Dense ids of the given original user ids, refusing any that the data does not hold."""
-        position = {int(user): dense for dense, user in enumerate(self.user_ids.tolist())}
-        unknown = [user for user in original_ids if user not in position]
-        if unknown:
-            raise RecommendError(
-                f"--users: unknown user id {unknown[0]}: not among the {len(self.user_ids)} users "
-                f"of {self.data_dir} (convert.py drops users with fewer than --min_ratings "
-                f"ratings); pass ids of users kept there")
-        return torch.tensor([position[user] for user in original_ids], dtype=torch.int64)
-
-    def top_items(self, users, topk):
-        """(dense items, sigmoid scores), [len(users), k] each, best first; a user with fewer
-        than k untrained items has its last entries' items set to -1."""
-        users = users.to(self.device)
-        nb_items = len(self.item_ids)
-        with torch.inference_mode():
-            items, scores = scoring.top_items(self.scorer(users),
-                                              self.trained.mask(users, nb_items), topk)
-            return items.cpu(), torch.sigmoid(scores).cpu()
-
-    def table(self, users, topk):
-        """One row per recommendation: userId, rank (from 1), movieId, score."""
-        items, scores = self.top_items(users, topk)
-        kept = items >= 0
-        rows, columns = kept.nonzero(as_tuple=True)
-        return pd.DataFrame({
-            "userId": self.user_ids[users[rows]].numpy(),
-            "rank": (columns + 1).numpy(),
-            "movieId": self.item_ids[items[kept]].numpy(),
-            "score": scores[kept].numpy(),
-        })
-
-
-def load_titles(path):
-    """movieId -> title from a MovieLens movies.csv."""
-    if not os.path.isfile(path):
-        raise RecommendError(f"--movies {path}: not found; pass MovieLens movies.csv")
-    try:
-        movies = pd.read_csv(path, usecols=["movieId", "title"])
-    except (ValueError, pd.errors.ParserError) as error:
-        reason = str(error).splitlines()[0]
-        raise RecommendError(f"--movies {path}: expected MovieLens movies.csv with columns "
-                             f"movieId,title ({reason}); pass that file") from None
-    except OSError as error:
-        raise RecommendError(f"--movies {path}: cannot read ({error.strerror}); pass a "
-                             f"readable movies.csv") from None
-    return movies.drop_duplicates("movieId").set_index("movieId")["title"]
 
 
 def add_titles(table, titles):

@@ -1,0 +1,121 @@
+"""A trained NeuMF with the data it was trained on, answering in the original user and movie ids:
+what recommend.py prints and serve.py serves.
+
+Items a user rated in training are never recommended. Every item is scored for a user in one pass
+of the factored model (scoring.py), whose item side is computed once when the Recommender is
+built.
+"""
+import copy
+import os
+
+import pandas as pd
+import torch
+
+import dataloading
+import scoring
+from checkpoint import check_matches, load_model
+
+ID_FILES = ("user_ids.pt", "item_ids.pt")
+# With precision bf16, the items rescored in float32 for a top-k: max(SHORTLIST_MIN,
+# SHORTLIST_PER_K * k) of the best by bfloat16 scores.
+SHORTLIST_MIN = 100
+SHORTLIST_PER_K = 4
+
+
+class RecommendError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+class Recommender:
+    """A model with the data it was trained on: scores users, hides their training items."""
+
+    def __init__(self, data_dir, checkpoint_path, device="cpu", precision="fp32"):
+        train, _, _, nb_users, nb_items = dataloading.open_dataset(data_dir)[:5]
+        self.user_ids, self.item_ids = (dataloading.load_tensor(data_dir, name, 1)
+                                      for name in ID_FILES)
+        for name, ids, count in (("user_ids.pt", self.user_ids, nb_users),
+                                 ("item_ids.pt", self.item_ids, nb_items)):
+            if len(ids) != count:
+                raise RecommendError(f"{os.path.join(data_dir, name)}: has {len(ids)} ids but the "
+                                     f"ratings have {count}; re-run convert.py on this directory")
+        model = load_model(checkpoint_path, device).eval()
+        check_matches(model.state_dict(), checkpoint_path, nb_users, nb_items)
+        self.scorer = scoring.FactoredScorer(model)
+        # bfloat16 products run several times faster where the hardware has them (AMX on Xeon
+        # Sapphire Rapids and later, tensor cores on GPUs): they pick a shortlist, float32
+        # scores and orders it, so every score returned is the float32 model's.
+        self.shortlist_scorer = (scoring.FactoredScorer(copy.deepcopy(model).bfloat16())
+                                 if precision == "bf16" else None)
+        self.trained = scoring.TrainingItems(train[:, 0].to(device), train[:, 1].to(device),
+                                             nb_users)
+        # Ties go to the lower dense id: a stable sort keeps the answer the same run to run.
+        self.ratings = torch.bincount(train[:, 1], minlength=nb_items)
+        self.most_rated = torch.sort(self.ratings, descending=True, stable=True).indices
+        self.position = {int(user): dense for dense, user in enumerate(self.user_ids.tolist())}
+        self.device = device
+        self.data_dir = data_dir
+
+    def dense_user(self, original_id):
+        """The dense id of an original user id, None when the data does not hold that user."""
+        return self.position.get(original_id)
+
+    def dense_users(self, original_ids):
+        """Dense ids of the given original user ids, refusing any that the data does not hold."""
+        unknown = [user for user in original_ids if user not in self.position]
+        if unknown:
+            raise RecommendError(
+                f"--users: unknown user id {unknown[0]}: not among the {len(self.user_ids)} users "
+                f"of {self.data_dir} (convert.py drops users with fewer than --min_ratings "
+                f"ratings)")
+        return torch.tensor([self.position[user] for user in original_ids], dtype=torch.int64)
+
+    def top_items(self, users, topk):
+        """(dense items, sigmoid scores), [len(users), k] each, best first; a user with fewer
+        than k untrained items has its last entries' items set to -1."""
+        users = users.to(self.device)
+        nb_items = len(self.item_ids)
+        excluded = self.trained.mask(users, nb_items)
+        with torch.inference_mode():
+            if self.shortlist_scorer is None:
+                items, scores = scoring.top_items(self.scorer(users), excluded, topk)
+            else:
+                size = min(nb_items, max(SHORTLIST_MIN, SHORTLIST_PER_K * topk))
+                shortlist, _ = scoring.top_items(self.shortlist_scorer(users).float(), excluded,
+                                                 size)
+                scores = self.scorer.candidates(users, shortlist.clamp(min=0))
+                picked, scores = scoring.top_items(scores, shortlist < 0, topk)
+                items = shortlist.gather(1, picked.clamp(min=0)).masked_fill(picked < 0, -1)
+            return items.cpu(), torch.sigmoid(scores).cpu()
+
+    def popular_items(self, topk):
+        """(dense items, training ratings of each) of the k most-rated items, most first: the
+        answer for a user the model does not know."""
+        items = self.most_rated[:topk]
+        return items, self.ratings[items]
+
+    def table(self, users, topk):
+        """One row per recommendation: userId, rank (from 1), movieId, score."""
+        items, scores = self.top_items(users, topk)
+        kept = items >= 0
+        rows, columns = kept.nonzero(as_tuple=True)
+        return pd.DataFrame({
+            "userId": self.user_ids[users[rows]].numpy(),
+            "rank": (columns + 1).numpy(),
+            "movieId": self.item_ids[items[kept]].numpy(),
+            "score": scores[kept].numpy(),
+        })
+
+
+def load_titles(path):
+    """movieId -> title from a MovieLens movies.csv."""
+    if not os.path.isfile(path):
+        raise RecommendError(f"--movies {path}: not found; pass MovieLens movies.csv")
+    try:
+        movies = pd.read_csv(path, usecols=["movieId", "title"])
+    except (ValueError, pd.errors.ParserError) as error:
+        reason = str(error).splitlines()[0]
+        raise RecommendError(f"--movies {path}: expected MovieLens movies.csv with columns "
+                             f"movieId,title ({reason})") from None
+    except OSError as error:
+        raise RecommendError(f"--movies {path}: cannot read ({error.strerror})") from None
+    return movies.drop_duplicates("movieId").set_index("movieId")["title"]
