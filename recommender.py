@@ -66,7 +66,7 @@ class Recommender:
             raise RecommendError(
                 f"--users: unknown user id {unknown[0]}: not among the {len(self.user_ids)} users "
                 f"of {self.data_dir} (convert.py drops users with fewer than --min_ratings "
-                f"ratings)")
+                f"ratings); pass ids of users kept there")
         return torch.tensor([self.position[user] for user in original_ids], dtype=torch.int64)
 
     def top_items(self, users, topk):
@@ -115,7 +115,8 @@ def load_titles(path):
     except (ValueError, pd.errors.ParserError) as error:
         reason = str(error).splitlines()[0]
         raise RecommendError(f"--movies {path}: expected MovieLens movies.csv with columns "
-                             f"movieId,title ({reason})") from None
+                             f"movieId,title ({reason}); pass that file") from None
     except OSError as error:
-        raise RecommendError(f"--movies {path}: cannot read ({error.strerror})") from None
+        raise RecommendError(f"--movies {path}: cannot read ({error.strerror}); pass a "
+                             f"readable movies.csv") from None
     return movies.drop_duplicates("movieId").set_index("movieId")["title"]
