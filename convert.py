@@ -26,7 +26,6 @@ Output in DIR (int64 tensors, loadable with torch.load(..., weights_only=True)):
     .converting        present only while a conversion writes (or after one was killed); ncf.py
                        and recommend.py refuse the directory while it is there
 """
-import argparse
 import contextlib
 import json
 import os
@@ -37,6 +36,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import cli
 from dataloading import CONVERTING, METADATA, tensors_fingerprint
 from fileio import atomic_output, make_writable_dir
 from load import DataError, load_ratings
@@ -242,13 +242,8 @@ def _test_negatives(pairs, test, nb_items, valid_negative, seed, disable):
     return negatives
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        _fail(f"{message}; see --help")
-
-
 def _parser():
-    parser = _Parser(prog=PROG, description="Preprocess a ratings file for ncf.py.")
+    parser = cli.ArgumentParser(prog=PROG, description="Preprocess a ratings file for ncf.py.")
     parser.add_argument("--path", default="/data/ml-20m/ratings.csv",
                         help="ratings file (u.data, ratings.dat, ratings.csv or a CSV read with "
                         "the column flags or --first_columns)")

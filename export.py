@@ -19,7 +19,6 @@ The checkpoint is refused as ncf.py and recommend.py refuse it, including one ma
 dataset than DIR. The written file is loaded back and run on batches of 1 and 1,000 pairs: the
 export fails, leaving nothing at --output, unless it matches the model within 1e-5.
 """
-import argparse
 import importlib
 import os
 import sys
@@ -27,6 +26,7 @@ import warnings
 
 import torch
 
+import cli
 import dataloading
 from checkpoint import CheckpointError, check_matches, load_model
 from fileio import atomic_output
@@ -42,14 +42,8 @@ class ExportError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{PROG}: error: {message}; see --help", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--load_checkpoint_path", required=True,
                         help="model.pth written by ncf.py")
     parser.add_argument("--data", required=True,

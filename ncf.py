@@ -4,7 +4,6 @@
     python ncf.py --data DIR --mode test --load_checkpoint_path model.pth
     torchrun --nproc_per_node=N ncf.py --data DIR # one process per GPU (NCCL) or CPU share (gloo)
 """
-import argparse
 import datetime
 import math
 import os
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
 import dataloading
 import scoring
 from checkpoint import (CheckpointError, atomic_save, check_matches, check_training_state,
@@ -42,15 +42,8 @@ class RunError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """A flag error is one line on stderr, as every other refusal (argparse adds the usage)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
-
-
 def parse_args(argv=None):
-    parser = OneLineParser(prog="ncf.py",
+    parser = cli.ArgumentParser(prog="ncf.py",
                            description="Train a Neural Collaborative Filtering model")
     parser.add_argument("--data", type=str, required=True,
                         help="directory with the files convert.py writes")

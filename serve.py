@@ -19,7 +19,6 @@ to fix it>"}; the server goes on serving.
 Only the Python standard library serves HTTP: a request costs the model milliseconds and the
 server tens of microseconds (README), and the Docker image runs it with nothing more installed.
 """
-import argparse
 import json
 import re
 import signal
@@ -32,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
+import cli
 import dataloading
 from checkpoint import CheckpointError
 from recommender import Recommender, RecommendError, load_titles
@@ -56,14 +56,8 @@ class RequestError(Exception):
         self.status = status
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{PROG}: error: {message}; see --help", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="directory written by convert.py")
     parser.add_argument("--load_checkpoint_path", required=True,
                         help="model.pth written by ncf.py")
