@@ -110,7 +110,7 @@ def run_baseline(train, test, negatives, nb_users, nb_items, args):
 
 
 def run_ours(train, test, negatives, nb_users, nb_items, args):
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, False, False)
+    ctx = ncf.Context(torch.device("cpu"), 0, 1, False)
     run_args = ncf.parse_args(["--data", "-", "-b", str(args.batch_size), "--valid_batch_size",
                                str(args.valid_batch_size)])
     model, ddp_model = ncf.build_model(run_args, nb_users, nb_items, ctx)
