@@ -148,7 +148,7 @@ def check_training_state(state, path):
         raise refuse(f"epoch is {state['epoch']} but history holds {len(state['history'])} "
                      f"epochs")
     if state["precision"] == "float16" and not all(_is_number(state["scaler"].get(key))
-                                            for key in SCALER_NUMBERS):
+                                                   for key in SCALER_NUMBERS):
         raise refuse("scaler lacks the loss scale of a mixed-precision run")
     problem = _optimizer_problem(state["optimizer"],
                                  list(neumf_shapes(model_state(state, path), path).values()))

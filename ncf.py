@@ -552,7 +552,7 @@ def run(args):
         if wants_mixed_precision(args) and ctx.autocast_dtype is None:
             log_line(ctx, "note: mixed precision (--opt_level O2, --amp) needs CUDA or a CPU with "
                           "bf16 units (AMX, AVX512_BF16); training in float32 on this CPU")
-        elif ctx.autocast_dtype == torch.bfloat16:
+        elif ctx.autocast_dtype == torch.bfloat16 and args.mode == "train":
             log_line(ctx, "note: training under bfloat16 autocast (--opt_level O2 on a CPU with "
                           "bf16 units); --opt_level O0 trains in float32")
         data = load_data(args, ctx)
