@@ -147,8 +147,8 @@ def check_training_state(state, path):
     if len(state["history"]) != state["epoch"]:
         raise refuse(f"epoch is {state['epoch']} but history holds {len(state['history'])} "
                      f"epochs")
-    if state["mixed_precision"] and not all(_is_number(state["scaler"].get(key))
-                                            for key in SCALER_NUMBERS):
+    if state["precision"] == "float16" and not all(_is_number(state["scaler"].get(key))
+                                                   for key in SCALER_NUMBERS):
         raise refuse("scaler lacks the loss scale of a mixed-precision run")
     problem = _optimizer_problem(state["optimizer"],
                                  list(neumf_shapes(model_state(state, path), path).values()))
@@ -223,6 +223,7 @@ CPU_RNG_BYTES = torch.get_rng_state().numel()
 BEST_NUMBERS = ("hr", "ndcg", "train_seconds", "run_seconds")
 BEST_TIMES = ("time_to_best", "time_to_target", "train_time_to_best", "train_time_to_target")
 RECORD_NUMBERS = ("train_throughput", "eval_throughput")
+PRECISIONS = ("float32", "bfloat16", "float16")
 # Entry of last.pth: (what it must be, for the message; the test).
 TRAINING_STATE = {
     "model": ("a NeuMF state_dict", lambda value: isinstance(value, dict)),
@@ -247,7 +248,8 @@ TRAINING_STATE = {
                  for key in ("nb_users", "nb_items", "nb_train"))),
     "rng": (f"{{'torch': a uint8 tensor of {CPU_RNG_BYTES} bytes, 'cuda': None or a uint8 "
             f"tensor}}", _is_rng_state),
-    "mixed_precision": ("True or False", lambda value: isinstance(value, bool)),
+    "precision": (f"one of {', '.join(PRECISIONS)}",
+                  lambda value: isinstance(value, str) and value in PRECISIONS),
 }
 
 

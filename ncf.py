@@ -126,7 +126,14 @@ class Context:
     rank: int
     world_size: int
     is_main: bool
-    use_amp: bool
+    # None trains in float32; float16 (CUDA, with loss scaling) or bfloat16 (a CPU with
+    # native bf16 units) trains under autocast in that type.
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def precision(self):
+        """The name checkpoints and logs record: float32, float16 or bfloat16."""
+        return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
 
 
 def init_distributed(args):
@@ -153,12 +160,25 @@ def init_distributed(args):
     if world_size > 1:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
-    return Context(device, rank, world_size, rank == 0, wants_mixed_precision(args) and
-                   device.type == "cuda")
+    return Context(device, rank, world_size, rank == 0, mixed_precision_dtype(args, device))
 
 
 def wants_mixed_precision(args):
     return args.amp or args.opt_level == "O2"
+
+
+def mixed_precision_dtype(args, device):
+    """The autocast dtype --opt_level/--amp asks for on `device`; None is float32."""
+    if not wants_mixed_precision(args):
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    # bf16 emulated on a CPU without bf16 units (AVX2 only) ran about 20x slower than float32.
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16():
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def log_line(ctx, message):
@@ -270,6 +290,11 @@ def check_epoch_holds_a_step(nb_positives, args, ctx):
             f"use -b {fitting} or smaller")
 
 
+def grad_scaler(ctx):
+    """Dynamic loss scaling where float16's range needs it; bfloat16 has float32's range."""
+    return torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
+
+
 def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items, epoch, args,
                 ctx):
     """One epoch; returns the mean training loss over all ranks."""
@@ -290,7 +315,8 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
             last_piece = index == len(pieces) - 1
             sync = nullcontext() if last_piece or ctx.world_size == 1 else ddp_model.no_sync()
             with sync:
-                with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=ctx.use_amp):
+                with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype,
+                                    enabled=ctx.autocast_dtype is not None):
                     logits = ddp_model(user, item).view(-1)
                     loss = F.binary_cross_entropy_with_logits(logits.float(), label.float())
                     loss = loss * weight
@@ -348,8 +374,9 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
     rows_per_batch = max(1, samples_per_batch // nb_candidates)
     ranks = torch.zeros(nb_users, dtype=torch.int64, device=ctx.device)
     loss_sums = torch.zeros(nb_users, dtype=torch.float64, device=ctx.device)
+    # Not in bfloat16: its 8-bit mantissa ties logits that float32 and float16 tell apart.
     with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=torch.float16,
-                                                enabled=ctx.use_amp):
+                                                enabled=ctx.autocast_dtype == torch.float16):
         # The same logits as model(user, item), with the item half of the first MLP layer
         # computed once per item instead of once per candidate: about twice the speed.
         scorer = scoring.FactoredScorer(model)
@@ -423,7 +450,7 @@ def save_checkpoint(path, model, optimizer, scaler, history, best, args, ctx, nb
         "best": best,
         "history": history,
         "args": vars(args),
-        "mixed_precision": ctx.use_amp,
+        "precision": ctx.precision,
         "data": {"nb_users": nb_users, "nb_items": nb_items, "nb_train": nb_train,
                  "fingerprint": args.data_fingerprint},
         "rng": {"torch": torch.get_rng_state(),
@@ -450,11 +477,10 @@ def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_tra
     path = os.path.join(args.checkpoint_dir, "last.pth")
     state = load_checkpoint(path)
     check_training_state(state, path)
-    if state["mixed_precision"] != ctx.use_amp:
-        saved, now = ("mixed precision" if flag else "float32"
-                      for flag in (state["mixed_precision"], ctx.use_amp))
-        raise RunError(f"{path}: the saved run trained in {saved}, this one would train in {now} "
-                       f"(on {ctx.device.type}); resume on the same kind of device with the same "
+    if state["precision"] != ctx.precision:
+        raise RunError(f"{path}: the saved run trained in {state['precision']}, this one would "
+                       f"train in {ctx.precision} (on {ctx.device.type}); resume on the same kind "
+                       f"of device (CUDA, CPU with or without bf16 units) with the same "
                        f"--opt_level/--amp")
     saved_data = state["data"]
     check_matches(model_state(state, path), path, nb_users, nb_items)
@@ -541,7 +567,7 @@ def train(args, ctx, model, ddp_model, data, logger, run_start):
     nb_users, nb_items, train_users, train_items, *test_data = data
     nb_samples = samples_per_epoch(len(train_users), args)
     optimizer = build_optimizer(args, model)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.use_amp)
+    scaler = grad_scaler(ctx)
     first_epoch, best = 0, {"hr": 0.0, "ndcg": 0.0, "epoch": -1, "train_seconds": 0.0,
                             "run_seconds": 0.0, "time_to_best": None, "time_to_target": None,
                             "train_time_to_best": None, "train_time_to_target": None}
@@ -561,9 +587,10 @@ def train(args, ctx, model, ddp_model, data, logger, run_start):
                                  nb_items, epoch, args, ctx)
         synchronize(ctx)
         train_time = time.time() - start
-        # Under mixed precision an overflowing step is skipped by the scaler, so only weights
-        # gone non-finite mean the run is lost; in float32 a non-finite loss already does.
-        if not parameters_are_finite(model) or (not ctx.use_amp and not math.isfinite(train_loss)):
+        # Under float16 loss scaling an overflowing step is skipped by the scaler, so only
+        # weights gone non-finite mean the run is lost; otherwise a non-finite loss already does.
+        if not parameters_are_finite(model) or (not scaler.is_enabled()
+                                                and not math.isfinite(train_loss)):
             kept = (f"{last_path} still holds epoch {epoch - 1}" if args.checkpoint_dir and
                     epoch > first_epoch else "nothing of this run was saved")
             raise RunError(f"epoch {epoch}: training diverged (loss {train_loss}); {kept}; "
@@ -678,9 +705,12 @@ def run(args):
             if ctx.is_main and os.path.exists(last):
                 log_line(ctx, f"note: {last} exists and will be replaced; pass --resume to "
                               f"continue it instead")
-        if wants_mixed_precision(args) and not ctx.use_amp:
-            log_line(ctx, "note: mixed precision (--opt_level O2, --amp) applies on CUDA only; "
-                          "training in float32 on the CPU")
+        if wants_mixed_precision(args) and ctx.autocast_dtype is None:
+            log_line(ctx, "note: mixed precision (--opt_level O2, --amp) needs CUDA or a CPU with "
+                          "bf16 units (AMX, AVX512_BF16); training in float32 on this CPU")
+        elif ctx.autocast_dtype == torch.bfloat16 and args.mode == "train":
+            log_line(ctx, "note: training under bfloat16 autocast (--opt_level O2 on a CPU with "
+                          "bf16 units); --opt_level O0 trains in float32")
         data = load_data(args, ctx)
         nb_users, nb_items = data[0], data[1]
         model, ddp_model = build_model(args, nb_users, nb_items, ctx)
@@ -690,7 +720,7 @@ def run(args):
         logger = open_logger(args, ctx)
         try:
             logger.log(PARAMETER, {**vars(args), "world_size": ctx.world_size,
-                                   "device": str(ctx.device), "mixed_precision": ctx.use_amp,
+                                   "device": str(ctx.device), "precision": ctx.precision,
                                    "nb_users": nb_users, "nb_items": nb_items})
             log_metric_metadata(logger, args)
             if args.mode == "test":

@@ -174,8 +174,7 @@ def part_two(args):
     # users x 101 candidates a chunk of rows at a time.
     users, items, duplicates = dataloading.create_test_data(test, negatives)
     eval_args = ncf.parse_args(["--data", args.data, "--topk", str(args.topk)])
-    context = ncf.Context(device=torch.device("cpu"), rank=0, world_size=1, is_main=True,
-                          use_amp=False)
+    context = ncf.Context(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
     sampled = ncf.val_epoch(model, users, items, duplicates, eval_args, context)
     start = time.perf_counter()
     ranks = scoring.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])

@@ -6,7 +6,8 @@
 
 Runs, in order: convert.py on generated ratings (bench/convert_bench.py), training and
 evaluation throughput with peak memory against a faithful baseline of the original
-(bench/train_bench.py), and the forward-pass benchmark (inference.py).
+and against the machine's own matrix-product rate, in float32 and in bfloat16 autocast where
+the CPU has bf16 units (bench/train_bench.py), and the forward-pass benchmark (inference.py).
 """
 import argparse
 import os
@@ -46,7 +47,11 @@ def main(argv=None):
         variant = result["variant"]
         rows += [(f"training, {variant}", f"{result['train_samples_per_s']:,.0f} samples/s"),
                  (f"evaluation, {variant}", f"{result['eval_samples_per_s']:,.0f} samples/s"),
-                 (f"peak RSS, {variant}", f"{result['peak_rss_gb']:.2f} GB")]
+                 (f"peak RSS, {variant}", f"{result['peak_rss_gb']:.2f} GB"),
+                 (f"training, {variant}, share of the matrix-product limit",
+                  f"{result['matmul_limit_share']:.0%} of "
+                  f"{result['matmul_limit_samples_per_s']:,.0f} samples/s ({result['precision']} "
+                  f"products at {result['matmul_gflops']:,.0f} GFLOP/s)")]
     for result in forward:
         rows.append((f"inference fp32, batch {result['batch_size']:,}",
                      f"{result['throughput']:,.0f} samples/s, mean {result['latency_mean_ms']:.1f} ms"))

@@ -1,5 +1,6 @@
-"""Training and evaluation throughput and peak memory at the ml-20m shape, ours vs a faithful
-baseline of the original, each in its own process so peak RSS belongs to one of them.
+"""Training and evaluation throughput and peak memory at the ml-20m shape, ours (float32 and
+bfloat16 autocast) vs a faithful baseline of the original, each in its own process so peak RSS
+belongs to one of them.
 
     python bench/train_bench.py                 # 138,493 users, 26,744 items, 11 M positives
     python bench/train_bench.py --quick         # a small shape, seconds (smoke test)
@@ -11,9 +12,15 @@ Ours is `ncf.train_epoch` / `ncf.val_epoch` on the same data and the same model 
 Training is timed over a few optimiser steps (an epoch of 55 M samples takes many minutes on a
 laptop CPU): the baseline's --steps steps after a warm-up step; ours a train_epoch of
 --steps + 1 batches, building its samples included. samples/s = batch size x steps / time.
+
+Each variant also times, in its own process, the matrix products a training sample needs (every
+Linear's forward, input-gradient and weight-gradient products, in its precision): the samples/s
+the machine would reach if training did nothing else, and the share of it training reaches.
+ours-bf16 is what --opt_level O2 trains in on a CPU with bf16 units; it is skipped elsewhere.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -27,8 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dataloading  # noqa: E402
+import inference  # noqa: E402
 import ncf  # noqa: E402
 from neumf import NeuMF  # noqa: E402
+
+MF_DIM, LAYERS = 64, [256, 256, 128, 64]
+# The autocast dtype each variant trains in; None is float32.
+VARIANT_DTYPES = {"baseline": None, "ours": None, "ours-bf16": torch.bfloat16}
 
 
 def make_data(nb_users, nb_items, nb_positives, seed=0):
@@ -72,7 +84,7 @@ def baseline_epoch_tensors(train, nb_items, negative_samples):
 
 def run_baseline(train, test, negatives, nb_users, nb_items, args):
     torch.manual_seed(1)
-    model = OriginalNeuMF(nb_users, nb_items, 64, [256, 256, 128, 64], dropout=0.5)
+    model = OriginalNeuMF(nb_users, nb_items, MF_DIM, LAYERS, dropout=0.5)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0045, betas=(0.25, 0.5), eps=1e-8,
                                  fused=True)
     users, items, labels = baseline_epoch_tensors(train, nb_items, 4)
@@ -110,12 +122,12 @@ def run_baseline(train, test, negatives, nb_users, nb_items, args):
 
 
 def run_ours(train, test, negatives, nb_users, nb_items, args):
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, False, False)
+    ctx = ncf.Context(torch.device("cpu"), 0, 1, False, VARIANT_DTYPES[args.child])
     run_args = ncf.parse_args(["--data", "-", "-b", str(args.batch_size), "--valid_batch_size",
                                str(args.valid_batch_size)])
     model, ddp_model = ncf.build_model(run_args, nb_users, nb_items, ctx)
     optimizer = ncf.build_optimizer(run_args, model)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = ncf.grad_scaler(ctx)
     train_users, train_items = train[:, 0].int(), train[:, 1].int()
     # Train over a prefix of the positives that holds exactly steps + 1 batches, so the
     # epoch's data pipeline is paid for in proportion, as in a full epoch.
@@ -139,13 +151,57 @@ def run_ours(train, test, negatives, nb_users, nb_items, args):
     return train_rate, eval_rate
 
 
+def linear_shapes(mf_dim=MF_DIM, layers=LAYERS):
+    """(fan_in, fan_out) of every Linear of NeuMF: the MLP's, then the final layer."""
+    return list(zip(layers[:-1], layers[1:])) + [(layers[-1] + mf_dim, 1)]
+
+
+def matmul_flops_per_sample(shapes):
+    """Three products per Linear (forward, input gradient, weight gradient; the first layer's
+    input gradient trains the embeddings), 2 FLOPs per multiply-add."""
+    return sum(3 * 2 * fan_in * fan_out for fan_in, fan_out in shapes)
+
+
+def matmul_seconds_per_sample(dtype, rows, shapes, repeats=3):
+    """Best time per sample of the products matmul_flops_per_sample counts, on `rows` samples
+    at once (the pieces train_epoch feeds the model on a CPU)."""
+    generator = torch.Generator().manual_seed(0)
+    operands = []
+    for fan_in, fan_out in shapes:
+        activation = torch.randn(rows, fan_in, generator=generator).to(dtype)
+        gradient = torch.randn(rows, fan_out, generator=generator).to(dtype)
+        weight = torch.randn(fan_out, fan_in, generator=generator).to(dtype)
+        operands.append((activation, gradient, weight))
+
+    def products():
+        for activation, gradient, weight in operands:
+            torch.mm(activation, weight.T)
+            torch.mm(gradient, weight)
+            torch.mm(gradient.T, activation)
+
+    products()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        products()
+        best = min(best, time.perf_counter() - start)
+    return best / rows
+
+
 def child(args):
     train, test, negatives = make_data(args.users, args.items, args.positives)
     runner = run_baseline if args.child == "baseline" else run_ours
     train_rate, eval_rate = runner(train, test, negatives, args.users, args.items, args)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    dtype = VARIANT_DTYPES[args.child] or torch.float32
+    shapes = linear_shapes()
+    seconds = matmul_seconds_per_sample(dtype, min(args.batch_size, ncf.CPU_CHUNK), shapes)
     print(json.dumps({"variant": args.child, "train_samples_per_s": train_rate,
-                      "eval_samples_per_s": eval_rate, "peak_rss_gb": peak_gb}))
+                      "eval_samples_per_s": eval_rate, "peak_rss_gb": peak_gb,
+                      "precision": str(dtype).removeprefix("torch."),
+                      "matmul_gflops": matmul_flops_per_sample(shapes) / seconds / 1e9,
+                      "matmul_limit_samples_per_s": 1 / seconds,
+                      "matmul_limit_share": train_rate * seconds}))
 
 
 def parse_args(argv=None):
@@ -157,9 +213,9 @@ def parse_args(argv=None):
     parser.add_argument("--valid_batch_size", type=int, default=2 ** 20)
     parser.add_argument("--steps", type=int, default=2, help="timed optimiser steps")
     parser.add_argument("--quick", action="store_true", help="a small shape for smoke tests")
-    parser.add_argument("--variants", nargs="+", default=["baseline", "ours"],
-                        choices=["baseline", "ours"])
-    parser.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANT_DTYPES),
+                        choices=list(VARIANT_DTYPES))
+    parser.add_argument("--child", choices=list(VARIANT_DTYPES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.items, args.positives = 2_000, 1_000, 60_000
@@ -173,8 +229,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(args)
+    variants = args.variants
+    if "ours-bf16" in variants and not ncf.cpu_has_native_bf16():
+        print("ours-bf16 skipped: this CPU has no bf16 units (AMX or AVX512_BF16), so "
+              "--opt_level O2 trains in float32 here")
+        variants = [variant for variant in variants if variant != "ours-bf16"]
     results = []
-    for variant in args.variants:
+    for variant in variants:
         command = [sys.executable, os.path.abspath(__file__), "--child", variant,
                    "--users", str(args.users), "--items", str(args.items),
                    "--positives", str(args.positives), "-b", str(args.batch_size),
@@ -183,17 +244,25 @@ def main(argv=None):
         results.append(json.loads(output.strip().splitlines()[-1]))
     print(f"shape: {args.users:,} users, {args.items:,} items, {args.positives:,} positives; "
           f"batch {args.batch_size:,}, {args.steps} timed steps; {torch.get_num_threads()} "
-          f"threads")
-    print("| variant | train samples/s | eval samples/s | peak RSS GB |")
-    print("|---|---|---|---|")
+          f"threads; {inference.cpu_model()}")
+    print(f"matrix products per training sample: "
+          f"{matmul_flops_per_sample(linear_shapes()) / 1e6:.3f} MFLOP")
+    print("| variant | train samples/s | eval samples/s | peak RSS GB | matrix-product limit "
+          "samples/s | share of the limit |")
+    print("|---|---|---|---|---|---|")
     for result in results:
         print(f"| {result['variant']} | {result['train_samples_per_s']:,.0f} | "
-              f"{result['eval_samples_per_s']:,.0f} | {result['peak_rss_gb']:.2f} |")
-    if len(results) == 2:
-        base, ours = results
-        print(f"ours / baseline: train x{ours['train_samples_per_s'] / base['train_samples_per_s']:.2f}, "
-              f"eval x{ours['eval_samples_per_s'] / base['eval_samples_per_s']:.2f}, "
-              f"peak memory x{ours['peak_rss_gb'] / base['peak_rss_gb']:.2f}")
+              f"{result['eval_samples_per_s']:,.0f} | {result['peak_rss_gb']:.2f} | "
+              f"{result['matmul_limit_samples_per_s']:,.0f} ({result['precision']}, "
+              f"{result['matmul_gflops']:,.0f} GFLOP/s) | {result['matmul_limit_share']:.0%} |")
+    by_variant = {result["variant"]: result for result in results}
+    for new, old in (("ours", "baseline"), ("ours-bf16", "ours")):
+        if new in by_variant and old in by_variant:
+            train, evaluation, memory = (
+                by_variant[new][key] / by_variant[old][key]
+                for key in ("train_samples_per_s", "eval_samples_per_s", "peak_rss_gb"))
+            print(f"{new} / {old}: train x{train:.2f}, eval x{evaluation:.2f}, "
+                  f"peak memory x{memory:.2f}")
     return results
 
 

@@ -304,7 +304,8 @@ def check_forward(report, shape, device):
 
 def check_amp_step(report, shape, data, device):
     set_precision("amp")
-    ctx = ncf.Context(device, rank=0, world_size=1, is_main=False, use_amp=True)
+    ctx = ncf.Context(device, rank=0, world_size=1, is_main=False,
+                      autocast_dtype=torch.float16)
     args = training_args(shape, "amp", batch_size=shape.check_batch_size)
     model, ddp_model = ncf.build_model(args, shape.nb_users, shape.nb_items, ctx)
     before = [parameter.detach().clone() for parameter in model.parameters()]
@@ -357,10 +358,11 @@ def time_training(report, shape, data, mode, device, clock):
         report.row({**row, "skipped": "time guard"})
         return None
     set_precision(mode)
-    ctx = ncf.Context(device, rank=0, world_size=1, is_main=False, use_amp=mode == "amp")
+    ctx = ncf.Context(device, rank=0, world_size=1, is_main=False,
+                      autocast_dtype=torch.float16 if mode == "amp" else None)
     model, ddp_model = ncf.build_model(args, shape.nb_users, shape.nb_items, ctx)
     optimizer = ncf.build_optimizer(args, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=ctx.use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=ctx.autocast_dtype is not None)
     epochs = itertools.count()
     samples_per_positive = 1 + args.negative_samples
 

@@ -15,8 +15,11 @@ def test_bench_run_quick_prints_the_table(tmp_path):
     assert run.returncode == 0, run.stderr
     table = run.stdout[run.stdout.index("| benchmark | result |"):]
     for row in ("convert.py, wall time", "training, baseline", "training, ours",
-                "evaluation, ours", "peak RSS, ours", "inference fp32, batch 1,024"):
+                "evaluation, ours", "peak RSS, ours", "inference fp32, batch 1,024",
+                "training, ours, share of the matrix-product limit"):
         assert f"| {row} |" in table
+    import ncf
+    assert ("| training, ours-bf16 |" in table) == ncf.cpu_has_native_bf16()
     assert "samples/s" in table and "quick shape" in run.stdout
 
 
@@ -38,3 +41,12 @@ def test_stress_failure_rows_show_the_last_stderr_lines_escaped_for_the_table():
     from stress_distributed import stderr_tail
     assert stderr_tail("first\n\nterminate | called\n  Fatal  \nlast\n") == (
         "terminate \\| called / Fatal / last")
+
+
+def test_matrix_products_per_sample_follow_the_layer_sizes():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from train_bench import linear_shapes, matmul_flops_per_sample
+    # 256x256, 256x128, 128x64 and the final (64 + 64)x1, each forward, input and weight
+    # gradient, 2 FLOPs a multiply-add
+    assert matmul_flops_per_sample(linear_shapes()) == 6 * (65536 + 32768 + 8192 + 128) == 639744
+    assert matmul_flops_per_sample(linear_shapes(8, [16, 4])) == 6 * (16 * 4 + 12 * 1)

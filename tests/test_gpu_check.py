@@ -109,7 +109,7 @@ def test_forward_comparison_sees_a_changed_weight():
 
 def test_positives_for_steps_is_the_fewest_that_give_that_many_steps():
     args = ncf.parse_args(["--data", "x", "-b", "1000"])
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, True, False)
+    ctx = ncf.Context(torch.device("cpu"), 0, 1, True)
     for steps in (1, 4, 7):
         positives = gpu_check.positives_for_steps(steps, args)
         assert ncf.steps_per_epoch(positives * 5, args, ctx) == steps

@@ -77,15 +77,31 @@ def test_resume_refuses_a_changed_model(clustered_data, uninterrupted, tmp_path,
     assert "cannot resume: factors (64 -> 8)" in err
 
 
-def test_resume_refuses_another_precision(clustered_data, uninterrupted, tmp_path, capsys):
+@pytest.mark.parametrize("saved,has_bf16,now", [
+    ("float16", True, "bfloat16"), ("float16", False, "float32"),
+    ("bfloat16", False, "float32"), ("float32", True, "bfloat16"),
+    ("bfloat16", True, None), ("float32", False, None),
+])
+def test_resume_refuses_another_precision(clustered_data, uninterrupted, tmp_path, capsys,
+                                          monkeypatch, saved, has_bf16, now):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     state = torch.load(uninterrupted / "last.pth", weights_only=True)
-    # As a CUDA run saves it: mixed precision, with its loss scaler's state.
-    state["mixed_precision"] = True
-    state["scaler"] = torch.amp.GradScaler("cpu", enabled=True).state_dict()
+    state["precision"] = saved
+    # As a run in that precision saves it: a float16 run's loss scaler has a state.
+    state["scaler"] = torch.amp.GradScaler("cpu", enabled=saved == "float16").state_dict()
     torch.save(state, tmp_path / "last.pth")
-    with pytest.raises(SystemExit):
+    if now is None:
         ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume"))
-    assert "trained in mixed precision, this one would train in float32" in capsys.readouterr().err
+        assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 5
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"ncf.py: error: {tmp_path / 'last.pth'}: the saved run trained in "
+                             f"{saved}, this one would train in {now} (on cpu); ")
 
 
 def test_resume_without_a_saved_state_says_so(clustered_data, tmp_path, capsys):

@@ -81,15 +81,6 @@ def test_optimiser_steps_per_epoch(clustered_data, tmp_path, monkeypatch, grads_
     assert len(steps) == expected_steps
 
 
-@pytest.mark.parametrize("flags", [["--opt_level", "O2"], ["--amp"], ["--opt_level", "O0"]])
-def test_precision_flags_run_on_cpu(clustered_data, tmp_path, capsys, flags):
-    summary = ncf.main(train_args(clustered_data, tmp_path, "-e", "1", *flags))
-    out = capsys.readouterr().out
-    assert summary["epochs_run"] == 1
-    mixed = flags != ["--opt_level", "O0"]
-    assert ("training in float32 on the CPU" in out) == mixed
-
-
 def test_oversize_batch_is_refused_before_training(clustered_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ncf.main(train_args(clustered_data, tmp_path, "-e", "1", "-b", str(2 ** 20)))
@@ -178,7 +169,7 @@ def test_cpu_pieces_give_the_whole_batch_gradient(clustered_data, monkeypatch):
     def one_step(piece):
         monkeypatch.setattr(ncf, "CPU_CHUNK", piece)
         args = ncf.parse_args(["--data", clustered_data, "-b", "4096", "--dropout", "0"])
-        ctx = ncf.Context(torch.device("cpu"), 0, 1, True, False)
+        ctx = ncf.Context(torch.device("cpu"), 0, 1, True)
         nb_users, nb_items, train_users, train_items, *_ = ncf.load_data(args, ctx)
         model, ddp_model = ncf.build_model(args, nb_users, nb_items, ctx)
         optimizer = ncf.build_optimizer(args, model)

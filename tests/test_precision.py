@@ -1,0 +1,121 @@
+"""Which precision --opt_level/--amp trains in, where it is recorded, and the float16 + loss
+scaling path of CUDA's O2 run on the CPU."""
+import math
+
+import pytest
+import torch
+
+import ncf
+import scoring
+from logger import read_log
+
+
+def mock_cpu(monkeypatch, amx, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+
+
+@pytest.mark.parametrize("flags,device,amx,avx512_bf16,expected", [
+    (["--opt_level", "O2"], "cpu", True, True, torch.bfloat16),
+    (["--opt_level", "O2"], "cpu", True, False, torch.bfloat16),
+    (["--opt_level", "O2"], "cpu", False, True, torch.bfloat16),
+    (["--opt_level", "O2"], "cpu", False, False, None),
+    (["--amp", "--opt_level", "O0"], "cpu", False, True, torch.bfloat16),
+    (["--amp", "--opt_level", "O0"], "cpu", False, False, None),
+    (["--opt_level", "O0"], "cpu", True, True, None),
+    (["--opt_level", "O2"], "cuda", False, False, torch.float16),
+    (["--opt_level", "O2"], "cuda", True, True, torch.float16),
+    (["--opt_level", "O0"], "cuda", True, True, None),
+])
+def test_mixed_precision_picks_bf16_only_on_a_cpu_with_bf16_units(monkeypatch, flags, device,
+                                                                  amx, avx512_bf16, expected):
+    mock_cpu(monkeypatch, amx, avx512_bf16)
+    args = ncf.parse_args(["--data", "x", *flags])
+    assert ncf.mixed_precision_dtype(args, torch.device(device)) == expected
+
+
+def watch_precision(monkeypatch):
+    """{'train': dtypes of the first MLP layer's outputs, 'eval': autocast states while scoring}."""
+    seen = {"train": set(), "eval": set()}
+    build = ncf.build_model
+
+    def watched_build(*args):
+        model, ddp_model = build(*args)
+        model.mlp[0].register_forward_hook(
+            lambda module, inputs, output: seen["train"].add(output.dtype)
+            if module.training else None)
+        return model, ddp_model
+
+    candidates = scoring.FactoredScorer.candidates
+
+    def watched_candidates(self, *args):
+        seen["eval"].add(torch.is_autocast_enabled("cpu"))
+        return candidates(self, *args)
+
+    monkeypatch.setattr(ncf, "build_model", watched_build)
+    monkeypatch.setattr(scoring.FactoredScorer, "candidates", watched_candidates)
+    return seen
+
+
+@pytest.mark.parametrize("flags,has_bf16,precision,note", [
+    (["--opt_level", "O2"], True, "bfloat16", "note: training under bfloat16 autocast"),
+    (["--amp"], True, "bfloat16", "note: training under bfloat16 autocast"),
+    (["--opt_level", "O2"], False, "float32", "training in float32 on this CPU"),
+    (["--amp"], False, "float32", "training in float32 on this CPU"),
+    (["--opt_level", "O0"], True, "float32", None),
+    (["--opt_level", "O0"], False, "float32", None),
+])
+def test_run_trains_in_and_records_the_precision_chosen(clustered_data, tmp_path, capsys,
+                                                        monkeypatch, flags, has_bf16, precision,
+                                                        note):
+    mock_cpu(monkeypatch, has_bf16, False)
+    seen = watch_precision(monkeypatch)
+    summary = ncf.main(["--data", clustered_data, "--checkpoint_dir", str(tmp_path),
+                        "--log_path", str(tmp_path / "log.json"), "-b", "2048", "-e", "1",
+                        *flags])
+    assert summary["epochs_run"] == 1
+    notes = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("note:") and "float" in line]
+    assert len(notes) == (1 if note else 0) and all(note in line for line in notes)
+    assert seen["train"] == {getattr(torch, precision)}
+    assert seen["eval"] == {False}
+    assert read_log(tmp_path / "log.json")[0]["data"]["precision"] == precision
+    last = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert last["precision"] == precision
+    best = torch.load(tmp_path / "model.pth", weights_only=True)
+    for state in (last["model"], best):
+        assert {tensor.dtype for tensor in state.values()} == {torch.float32}
+
+
+def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(clustered_data):
+    """CUDA's O2 path (float16 autocast, GradScaler, fused Adam) through ncf.train_epoch."""
+    args = ncf.parse_args(["--data", clustered_data, "-b", "2048"])
+    ctx = ncf.Context(torch.device("cpu"), 0, 1, False, torch.float16)
+    nb_users, nb_items, train_users, train_items, *test_data = ncf.load_data(args, ctx)
+    model, ddp_model = ncf.build_model(args, nb_users, nb_items, ctx)
+    optimizer = ncf.build_optimizer(args, model)
+    scaler = ncf.grad_scaler(ctx)
+    assert scaler.is_enabled()
+    initial_scale = scaler.get_scale()
+    output_dtypes = set()
+    model.mlp[0].register_forward_hook(lambda *hook_args: output_dtypes.add(hook_args[2].dtype))
+
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    overflow = model.final.bias.register_hook(lambda grad: grad * math.inf)
+    one_step = 2048 // 5 + 1
+    ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:one_step],
+                    train_items[:one_step], nb_items, 0, args, ctx)
+    overflow.remove()
+    assert output_dtypes == {torch.float16}
+    assert all(torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    assert all(state["step"].item() == 0 for state in optimizer.state.values())
+    assert scaler.get_scale() == initial_scale * scaler.get_backoff_factor()
+
+    untrained_hr, _ = ncf.val_epoch(model, *test_data, args, ctx)
+    losses = [ncf.train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items,
+                              epoch, args, ctx) for epoch in range(1, 5)]
+    hr, _ = ncf.val_epoch(model, *test_data, args, ctx)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert all(state["step"].item() > 0 for state in optimizer.state.values())
+    # chance is 10/101; the planted clusters are learnt as in float32
+    assert untrained_hr < 0.3 and hr > 0.5
