@@ -1,5 +1,8 @@
-"""What the command-line tools share: the project's one-line errors, the memory to plan for."""
+"""What the command-line tools share: the project's one-line errors, the memory to plan for,
+the exit of a multi-process run."""
 import argparse
+import os
+import sys
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,3 +23,27 @@ def available_memory():
     except OSError:
         pass
     return None
+
+
+def run_as_process(main):
+    """Run `main()` as the process; one of several under torchrun leaves without finalizing
+    Python.
+
+    A gloo worker thread lets go of a finished collective's tensors only after the caller
+    has returned, and letting go of a tensor Python knows takes the GIL. A worker that asks
+    for it while the interpreter finalizes is ended mid-C++, which aborts the process
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded.
+    destroy_process_group() leaves those threads running and nothing public joins them, so a
+    multi-process run flushes its output and exits before finalization instead. Nothing is
+    lost: files are written atomically and the log is closed after every record.
+    """
+    try:
+        main()
+        status = 0
+    except SystemExit as leaving:
+        status = 0 if leaving.code is None else leaving.code
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -763,29 +763,6 @@ def fail(message):
     sys.exit(2)
 
 
-def run_as_process():
-    """main() as a process of its own; one of several leaves without finalizing Python.
-
-    A gloo worker thread lets go of a finished collective's tensors only after the caller
-    has returned, and letting go of a tensor Python knows takes the GIL. A worker that asks
-    for it while the interpreter finalizes is ended mid-C++, which aborts the process
-    ("terminate called without an active exception", SIGABRT) after a run that succeeded.
-    destroy_process_group() leaves those threads running and nothing public joins them, so a
-    multi-process run flushes its output and exits before finalization instead. Nothing is
-    lost: files are written atomically and the log is closed after every record.
-    """
-    try:
-        main()
-        status = 0
-    except SystemExit as leaving:
-        status = 0 if leaving.code is None else leaving.code
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 if __name__ == "__main__":
     warnings.filterwarnings("ignore", message=".*torch.distributed.launch.*")
-    run_as_process()
+    cli.run_as_process(main)
