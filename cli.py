@@ -13,6 +13,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
+def physical_memory():
+    """Bytes of RAM the machine has: the most any one allocation could ever get."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def available_memory():
     """Bytes the system can still give this process (Linux's MemAvailable); None elsewhere."""
     try:

@@ -112,16 +112,12 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False):
 def _check_negatives_fit(users, valid_negative):
     """Refuse test negatives that cannot fit in memory before the slow steps, not during them."""
     needed = users * valid_negative * 8
-    memory = _memory_bytes()
+    memory = cli.physical_memory()
     if needed > memory:
         raise FlagError(f"--valid_negative {valid_negative}: the test negatives need at least "
                         f"{_gigabytes(needed)} (users x negatives x 8 bytes = {users} x "
                         f"{valid_negative} x 8), more than this machine's {_gigabytes(memory)} of "
                         "memory; lower --valid_negative")
-
-
-def _memory_bytes():
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _gigabytes(size):

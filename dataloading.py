@@ -81,11 +81,6 @@ def open_dataset(data_dir):
     return Dataset(train, test, negatives, nb_users, nb_items, fingerprint, metadata)
 
 
-def load_dataset(data_dir):
-    """The three tensors of a converted dataset, after open_dataset's checks."""
-    return open_dataset(data_dir)[:3]
-
-
 def read_metadata(data_dir):
     """metadata.json as a dict, or None when there is none."""
     path = os.path.join(data_dir, METADATA)
@@ -131,7 +126,13 @@ def check_counts(data_dir, metadata, actual):
 
 
 def id_bounds(train, test, negatives):
-    """(smallest id anywhere, nb_users, nb_items) with nb_* = max id + 1 (dataset_sizes)."""
+    """(smallest id anywhere, nb_users, nb_items): nb_* = max id + 1 as the original, over the
+    test ids as well.
+
+    The original counts training ids only; an item seen only as some user's test positive (or
+    drawn as a test negative) would then index past the embedding table. Where every test id
+    also occurs in training, as in ml-20m, both counts agree.
+    """
     # aminmax over dim 0 reads the rows once; train[:, 0].max() strides and is 3x slower
     train_low, train_high = torch.aminmax(train, dim=0)
     test_low, test_high = torch.aminmax(test, dim=0)
@@ -140,16 +141,6 @@ def id_bounds(train, test, negatives):
     nb_users = int(max(train_high[0], test_high[0])) + 1
     nb_items = int(max(train_high[1], test_high[1], negatives_high)) + 1
     return lowest, nb_users, nb_items
-
-
-def dataset_sizes(train, test, negatives):
-    """(nb_users, nb_items): max id + 1 as the original, over the test ids as well.
-
-    The original counts training ids only; an item seen only as some user's test positive (or
-    drawn as a test negative) would then index past the embedding table. Where every test id
-    also occurs in training, as in ml-20m, both counts agree.
-    """
-    return id_bounds(train, test, negatives)[1:]
 
 
 def tensors_fingerprint(train, test, negatives):

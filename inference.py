@@ -22,7 +22,7 @@ import torch
 import cli
 from checkpoint import CheckpointError, load_model
 from logger import PARAMETER, JsonLogger
-from neumf import NeuMF
+from neumf import NeuMF, parameter_count
 
 ML20M_USERS = 138493
 ML20M_ITEMS = 26744
@@ -194,9 +194,7 @@ def free_memory(device):
 
 def model_bytes(nb_users, nb_items, factors, layers):
     """The float32 parameters of a NeuMF of this shape."""
-    embedding_width = factors + layers[0] // 2
-    mlp = sum(inputs * outputs + outputs for inputs, outputs in zip(layers, layers[1:]))
-    return 4 * ((nb_users + nb_items) * embedding_width + mlp + factors + layers[-1] + 1)
+    return 4 * parameter_count(nb_users, nb_items, factors, layers)
 
 
 def benchmark_bytes(model, batch_size, passes):

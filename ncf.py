@@ -25,7 +25,7 @@ from checkpoint import (CheckpointError, atomic_save, check_matches, check_train
                         load_checkpoint, load_state, model_state)
 from fileio import DirectoryLocked, lock_directory, make_writable_dir
 from logger import PARAMETER, JsonLogger
-from neumf import NeuMF
+from neumf import NeuMF, parameter_count
 
 # Harmless to change on --resume (a warning); anything else that differs changes the model or
 # the data an epoch is made of, so the run could not equal an uninterrupted one (a refusal).
@@ -224,12 +224,6 @@ def build_model(args, nb_users, nb_items, ctx):
     return model, model
 
 
-def parameter_count(nb_users, nb_items, factors, layers):
-    embeddings = (nb_users + nb_items) * (factors + layers[0] // 2)
-    mlp = sum(inputs * outputs + outputs for inputs, outputs in zip(layers, layers[1:]))
-    return embeddings + mlp + factors + layers[-1] + 1
-
-
 def check_model_fits(args, nb_users, nb_items, ctx):
     """Refuse model sizes whose training state cannot fit, before torch tries to allocate it.
 
@@ -241,7 +235,7 @@ def check_model_fits(args, nb_users, nb_items, ctx):
     if ctx.device.type == "cuda":
         available = torch.cuda.get_device_properties(ctx.device).total_memory
     else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        available = cli.physical_memory()
     if needed > available:
         raise RunError(f"--factors {args.factors} --layers {' '.join(map(str, args.layers))}: "
                        f"training this model needs about {needed / 2 ** 30:,.0f} GiB, the "

@@ -70,6 +70,15 @@ def lecun_uniform_(weight):
     nn.init.uniform_(weight, -limit, limit)
 
 
+def parameter_count(nb_users, nb_items, mf_dim, mlp_layer_sizes):
+    """The number of parameters of NeuMF(nb_users, nb_items, mf_dim, mlp_layer_sizes), without
+    building it: to size a model before allocating it."""
+    embeddings = (nb_users + nb_items) * (mf_dim + mlp_layer_sizes[0] // 2)
+    mlp = sum(inputs * outputs + outputs
+              for inputs, outputs in zip(mlp_layer_sizes, mlp_layer_sizes[1:]))
+    return embeddings + mlp + mf_dim + mlp_layer_sizes[-1] + 1
+
+
 class NeuMF(nn.Module):
     def __init__(self, nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout=0.0):
         super().__init__()

@@ -145,10 +145,9 @@ def part_one(args, rounds=10):
 
 
 def part_two(args):
-    train, test, negatives = dataloading.load_dataset(args.data)
+    train, test, negatives, nb_users, nb_items = dataloading.open_dataset(args.data)[:5]
     model = load_model(args.checkpoint).eval()
-    check_matches(model.state_dict(), args.checkpoint,
-                  *dataloading.dataset_sizes(train, test, negatives))
+    check_matches(model.state_dict(), args.checkpoint, nb_users, nb_items)
     with tempfile.TemporaryDirectory() as directory:
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()

@@ -439,7 +439,7 @@ def test_test_negatives_too_large_for_any_machine_are_refused_before_reading(tmp
 def test_test_negatives_too_large_for_this_machine_are_refused_once_users_are_counted(
         tmp_path, tiny, capsys, monkeypatch):
     # tiny keeps 2 users at --min_ratings 3: 2 x 10**8 x 8 bytes = 1.6 GB; one user's 0.8 fit
-    monkeypatch.setattr(convert, "_memory_bytes", lambda: 10**9)
+    monkeypatch.setattr(convert.cli, "physical_memory", lambda: 10**9)
     line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", "--min_ratings", 3,
                    "--valid_negative", 10**8)
     assert line == ("convert.py: error: --valid_negative 100000000: the test negatives need at "

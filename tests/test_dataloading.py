@@ -100,20 +100,20 @@ def test_batches_drop_the_partial_last_batch():
     assert list(batches(data, data, data, 11)) == []
 
 
-def test_dataset_sizes_count_test_ids_too():
+def test_id_bounds_count_test_ids_too():
     train = torch.tensor([[0, 0], [1, 2]])
     test = torch.tensor([[0, 7], [1, 1]])
     negatives = torch.tensor([[3], [9]])
-    assert dataloading.dataset_sizes(train, test, negatives) == (2, 10)
+    assert dataloading.id_bounds(train, test, negatives) == (0, 2, 10)
 
 
-def test_load_dataset_errors_name_the_file(tmp_path):
+def test_open_dataset_errors_name_the_file(tmp_path):
     with pytest.raises(dataloading.DataError, match="train_ratings.pt: not found; convert"):
-        dataloading.load_dataset(str(tmp_path))
+        dataloading.open_dataset(str(tmp_path))
     for name in dataloading.DATA_FILES:
         (tmp_path / name).write_bytes(b"not a tensor")
     with pytest.raises(dataloading.DataError, match="train_ratings.pt: cannot be read"):
-        dataloading.load_dataset(str(tmp_path))
+        dataloading.open_dataset(str(tmp_path))
 
 
 NAN, INF = float("nan"), float("inf")

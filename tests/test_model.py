@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neumf import NeuMF, _ReluDropout, relu_dropout
+from neumf import NeuMF, _ReluDropout, parameter_count, relu_dropout
 
 
 def reference_forward(model, user, item):
@@ -101,3 +101,11 @@ def test_fused_relu_dropout_gradient_equals_unfused():
     unfused.backward(grad_out)
     torch.testing.assert_close(fused, unfused)
     torch.testing.assert_close(fused_grad, x.grad)
+
+
+@pytest.mark.parametrize("nb_users, nb_items, mf_dim, layers",
+                         [(30, 20, 4, [8, 4]), (7, 11, 3, [2]), (50, 9, 8, [16, 8, 4, 2])])
+def test_parameter_count_equals_the_built_model(nb_users, nb_items, mf_dim, layers):
+    model = NeuMF(nb_users, nb_items, mf_dim, layers)
+    assert parameter_count(nb_users, nb_items, mf_dim, layers) == sum(
+        parameter.numel() for parameter in model.parameters())

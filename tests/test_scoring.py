@@ -140,8 +140,8 @@ def test_training_items_mask_marks_exactly_each_users_items():
 def test_full_ranking_ranks_at_least_as_low_as_the_sampled_protocol(clustered_data):
     # The sampled candidates are a subset of the full ones (test negatives are never training
     # items), so no positive can rank better against all items than against its 100 negatives.
-    train, test, negatives = dataloading.load_dataset(clustered_data)
-    model = random_model(*dataloading.dataset_sizes(train, test, negatives), 4, [8, 4], seed=5)
+    train, test, negatives, nb_users, nb_items = dataloading.open_dataset(clustered_data)[:5]
+    model = random_model(nb_users, nb_items, 4, [8, 4], seed=5)
     users, items, duplicates = dataloading.create_test_data(test, negatives)
     with torch.no_grad():
         scores = model(users[:, None].expand_as(items).reshape(-1), items.reshape(-1),
