@@ -48,7 +48,8 @@ def atomic_save(obj, path):
 def load_checkpoint(path):
     """The object in `path`, refusing files that are missing, damaged or would run code."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file; pass the model.pth (or last.pth) "
+                              f"that ncf.py wrote")
     try:
         # torch.load warns about some pickles (protocol 5, for one) before refusing them; the
         # refusal alone is the message.
@@ -62,11 +63,12 @@ def load_checkpoint(path):
                 f"{path}: refused: it holds objects that would run code when loaded "
                 f"(only tensors and plain values are accepted); pass a state_dict saved by "
                 f"ncf.py") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first_line}); pass a file "
+                              f"written by ncf.py") from None
     except Exception as error:  # a damaged file can fail in many layers of the unpickler
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: cannot be read, truncated or not a checkpoint "
-                              f"({reason})") from None
+                              f"({reason}); pass a complete file written by ncf.py") from None
 
 
 def model_state(checkpoint, path):
@@ -271,11 +273,12 @@ def check_matches(state, path, nb_users, nb_items, mf_dim=None, layers=None):
             f"{path}: checkpoint has {saved_users} users and {saved_items} items, data has "
             f"{nb_users} users and {nb_items} items; use the checkpoint of this dataset")
     if mf_dim is not None and saved_mf_dim != mf_dim:
-        raise CheckpointError(f"{path}: checkpoint has --factors {saved_mf_dim}, run asks for {mf_dim}")
+        raise CheckpointError(f"{path}: checkpoint has --factors {saved_mf_dim}, run asks for "
+                              f"{mf_dim}; pass --factors {saved_mf_dim} or another checkpoint")
     if layers is not None and list(saved_layers) != list(layers):
         raise CheckpointError(
             f"{path}: checkpoint has --layers {' '.join(map(str, saved_layers))}, run asks for "
-            f"{' '.join(map(str, layers))}")
+            f"{' '.join(map(str, layers))}; pass those --layers or another checkpoint")
 
 
 def load_model(path, device="cpu", dropout=0.0):
@@ -294,4 +297,5 @@ def load_state(model, state, path):
     except RuntimeError as error:
         # The first line only says that loading failed; the second says why.
         reason = str(error).strip().splitlines()[1:2] or [str(error).strip()]
-        raise CheckpointError(f"{path}: does not fit NeuMF ({reason[0].strip()})") from None
+        raise CheckpointError(f"{path}: does not fit NeuMF ({reason[0].strip()}); use a "
+                              f"checkpoint written by ncf.py") from None

@@ -109,7 +109,6 @@ def test_bad_input_is_one_line_exit_2_naming_it(tool, argv, named, inputs, capsy
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{tool}: error: ")
     assert named.format(**inputs) in lines[0]
-    if not named.endswith(".pth"):  # checkpoint.py's messages: another module's wording
-        assert "; " in lines[0]  # the problem, then what to do
+    assert "; " in lines[0]  # the problem, then what to do
     assert captured.out == ""
     assert listing(inputs["tmp"]) == before
