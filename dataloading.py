@@ -143,10 +143,11 @@ def id_bounds(train, test, negatives):
     return lowest, nb_users, nb_items
 
 
-def tensors_fingerprint(train, test, negatives):
-    """SHA-256 of the three tensors' shapes and contents: equal exactly for equal data."""
+def tensors_fingerprint(*tensors):
+    """SHA-256 of the tensors' shapes and contents, in the order given: equal exactly for equal
+    data. Called with train, test, negatives, then any further tensors of the directory."""
     digest = hashlib.sha256()
-    for tensor in (train, test, negatives):
+    for tensor in tensors:
         digest.update(repr(tuple(tensor.shape)).encode())
         digest.update(tensor.contiguous().numpy().data)
     return digest.hexdigest()
@@ -200,6 +201,18 @@ def hit_rate_and_ndcg(ranks, k):
     hits = ranks < k
     gains = torch.where(hits, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
     return hits.double().mean().item(), gains.mean().item()
+
+
+def ranking_metrics(ranks, topks):
+    """HR@k and NDCG@k for each k in topks, and MRR, from 0-based positive ranks.
+
+    Keys "hr@K", "ndcg@K", "mrr"; MRR is the mean of 1/(rank+1) over all users (no cut-off).
+    """
+    metrics = {}
+    for k in topks:
+        metrics[f"hr@{k}"], metrics[f"ndcg@{k}"] = hit_rate_and_ndcg(ranks, k)
+    metrics["mrr"] = (1.0 / (ranks.double() + 1.0)).mean().item()
+    return metrics
 
 
 def share_bounds(total, world_size, rank):

@@ -5,7 +5,7 @@ import torch
 
 import dataloading
 from dataloading import (batches, create_test_data, epoch_samples, hit_rate_and_ndcg,
-                         positive_ranks, share_bounds)
+                         positive_ranks, ranking_metrics, share_bounds)
 
 
 def plain_rank(scores, items):
@@ -54,6 +54,14 @@ def test_hit_rate_and_ndcg_by_hand():
     hr, ndcg = hit_rate_and_ndcg(torch.tensor([0, 3, 9, 10, 50]), 10)
     assert hr == pytest.approx(3 / 5)
     assert ndcg == pytest.approx((1 + math.log(2) / math.log(5) + math.log(2) / math.log(11)) / 5)
+
+
+def test_ranking_metrics_by_hand():
+    metrics = ranking_metrics(torch.tensor([0, 1, 4, 19]), [1, 5])
+    assert metrics == pytest.approx({
+        "hr@1": 1 / 4, "ndcg@1": 1 / 4,
+        "hr@5": 3 / 4, "ndcg@5": (1 + 1 / math.log2(3) + 1 / math.log2(6)) / 4,
+        "mrr": (1 + 1 / 2 + 1 / 5 + 1 / 20) / 4})
 
 
 def test_epoch_labels_and_negatives_per_positive():
