@@ -11,9 +11,13 @@ or, with first_columns, as user, item, timestamp in its first three columns (the
 reader for other datasets). That last one is asked for, never guessed: a CSV whose third column
 is a rating would otherwise be converted with ratings as times.
 
-The result is a DataFrame with integer columns user_id, item_id, timestamp in file order. Ids
-and timestamps are exact: a value is read as an int64 or the file is refused, naming the line.
-The rating column is never converted: the implicit-feedback protocol does not use it.
+The result is a DataFrame with columns user_id, item_id, timestamp in file order (and rating,
+only when rating_col is asked for). By default ids and timestamps are exact: a value is read as an
+int64 or the file is refused, naming the line. string_ids reads ids as text instead (UUIDs, codes,
+"1.5"), kept verbatim apart from surrounding spaces; time_format "number" reads timestamps as
+float64 and "iso8601" reads ISO-8601 date-times as int64 nanoseconds since 1970 (UTC; a time with
+no offset is taken as UTC); time_col "none" reads no time column: file order is time order, and
+timestamp is the row's position in the file.
 """
 import csv
 import decimal
@@ -26,7 +30,10 @@ import pandas as pd
 
 MOVIELENS_CSV_COLUMNS = ("userId", "movieId", "timestamp")
 COLUMNS = ("user_id", "item_id", "timestamp")
-_WHAT = {"user_id": "user id", "item_id": "item id", "timestamp": "timestamp"}
+_WHAT = {"user_id": "user id", "item_id": "item id", "timestamp": "timestamp",
+         "rating": "rating"}
+NO_TIME = "none"
+TIME_FORMATS = ("integer", "number", "iso8601")
 
 # name -> (reader name, separator, positions of user, item, timestamp, fields per line). `::` is
 # read as ':' with the empty fields in between skipped, because pandas' C engine only takes
@@ -35,6 +42,8 @@ _HEADERLESS = {
     "u.data": ("movielens-tab", "\t", [0, 1, 3], 4),
     "ratings.dat": ("movielens-dat", ":", [0, 2, 6], 7),
 }
+# the rating's position, as _HEADERLESS counts them
+_HEADERLESS_RATING = {"u.data": 2, "ratings.dat": 4}
 
 _KNOWN_FORMATS = (
     "known formats: u.data (ml-100k), ratings.dat (ml-1m, ml-10m), ratings.csv or any CSV whose "
@@ -46,6 +55,9 @@ _KNOWN_FORMATS = (
 INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 _EXACT_RULE = (f"ids and timestamps must be whole numbers from {INT64_MIN} to {INT64_MAX}: fix "
                "or remove that line")
+_OTHER_KINDS = {"user_id": " (or read ids as text with --string_ids)",
+                "item_id": " (or read ids as text with --string_ids)",
+                "timestamp": " (or name another kind with --time_format number or iso8601)"}
 # What pandas reads as a number, minus what it reads only as a float (nan, inf); anything the C
 # parser accepts as an integer matches too, so a file reads the same on either path.
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
@@ -56,31 +68,53 @@ class DataError(Exception):
     """A ratings file that cannot be used; the message is one line: file, problem, what to do."""
 
 
-def load_ratings(path, user_col=None, item_col=None, time_col=None, first_columns=False):
-    """Read a ratings file; return (DataFrame[user_id, item_id, timestamp], reader name).
+def load_ratings(path, user_col=None, item_col=None, time_col=None, first_columns=False,
+                 rating_col=None, string_ids=False, time_format="integer"):
+    """Read a ratings file; return (DataFrame[user_id, item_id, timestamp(, rating)], reader).
 
     Naming any of user_col, item_col, time_col reads `path` as a CSV with a header; a column not
-    named keeps its MovieLens name (userId, movieId, timestamp). first_columns reads it as a CSV
-    with a header whose first three columns are user, item, timestamp, whatever their names.
+    named keeps its MovieLens name (userId, movieId, timestamp); time_col NO_TIME reads none.
+    first_columns reads it as a CSV with a header whose first three columns are user, item,
+    timestamp, whatever their names. rating_col names the rating column of a CSV with a header
+    (the headerless MovieLens files have theirs at a fixed place); it is read, as float64, only
+    when given.
     """
     path = os.fspath(path)
     _check_file(path)
+    kinds = _Kinds(string_ids, time_format)
     if first_columns:
         header = _header(path)
         if len(header) < 3:
             raise DataError(f"{path}: header {','.join(header)!r} has {len(header)} columns; "
                             "--first_columns reads user, item, timestamp from the first three")
-        return _read_with_header(path, header, [0, 1, 2]), "csv-first-columns"
+        positions = [0, 1, 2] + ([_position(path, header, rating_col)] if rating_col else [])
+        return _read_with_header(path, header, positions, kinds), "csv-first-columns"
     if (user_col, item_col, time_col) != (None, None, None):
         wanted = (user_col or "userId", item_col or "movieId", time_col or "timestamp")
-        return _read_named(path, wanted, "csv-columns"), "csv-columns"
+        wanted += (rating_col,) if rating_col else ()
+        return _read_named(path, wanted, "csv-columns", kinds), "csv-columns"
     name = os.path.basename(path)
     if name in _HEADERLESS:
         reader, separator, positions, fields = _HEADERLESS[name]
-        return _read_headerless(path, separator, positions, fields), reader
+        positions = positions + ([_HEADERLESS_RATING[name]] if rating_col else [])
+        return _read_headerless(path, separator, positions, fields, kinds), reader
     if name == "ratings.csv" or set(MOVIELENS_CSV_COLUMNS) <= set(_header(path)):
-        return _read_named(path, MOVIELENS_CSV_COLUMNS, "movielens-csv"), "movielens-csv"
+        wanted = MOVIELENS_CSV_COLUMNS + ((rating_col,) if rating_col else ())
+        return _read_named(path, wanted, "movielens-csv", kinds), "movielens-csv"
     raise DataError(f"{path}: unknown ratings format; {_KNOWN_FORMATS}")
+
+
+class _Kinds:
+    """How each column's text is read: "integer" (exact int64), "text", "number", "iso8601"."""
+
+    def __init__(self, string_ids, time_format):
+        ids = "text" if string_ids else "integer"
+        self.of = {"user_id": ids, "item_id": ids, "timestamp": time_format, "rating": "number"}
+
+    @property
+    def read_options(self):
+        # text ids are kept as written: "NA" or "null" is an id, not a missing value
+        return {"keep_default_na": False} if self.of["user_id"] == "text" else {}
 
 
 def _check_file(path):
@@ -101,37 +135,49 @@ def _header(path):
         raise DataError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
 
 
-def _read_headerless(path, separator, positions, fields):
-    options = dict(sep=separator, header=None)
+def _position(path, header, column):
+    if column not in header:
+        raise DataError(f"{path}: header {','.join(header)!r} lacks {column}; name the rating "
+                        "column with --rating_col")
+    return header.index(column)
+
+
+def _read_headerless(path, separator, positions, fields, kinds):
+    options = dict(sep=separator, header=None, **kinds.read_options)
     frame = _read(path, options, _unused_as_category(fields, positions), fields)
     if len(frame.columns) != fields:
         # the C parser takes the field count from the first line and refuses longer lines
         # after it, so only the first line can have the wrong count here
         raise DataError(f"{path}: line 1: {_fields(len(frame.columns), options)} fields, "
                         f"expected {_fields(fields, options)}; fix or remove that line")
-    return _integers(frame, path, 1, options, positions)
+    return _columns(frame, path, 1, options, positions, kinds)
 
 
-def _read_named(path, wanted, reader):
+def _read_named(path, wanted, reader, kinds):
+    """wanted: the names of the user, item and time columns (time NO_TIME: none), then rating's
+    when it is read."""
     header = _header(path)
-    missing = [column for column in wanted if column not in header]
+    missing = [column for column in wanted if column not in header and column != NO_TIME]
     if missing:
         hint = ("name the right columns with --user_col, --item_col, --time_col"
                 if reader == "csv-columns" else
                 "a MovieLens ratings.csv starts with userId,movieId,rating,timestamp; for other "
                 "columns use --user_col, --item_col, --time_col")
         raise DataError(f"{path}: header {','.join(header)!r} lacks {', '.join(missing)}; {hint}")
-    return _read_with_header(path, header, [header.index(column) for column in wanted])
+    positions = [None if column == NO_TIME else header.index(column) for column in wanted]
+    return _read_with_header(path, header, positions, kinds)
 
 
-def _read_with_header(path, header, positions):
-    frame = _read(path, {}, _unused_as_category(len(header), positions))
+def _read_with_header(path, header, positions, kinds):
+    options = kinds.read_options
+    read = [position for position in positions if position is not None]
+    frame = _read(path, options, _unused_as_category(len(header), read))
     if not isinstance(frame.index, pd.RangeIndex):
         # pandas turns the extra leading fields of a first line longer than the header into an
         # index, shifting every column
         raise DataError(f"{path}: line 2: more fields than the header's {len(header)}; fix or "
                         "remove that line")
-    return _integers(frame, path, 2, {}, positions)
+    return _columns(frame, path, 2, options, positions, kinds)
 
 
 def _unused_as_category(fields, positions):
@@ -177,27 +223,75 @@ def _fields(count, options):
     return (count + 1) // 2 if options.get("sep") == ":" else count
 
 
-def _integers(frame, path, first_line, options, positions):
-    """Columns user_id, item_id, timestamp from frame's fields at positions, exactly, as int64.
+def _columns(frame, path, first_line, options, positions, kinds):
+    """Columns user_id, item_id, timestamp (and rating) from frame's fields at positions, each
+    read as kinds says; a position None (no time column) gives each row its position.
 
     A field pandas read as int64 is exact: the C parser gives int64 only when every value is an
     integer literal that fits. Anything else (float, uint64, text) may hold rounded or wrapped
     values, so that field is read again as text and each value parsed exactly, and the first that
-    is not an int64 refuses the file.
+    is not an int64 refuses the file. Text ids, ISO-8601 times and numbers pandas did not read
+    as such are read again as text too, and the first value that is not one names its line.
     """
-    frame = frame.iloc[:, positions]
-    frame.columns = COLUMNS
-    for column, position in zip(COLUMNS, positions):
-        if frame[column].dtype != np.int64:
+    names = (COLUMNS + ("rating",))[:len(positions)]
+    result = pd.DataFrame(index=frame.index)
+    for column, position in zip(names, positions):
+        if position is None:
+            result[column] = np.arange(len(frame), dtype=np.int64)
+            continue
+        kind = kinds.of[column]
+        values = frame.iloc[:, position]
+        if kind == "integer" and values.dtype == np.int64:
+            result[column] = values
+        elif kind == "number" and values.dtype.kind in "iuf" and not values.isna().any():
+            result[column] = values.astype(np.float64)
+        else:
             text = _read(path, dict(options, usecols=[position], na_filter=False),
-                         {position: str})
-            frame[column] = _exact_integers(text.iloc[:, 0].to_numpy(), column, path, first_line)
+                         {position: str}).iloc[:, 0].to_numpy()
+            result[column] = _PARSE[kind](text, column, path, first_line)
     # ids fit int32 in every MovieLens release; half the memory for the steps that follow
     for column in ("user_id", "item_id"):
-        values = frame[column]
-        if values.min() >= np.iinfo(np.int32).min and values.max() <= np.iinfo(np.int32).max:
-            frame[column] = values.astype(np.int32)
-    return frame
+        values = result[column]
+        if (values.dtype == np.int64 and values.min() >= np.iinfo(np.int32).min
+                and values.max() <= np.iinfo(np.int32).max):
+            result[column] = values.astype(np.int32)
+    return result
+
+
+def _refuse(path, row, first_line, column, text, problem, rule):
+    problem = f"missing {_WHAT[column]}" if not text else f"{_WHAT[column]} {_shown(text)} {problem}"
+    raise DataError(f"{path}: line {row + first_line}: {problem}; {rule}")
+
+
+def _texts(fields, column, path, first_line):
+    values = pd.Series(fields, dtype=object).str.strip(" \t")
+    empty = np.flatnonzero((values == "").to_numpy())
+    if len(empty):
+        _refuse(path, int(empty[0]), first_line, column, "", "",
+                "every row needs a user id and an item id: fix or remove that line")
+    return values.to_numpy()
+
+
+def _numbers(fields, column, path, first_line):
+    values = pd.to_numeric(pd.Series(fields, dtype=object).str.strip(" \t"), errors="coerce")
+    bad = np.flatnonzero(~np.isfinite(values.to_numpy(dtype=np.float64)))
+    if len(bad):
+        _refuse(path, int(bad[0]), first_line, column, fields[bad[0]].strip(" \t"),
+                "is not a finite number", f"{_WHAT[column]}s must be numbers: fix or remove "
+                "that line")
+    return values.to_numpy(dtype=np.float64)
+
+
+def _datetimes(fields, column, path, first_line):
+    stripped = pd.Series(fields, dtype=object).str.strip(" \t")
+    # one offset-aware parse: a time without an offset is taken as UTC
+    times = pd.to_datetime(stripped, format="ISO8601", utc=True, errors="coerce")
+    bad = np.flatnonzero(times.isna().to_numpy())
+    if len(bad):
+        _refuse(path, int(bad[0]), first_line, column, stripped.iloc[bad[0]],
+                "is not an ISO-8601 date-time", "write times like 2024-05-01T13:45:00 or "
+                "2024-05-01 13:45:00+02:00: fix or remove that line")
+    return times.to_numpy(dtype="datetime64[ns]").astype(np.int64)
 
 
 def _exact_integers(fields, column, path, first_line):
@@ -206,9 +300,8 @@ def _exact_integers(fields, column, path, first_line):
         text = field.strip(" \t")
         value = _exact_integer(text)
         if isinstance(value, str):
-            problem = (f"missing {_WHAT[column]}" if not text else
-                       f"{_WHAT[column]} {_shown(text)} {value}")
-            raise DataError(f"{path}: line {row + first_line}: {problem}; {_EXACT_RULE}")
+            _refuse(path, row, first_line, column, text, value,
+                    _EXACT_RULE + _OTHER_KINDS[column])
         values[row] = value
     return values
 
@@ -234,3 +327,7 @@ def _exact_integer(text):
 
 def _shown(text):
     return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+_PARSE = {"integer": _exact_integers, "text": _texts, "number": _numbers,
+          "iso8601": _datetimes}
