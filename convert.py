@@ -39,11 +39,17 @@ from tqdm import tqdm
 import cli
 from dataloading import CONVERTING, METADATA, tensors_fingerprint
 from fileio import atomic_output, make_writable_dir
-from load import DataError, load_ratings
+from load import (NO_TIME, TIME_FORMATS, DataError, first_line, load_negatives, load_paper_ratings,
+                  load_ratings)
 
 PROG = "convert.py"
+MIN_RATINGS = 20
 FORMAT_VERSION = 1
 TENSORS = ("train_ratings", "test_ratings", "test_negatives", "user_ids", "item_ids")
+VALIDATION_TENSORS = ("validation_ratings", "validation_negatives")
+# Every file a conversion may write, so that one conversion's files never mix with another's.
+OUTPUT_FILES = ([f"{name}.pt" for name in TENSORS + VALIDATION_TENSORS]
+                + ["user_ids.json", "item_ids.json"])
 # Test negatives are drawn this many at a time. Part of the seeded result: changing it changes
 # which negatives a seed gives.
 DRAWS_PER_BLOCK = 2**20
@@ -53,17 +59,24 @@ class FlagError(DataError):
     """A flag value that the data cannot be converted with; the message starts with the flag."""
 
 
-def convert(frame, seed, valid_negative, min_ratings, progress=False):
-    """Apply the preprocessing protocol to a frame of user_id, item_id, timestamp (file order).
+def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating=None,
+            min_item_ratings=1, validation=False):
+    """Apply the preprocessing protocol to a frame of user_id, item_id, timestamp (file order;
+    and rating when min_rating is given).
 
-    Returns a dict with the int64 tensors named in TENSORS and the counts ratings_read,
-    users_dropped, duplicates_dropped, users, items, train, test. Raises DataError when no user
-    is left, FlagError when the test negatives cannot fit in this machine's memory.
+    Returns a dict with the int64 tensors named in TENSORS (VALIDATION_TENSORS too with
+    validation; an id map of text ids is a list of str) and the counts ratings_read,
+    users_dropped, duplicates_dropped, users, items, train, test (and validation), plus
+    rows_below_min_rating and items_dropped when those filters are asked for. Raises DataError
+    when no user is left, FlagError when the test negatives cannot fit in this machine's memory
+    or a filter leaves nothing.
     """
     disable = None if progress else True
     steps = tqdm(total=4, desc="convert", unit="step", disable=disable, leave=False)
 
     steps.set_postfix_str("users")
+    ratings_read = len(frame)
+    frame, filtered = _filter_rows(frame, min_rating, min_item_ratings)
     user, item, timestamp, user_ids, users_dropped = _keep_active_users(frame, min_ratings)
     _check_negatives_fit(len(user_ids), valid_negative)
     steps.update()
@@ -81,32 +94,188 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False):
     steps.update()
 
     steps.set_postfix_str("split")
-    pairs, is_train, test_rows, duplicates = _split(user, item, len(user_ids), nb_items)
+    held_out = 2 if validation else 1
+    pairs, is_train, held_out_rows, duplicates = _split(user, item, len(user_ids), nb_items,
+                                                        held_out)
+    if (held_out_rows < 0).any():
+        user = int(np.flatnonzero((held_out_rows < 0).any(axis=0))[0])
+        raise DataError(f"user {user_ids[user]} has fewer than 3 distinct items; --validation "
+                        "holds out 2 of each user's items and trains on the rest: raise "
+                        "--min_ratings to 3 or more, or remove that user's rows")
     train = np.empty((int(is_train.sum()), 2), dtype=np.int64)
     train[:, 0] = user[is_train]
     train[:, 1] = item[is_train]
-    test = np.empty((len(user_ids), 2), dtype=np.int64)
-    test[:, 0] = np.arange(len(user_ids))
-    test[:, 1] = item[test_rows]
-    del user, item, is_train
+    # [held_out, users, 2]: the test rows, then the validation rows
+    rows = np.empty((held_out, len(user_ids), 2), dtype=np.int64)
+    rows[:, :, 0] = np.arange(len(user_ids))
+    rows[:, :, 1] = item[held_out_rows]
+    del user, item, is_train, held_out_rows
     steps.update()
     steps.close()
 
-    negatives = _test_negatives(pairs, test, nb_items, valid_negative, seed, disable)
-    return {
+    rng = _generator(seed)
+    held_out_items = list(rows[:, :, 1])
+    result = {
         "train_ratings": torch.from_numpy(train),
-        "test_ratings": torch.from_numpy(test),
-        "test_negatives": torch.from_numpy(negatives),
-        "user_ids": torch.from_numpy(np.asarray(user_ids, dtype=np.int64)),
-        "item_ids": torch.from_numpy(np.asarray(item_ids, dtype=np.int64)),
-        "ratings_read": len(frame),
+        "test_ratings": torch.from_numpy(rows[0]),
+        "test_negatives": torch.from_numpy(_negatives(pairs, held_out_items, nb_items,
+                                                      valid_negative, rng, disable)),
+        "user_ids": _id_map(user_ids),
+        "item_ids": _id_map(item_ids),
+        "ratings_read": ratings_read,
+        **filtered,
         "users_dropped": users_dropped,
         "duplicates_dropped": duplicates,
         "users": len(user_ids),
         "items": nb_items,
         "train": len(train),
+        "test": len(user_ids),
+    }
+    if validation:
+        result["validation_ratings"] = torch.from_numpy(rows[1])
+        result["validation_negatives"] = torch.from_numpy(_negatives(
+            pairs, held_out_items, nb_items, valid_negative, rng, disable, "validation"))
+        result["validation"] = len(user_ids)
+    return result
+
+
+def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative, where,
+                  progress=False):
+    """A split the user made: every training row, one test row per user, and the test negatives
+    given (users, items, negatives as load.load_negatives returns them) or, when None, drawn as
+    convert does.
+
+    Users are numbered in order of first appearance in the training file; items likewise, over
+    the training file, then the test file, then the negatives. Training rows are sorted by time
+    (stable) and repeated pairs dropped, keeping the earliest. where: (test file, line of its
+    first row, negatives file), for the refusals, which name the line.
+    Returns what convert returns, without users_dropped.
+    """
+    test_path, first_line, negatives_path = where
+    user, user_ids = _first_appearance_ids(train_frame["user_id"].to_numpy())
+    test_users = pd.Index(user_ids).get_indexer(test_frame["user_id"].to_numpy())
+    _refuse_first(test_users < 0, test_path, first_line, lambda row: (
+        f"user {test_frame['user_id'].iloc[row]} has no training row; hold out an item of a "
+        "training user, or remove that line"))
+    repeated = pd.Series(test_users).duplicated().to_numpy()
+    _refuse_first(repeated, test_path, first_line, lambda row: (
+        f"a second test row for user {user_ids[test_users[row]]} (the first is line "
+        f"{first_line + int(np.flatnonzero(test_users == test_users[row])[0])}); hold out one "
+        "item per user: remove one of them"))
+    untested = np.setdiff1d(np.arange(len(user_ids)), test_users)
+    if len(untested):
+        raise DataError(f"{test_path}: user {user_ids[untested[0]]} has training rows but no "
+                        "test row; add its held-out item or remove its training rows")
+    pieces = [train_frame["item_id"].to_numpy(), test_frame["item_id"].to_numpy()]
+    if given_negatives is not None:
+        pieces.append(given_negatives[2].reshape(-1))
+    codes, item_ids = pd.factorize(np.concatenate(pieces))
+    nb_items, train_items = len(item_ids), codes[:len(train_frame)]
+    test = np.empty((len(user_ids), 2), dtype=np.int64)
+    test[:, 0] = np.arange(len(user_ids))
+    test[test_users, 1] = codes[len(train_frame):len(train_frame) + len(test_frame)]
+
+    order = _stable_order(train_frame["timestamp"].to_numpy())
+    user, train_items = user[order].astype(np.int64), train_items[order]
+    keys = user * nb_items + train_items
+    key_order = _stable_order(keys)
+    pairs = keys[key_order]
+    first = np.empty(len(pairs), dtype=bool)
+    first[0] = True
+    np.not_equal(pairs[1:], pairs[:-1], out=first[1:])
+    kept = np.sort(key_order[first])
+    pairs = pairs[first]
+    train = np.stack([user[kept], train_items[kept]], axis=1).astype(np.int64)
+    test_keys = test[test_users, 0] * nb_items + test[test_users, 1]
+    trained = pairs[np.minimum(np.searchsorted(pairs, test_keys), len(pairs) - 1)] == test_keys
+    _refuse_first(trained, test_path, first_line, lambda row: (
+        f"item {test_frame['item_id'].iloc[row]} is among user {test_frame['user_id'].iloc[row]}'s "
+        "training rows; a held-out item must not be trained on: fix or remove that line"))
+    if given_negatives is None:
+        negatives = _negatives(pairs, [test[:, 1]], nb_items, valid_negative, _generator(seed),
+                               None if progress else True)
+    else:
+        negatives = _given_negatives(given_negatives, user_ids, item_ids, test, negatives_path,
+                                     test_path)
+    return {
+        "train_ratings": torch.from_numpy(train),
+        "test_ratings": torch.from_numpy(test),
+        "test_negatives": torch.from_numpy(negatives),
+        "user_ids": _id_map(user_ids),
+        "item_ids": _id_map(item_ids),
+        "ratings_read": len(train_frame) + len(test_frame),
+        "duplicates_dropped": len(train_frame) - len(train),
+        "users": len(user_ids),
+        "items": nb_items,
+        "train": len(train),
         "test": len(test),
     }
+
+
+def _given_negatives(given, user_ids, item_ids, test, path, test_path):
+    """The negatives file's rows as dense items, in user order; each line's pair must be a test
+    pair, and every test pair needs exactly one line."""
+    users, items, negatives = given
+    dense_users = pd.Index(user_ids).get_indexer(users)
+    dense_items = pd.Index(item_ids).get_indexer(items)
+    known = dense_users >= 0
+    not_tested = ~known | (test[np.where(known, dense_users, 0), 1] != dense_items)
+    _refuse_first(not_tested, path, 1, lambda row: (
+        f"({users[row]},{items[row]}) is not a test pair of {test_path}; fix or remove that "
+        "line"))
+    repeated = pd.Series(dense_users).duplicated().to_numpy()
+    _refuse_first(repeated, path, 1, lambda row: (
+        f"a second line for the test pair ({users[row]},{items[row]}); remove one of them"))
+    missing = np.setdiff1d(np.arange(len(user_ids)), dense_users)
+    if len(missing):
+        raise DataError(f"{path}: no line for user {user_ids[missing[0]]}'s test pair; give every "
+                        "test pair its negatives")
+    result = np.empty(negatives.shape, dtype=np.int64)
+    result[dense_users] = pd.Index(item_ids).get_indexer(negatives.reshape(-1)).reshape(
+        negatives.shape)
+    return result
+
+
+def _refuse_first(bad, path, first_line, problem):
+    """Refuse the file at the first row where bad holds; problem(row) says what is wrong."""
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        raise DataError(f"{path}: line {first_line + int(rows[0])}: {problem(int(rows[0]))}")
+
+
+def _generator(seed):
+    # numpy takes no negative seed, the flag does; below 2**64 this maps seeds one to one
+    return np.random.default_rng(seed % 2**64)
+
+
+def _id_map(ids):
+    """The original ids as an int64 tensor when they are integers, else as a list of str."""
+    if ids.dtype == object:
+        return [str(value) for value in ids]
+    return torch.from_numpy(np.asarray(ids, dtype=np.int64))
+
+
+def _filter_rows(frame, min_rating, min_item_ratings):
+    """The rows rated min_rating or more, then of those the rows of items with at least
+    min_item_ratings of them; the counts of what each dropped."""
+    filtered = {}
+    if min_rating is not None:
+        kept = frame["rating"].to_numpy() >= min_rating
+        if not kept.any():
+            raise FlagError(f"--min_rating {min_rating}: no rating is that high (the highest is "
+                            f"{frame['rating'].max():g}); lower --min_rating")
+        filtered["rows_below_min_rating"] = int(len(frame) - kept.sum())
+        frame = frame[kept]
+    if min_item_ratings > 1:
+        codes, items = pd.factorize(frame["item_id"].to_numpy())
+        counts = np.bincount(codes)
+        if counts.max() < min_item_ratings:
+            raise FlagError(f"--min_item_ratings {min_item_ratings}: no item has that many "
+                            f"ratings (the most any item has is {counts.max()}); lower "
+                            "--min_item_ratings")
+        filtered["items_dropped"] = int((counts < min_item_ratings).sum())
+        frame = frame[counts[codes] >= min_item_ratings]
+    return frame, filtered
 
 
 def _check_negatives_fit(users, valid_negative):
@@ -162,6 +331,9 @@ def _stable_order(values):
     falls back on the merge sort.
     """
     n = len(values)
+    if values.dtype.kind == "f":
+        # the composite key needs whole numbers: 1.2 and 1.7 would tie
+        return np.argsort(values, kind="stable")
     low = int(values.min())
     if (int(values.max()) - low + 1) * n > 2**63:
         return np.argsort(values, kind="stable")
@@ -174,12 +346,13 @@ def _stable_order(values):
     return composite
 
 
-def _split(user, item, nb_users, nb_items):
-    """Deduplicate time-ordered (user, item) rows and pick each user's latest as its test row.
+def _split(user, item, nb_users, nb_items, held_out=1):
+    """Deduplicate time-ordered (user, item) rows and hold out each user's `held_out` latest: the
+    latest is its test row, the one before (held_out 2) its validation row.
 
-    Returns the sorted keys user * nb_items + item of all distinct pairs (test pairs included),
-    a mask of the training rows, the row of each user's test positive (by user), and the number
-    of duplicate rows dropped.
+    Returns the sorted keys user * nb_items + item of all distinct pairs (held-out pairs
+    included), a mask of the training rows, the rows held out [held_out, nb_users] (latest
+    first; -1 where a user has too few distinct pairs), and the number of duplicate rows dropped.
     """
     keys = user.astype(np.int64)
     keys *= nb_items
@@ -198,27 +371,37 @@ def _split(user, item, nb_users, nb_items):
     del order, first
     # pairs are sorted by user, so each user's pairs form one run; its latest row is the test
     starts = np.searchsorted(pairs, np.arange(nb_users, dtype=np.int64) * nb_items)
-    test_rows = np.maximum.reduceat(kept_rows, starts)
-    is_train[test_rows] = False
-    return pairs, is_train, test_rows, duplicates
+    held_out_rows = np.empty((held_out, nb_users), dtype=np.int64)
+    held_out_rows[0] = np.maximum.reduceat(kept_rows, starts)
+    if held_out > 1:
+        sizes = np.diff(np.append(starts, len(pairs)))
+        owner = np.repeat(np.arange(nb_users), sizes)
+        # the latest left once the test row is set aside; a user's only row gives -1
+        rest = np.where(kept_rows == held_out_rows[0][owner], -1, kept_rows)
+        held_out_rows[1] = np.maximum.reduceat(rest, starts)
+        # a user with two distinct pairs would train on none
+        held_out_rows[:, sizes < 3] = -1
+    is_train[held_out_rows[held_out_rows >= 0]] = False
+    return pairs, is_train, held_out_rows, duplicates
 
 
-def _test_negatives(pairs, test, nb_items, valid_negative, seed, disable):
+def _negatives(pairs, held_out_items, nb_items, valid_negative, rng, disable, what="test"):
     """Per user, valid_negative items uniform in [0, nb_items) that are not training positives.
 
+    pairs: the sorted keys of every user's distinct pairs, held-out ones included;
+    held_out_items: arrays of each user's held-out item (test, then validation), which are not
+    training positives.
     Draws are made a block of users at a time, and in each block only the rejected ones are drawn
     again, round after round; blocks keep the temporaries small and the searches within the
-    block's own pairs. The test positive is not a training positive, so it may be drawn; that
-    also means every user has an item left to draw, so the rounds end.
+    block's own pairs. The held-out positives may be drawn; that also means every user has an
+    item left to draw, so the rounds end.
     """
-    nb_users = len(test)
+    nb_users = len(held_out_items[0])
     user_starts = np.searchsorted(pairs, np.arange(nb_users + 1, dtype=np.int64) * nb_items)
-    # numpy takes no negative seed, the flag does; below 2**64 this maps seeds one to one
-    rng = np.random.default_rng(seed % 2**64)
     negatives = np.empty((nb_users, valid_negative), dtype=np.int64)
-    test_items = test[:, 1]
     block = max(1, DRAWS_PER_BLOCK // valid_negative)
-    bar = tqdm(total=nb_users, desc="test negatives", unit="user", disable=disable, leave=False)
+    bar = tqdm(total=nb_users, desc=f"{what} negatives", unit="user", disable=disable,
+               leave=False)
     for first in range(0, nb_users, block):
         last = min(first + block, nb_users)
         known = pairs[user_starts[first]:user_starts[last]]
@@ -230,7 +413,9 @@ def _test_negatives(pairs, test, nb_items, valid_negative, seed, disable):
             candidates = drawn[pending]
             keys = users * nb_items + candidates
             found = np.minimum(np.searchsorted(known, keys), len(known) - 1)
-            rejected = (known[found] == keys) & (candidates != test_items[users])
+            rejected = known[found] == keys
+            for items in held_out_items:
+                rejected &= candidates != items[users]
             pending = pending[rejected]
             drawn[pending] = rng.integers(0, nb_items, size=pending.size, dtype=np.int64)
         bar.update(last - first)
@@ -246,13 +431,44 @@ def _parser():
     parser.add_argument("--output", default="/data", help="directory for the .pt files")
     parser.add_argument("-s", "--seed", type=int, default=1, help="seed of the test negatives")
     parser.add_argument("--valid_negative", type=int, default=100,
-                        help="test negatives per user")
-    parser.add_argument("--min_ratings", type=int, default=20,
-                        help="drop users with fewer ratings")
+                        help="test negatives per user (and validation negatives)")
+    parser.add_argument("--min_ratings", type=int,
+                        help=f"drop users with fewer ratings (default {MIN_RATINGS}), after the "
+                        "--min_rating and --min_item_ratings filters")
+    parser.add_argument("--min_rating", type=float, metavar="R",
+                        help="keep only interactions rated R or more (the rating column is read "
+                        "only then); applied first")
+    parser.add_argument("--rating_col", default="rating",
+                        help="rating column of a CSV with a header, for --min_rating")
+    parser.add_argument("--min_item_ratings", type=int, metavar="N",
+                        help="drop items with fewer than N ratings, after --min_rating and "
+                        "before --min_ratings, once (a kept user may leave an item below N)")
+    parser.add_argument("--validation", action="store_true",
+                        help="also hold out each user's second-latest interaction "
+                        "(validation_ratings.pt, validation_negatives.pt); users need 3 "
+                        "distinct items")
     parser.add_argument("--user_col", help="user column of a CSV with a header (default userId)")
     parser.add_argument("--item_col", help="item column of a CSV with a header (default movieId)")
     parser.add_argument("--time_col",
-                        help="timestamp column of a CSV with a header (default timestamp)")
+                        help="timestamp column of a CSV with a header (default timestamp); "
+                        f"'{NO_TIME}': there is none, file order is time order (the last row "
+                        "of a user is its test item)")
+    parser.add_argument("--string_ids", action="store_true",
+                        help="read user and item ids as text (UUIDs, codes); the id maps are "
+                        "then user_ids.json and item_ids.json")
+    parser.add_argument("--time_format", choices=TIME_FORMATS, default="integer",
+                        help="timestamps are whole numbers (default, exact), any numbers, or "
+                        "ISO-8601 date-times (without an offset: UTC)")
+    parser.add_argument("--test_path", metavar="TEST",
+                        help="your own split: --path is the training file, TEST (same format) "
+                        "holds one held-out row per user; test negatives are drawn unless "
+                        "--test_negatives_path gives them")
+    parser.add_argument("--test_negatives_path", metavar="NEG",
+                        help="test negatives for --test_path, one line per test pair: "
+                        "(user,item) then its negatives, tab-separated")
+    parser.add_argument("--paper", metavar="PREFIX",
+                        help="the NCF paper's split: PREFIX.train.rating, PREFIX.test.rating, "
+                        "PREFIX.test.negative (hexiangnan/neural_collaborative_filtering)")
     parser.add_argument("--first_columns", action="store_true",
                         help="read a CSV with a header, whatever its column names, as user, "
                         "item, timestamp in its first three columns (the 2023 original's reader "
@@ -324,13 +540,26 @@ def write_outputs(directory, tensors, metadata, disable=True):
     unfinished_before = os.path.exists(marker)
     open(marker, "wb").close()
     written = []
+    names = [name for name in TENSORS + VALIDATION_TENSORS if name in tensors]
     try:
-        for name in tqdm(TENSORS, desc="write", unit="file", disable=disable, leave=False):
-            path = os.path.join(directory, f"{name}.pt")
-            _save_tensor(tensors[name], path)
+        for name in tqdm(names, desc="write", unit="file", disable=disable, leave=False):
+            if isinstance(tensors[name], list):
+                # text ids: plain JSON, which any tool reads and torch.load never runs
+                path = os.path.join(directory, f"{name}.json")
+                with atomic_output(path) as temporary, open(temporary, "wb") as f:
+                    f.write(json.dumps(tensors[name]).encode() + b"\n")
+            else:
+                path = os.path.join(directory, f"{name}.pt")
+                _save_tensor(tensors[name], path)
             written.append(path)
+        for name in OUTPUT_FILES:
+            # an earlier conversion's validation split or id map of the other kind
+            path = os.path.join(directory, name)
+            if path not in written and os.path.exists(path):
+                os.remove(path)
         fingerprint = tensors_fingerprint(
-            *(tensors[name] for name in ("train_ratings", "test_ratings", "test_negatives")))
+            *(tensors[name] for name in ("train_ratings", "test_ratings", "test_negatives")
+              + VALIDATION_TENSORS if name in tensors))
         path = os.path.join(directory, METADATA)
         with atomic_output(path) as temporary, open(temporary, "wb") as f:
             f.write(json.dumps({**metadata, "fingerprint": fingerprint}, indent=1).encode()
@@ -339,9 +568,9 @@ def write_outputs(directory, tensors, metadata, disable=True):
         for path in written:
             with contextlib.suppress(OSError):
                 os.remove(path)
-        names = [f"{name}.pt" for name in TENSORS] + [METADATA]
         unchanged = not written and not unfinished_before
-        if unchanged or not any(os.path.exists(os.path.join(directory, name)) for name in names):
+        if unchanged or not any(os.path.exists(os.path.join(directory, name))
+                                for name in OUTPUT_FILES + [METADATA]):
             with contextlib.suppress(OSError):
                 os.remove(marker)
         raise
@@ -350,14 +579,12 @@ def write_outputs(directory, tensors, metadata, disable=True):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if args.valid_negative < 1:
-        _fail(f"--valid_negative must be at least 1, not {args.valid_negative}")
-    if args.min_ratings < 1:
-        _fail(f"--min_ratings must be at least 1, not {args.min_ratings}")
+    _check_flags(args)
     columns = (args.user_col, args.item_col, args.time_col)
-    if args.first_columns and columns != (None, None, None):
-        _fail("--first_columns reads the first three columns; drop it or drop --user_col, "
-              "--item_col, --time_col")
+    split = args.test_path or args.paper
+    if split:
+        return _convert_given_split(args, columns)
+    min_ratings = MIN_RATINGS if args.min_ratings is None else args.min_ratings
     progress = sys.stderr.isatty()
     try:
         # one user is the fewest a conversion can keep: no need to read the file to refuse
@@ -365,9 +592,13 @@ def main(argv=None):
         _prepare_output(args.output)
         if progress:
             print(f"{PROG}: reading {args.path}", file=sys.stderr)
-        frame, reader = load_ratings(args.path, *columns, first_columns=args.first_columns)
+        frame, reader = load_ratings(
+            args.path, *columns, first_columns=args.first_columns,
+            rating_col=args.rating_col if args.min_rating is not None else None,
+            string_ids=args.string_ids, time_format=args.time_format)
         try:
-            result = convert(frame, args.seed, args.valid_negative, args.min_ratings, progress)
+            result = convert(frame, args.seed, args.valid_negative, min_ratings, progress,
+                             args.min_rating, args.min_item_ratings or 1, args.validation)
         except FlagError:
             raise
         except DataError as e:
@@ -379,10 +610,12 @@ def main(argv=None):
             "reader": reader,
             "seed": args.seed,
             "valid_negative": args.valid_negative,
-            "min_ratings": args.min_ratings,
-            **{key: result[key] for key in ("ratings_read", "users_dropped",
+            "min_ratings": min_ratings,
+            **_new_settings(args),
+            **{key: result[key] for key in ("ratings_read", "rows_below_min_rating",
+                                            "items_dropped", "users_dropped",
                                             "duplicates_dropped", "users", "items", "train",
-                                            "test")},
+                                            "test", "validation") if key in result},
         }
         write_outputs(args.output, result, metadata, disable=not progress)
     except DataError as e:
@@ -396,7 +629,102 @@ def main(argv=None):
     print(f"{PROG}: read {result['ratings_read']} ratings; kept {result['users']} users "
           f"({result['users_dropped']} dropped), {result['items']} items; "
           f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
-          f"test {result['test']}, test negatives {result['test']}x{args.valid_negative} "
+          f"test {result['test']}, test negatives {result['test']}x{args.valid_negative}"
+          + (f", validation {result['validation']}" if args.validation else "")
+          + f" -> {args.output}")
+    return 0
+
+
+# (flag, what it goes with): each is refused without it
+_NEEDS = (("test_negatives_path", "test_path"),)
+# flags that make no sense with a split given by the user: it is taken as it is
+_NOT_WITH_SPLIT = ("min_ratings", "min_rating", "min_item_ratings", "validation")
+_PAPER_FORMAT = ("user_col", "item_col", "time_col", "first_columns", "string_ids",
+                 "test_path", "test_negatives_path")
+
+
+def _check_flags(args):
+    """Refuse, in one line, flag values and combinations that cannot be converted with."""
+    def flag(name):
+        return "--" + name
+    for name, low in (("valid_negative", 1), ("min_ratings", 1), ("min_item_ratings", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            _fail(f"{flag(name)} must be at least {low}, not {value}")
+    if args.first_columns and (args.user_col, args.item_col, args.time_col) != (None,) * 3:
+        _fail("--first_columns reads the first three columns; drop it or drop --user_col, "
+              "--item_col, --time_col")
+    for name, needed in _NEEDS:
+        if getattr(args, name) and not getattr(args, needed):
+            _fail(f"{flag(name)} goes with {flag(needed)}; add it or drop {flag(name)}")
+    if args.paper:
+        given = [name for name in _PAPER_FORMAT if getattr(args, name)]
+        if given:
+            _fail(f"{flag(given[0])}: --paper reads the paper's own format and split; drop "
+                  f"{flag(given[0])}")
+    if args.test_path or args.paper:
+        given = [name for name in _NOT_WITH_SPLIT if getattr(args, name) not in (None, False)]
+        if given:
+            _fail(f"{flag(given[0])}: a split given with --test_path or --paper is used as it "
+                  f"is; filter or split the files yourself, or drop {flag(given[0])}")
+
+
+def _new_settings(args):
+    """The settings of issue 13 that differ from the original's recipe, for metadata.json (a
+    conversion by the original recipe records none of them)."""
+    settings = {"min_rating": args.min_rating, "min_item_ratings": args.min_item_ratings,
+                "string_ids": args.string_ids or None,
+                "time_format": None if args.time_format == "integer" else args.time_format,
+                "time_col": args.time_col if args.time_col == NO_TIME else None}
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def _convert_given_split(args, columns):
+    if args.paper:
+        paths = [args.paper + suffix for suffix in (".train.rating", ".test.rating",
+                                                    ".test.negative")]
+    else:
+        paths = [args.path, args.test_path, args.test_negatives_path]
+    try:
+        _check_negatives_fit(1, args.valid_negative)
+        _prepare_output(args.output)
+        if args.paper:
+            (train, _), (test, reader) = ((load_paper_ratings(path), "paper") for path in paths[:2])
+        else:
+            train, reader = load_ratings(paths[0], *columns, first_columns=args.first_columns,
+                                         string_ids=args.string_ids,
+                                         time_format=args.time_format)
+            test, _ = load_ratings(paths[1], *columns, first_columns=args.first_columns,
+                                   string_ids=args.string_ids, time_format=args.time_format)
+        negatives = None if paths[2] is None else load_negatives(paths[2], args.string_ids)
+        valid_negative = args.valid_negative if negatives is None else negatives[2].shape[1]
+        _check_negatives_fit(len(test), valid_negative)
+        result = convert_split(train, test, negatives, args.seed, valid_negative,
+                               (paths[1], first_line(reader), paths[2]), sys.stderr.isatty())
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "source": os.path.abspath(paths[0]),
+            "test_source": os.path.abspath(paths[1]),
+            "reader": reader,
+            **({"seed": args.seed} if negatives is None else
+               {"negatives_source": os.path.abspath(paths[2])}),
+            "valid_negative": valid_negative,
+            **_new_settings(args),
+            **{key: result[key] for key in ("ratings_read", "duplicates_dropped", "users",
+                                            "items", "train", "test")},
+        }
+        write_outputs(args.output, result, metadata)
+    except DataError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{args.output}: cannot write the output ({e.strerror or e}); check free space and "
+              "permissions")
+    except MemoryError:
+        _fail(f"{paths[0]}: out of memory while converting it; free some memory or use a "
+              "machine with more")
+    print(f"{PROG}: given split: {result['users']} users, {result['items']} items; "
+          f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
+          f"test {result['test']}, test negatives {result['test']}x{valid_negative} "
           f"-> {args.output}")
     return 0
 

@@ -104,6 +104,72 @@ def load_ratings(path, user_col=None, item_col=None, time_col=None, first_column
     raise DataError(f"{path}: unknown ratings format; {_KNOWN_FORMATS}")
 
 
+def first_line(reader):
+    """The line of the file that a reader's first row comes from."""
+    return 1 if reader in ("movielens-tab", "movielens-dat", "paper") else 2
+
+
+def load_paper_ratings(path):
+    """A PREFIX.train.rating or PREFIX.test.rating file of the NCF paper's published data
+    (hexiangnan/neural_collaborative_filtering): tab-separated, no header: user, item, rating,
+    timestamp, integers."""
+    path = os.fspath(path)
+    _check_file(path)
+    return _read_headerless(path, "\t", [0, 1, 3], 4, _Kinds(False, "integer"))
+
+
+def load_negatives(path, string_ids=False):
+    """Test negatives in the NCF paper's PREFIX.test.negative format: per line `(user,item)`, the
+    test pair, then that user's negative items, tab-separated.
+
+    Returns (users, items, negatives [lines, count]) in original ids, as numpy arrays: int64, or
+    str objects with string_ids. Every line must have the same number of negatives.
+    """
+    path = os.fspath(path)
+    _check_file(path)
+    parse = _text_id if string_ids else _integer_id
+    users, items, negatives = [], [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.rstrip("\r\n").rstrip("\t").split("\t")
+                pair = re.fullmatch(r"\(([^,]*),([^,]*)\)", fields[0].strip(" "))
+                if pair is None:
+                    raise DataError(f"{path}: line {number}: starts with {_shown(fields[0])}, not "
+                                    "(user,item); write the test pair first, then its negatives, "
+                                    "tab-separated")
+                users.append(parse(pair[1], path, number))
+                items.append(parse(pair[2], path, number))
+                negatives.append([parse(field, path, number) for field in fields[1:]])
+                if len(negatives[-1]) != len(negatives[0]) or not negatives[0]:
+                    raise DataError(f"{path}: line {number}: {len(negatives[-1])} negatives, "
+                                    f"line 1 has {len(negatives[0])}; give every test pair the "
+                                    "same number (at least one)")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; write the negatives as text") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
+    if not users:
+        raise DataError(f"{path}: holds no line; write one per test pair")
+    dtype = object if string_ids else np.int64
+    return (np.array(users, dtype=dtype), np.array(items, dtype=dtype),
+            np.array(negatives, dtype=dtype))
+
+
+def _integer_id(text, path, number):
+    value = _exact_integer(text.strip(" "))
+    if isinstance(value, str):
+        raise DataError(f"{path}: line {number}: id {_shown(text)} {value}; {_EXACT_RULE}"
+                        f"{_OTHER_KINDS['user_id']}")
+    return value
+
+
+def _text_id(text, path, number):
+    if not text.strip(" "):
+        raise DataError(f"{path}: line {number}: an empty id; fix or remove that line")
+    return text.strip(" ")
+
+
 class _Kinds:
     """How each column's text is read: "integer" (exact int64), "text", "number", "iso8601"."""
 
