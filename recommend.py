@@ -10,6 +10,7 @@ sigmoid output. Every item is scored for a user in one pass of the factored mode
 import os
 import sys
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,8 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--load_checkpoint_path", "--checkpoint", dest="checkpoint",
                         required=True, help="model.pth written by ncf.py")
     who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--users", nargs="+", type=int, metavar="ID",
-                     help="original user ids (as in the ratings file)")
+    who.add_argument("--users", nargs="+", metavar="ID",
+                     help="original user ids (as in the ratings file; text ids too)")
     who.add_argument("--all_users", action="store_true",
                      help="every user, written as CSV to --output")
     parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title]")
@@ -73,7 +74,7 @@ def write_all_users(recommender, topk, titles, output):
     if not os.path.isdir(directory):
         raise RecommendError(f"--output {output}: directory {directory} does not exist; "
                              f"create it or pass a path in an existing directory")
-    order = torch.argsort(recommender.user_ids)
+    order = torch.from_numpy(np.argsort(recommender.user_ids, kind="stable"))
     scorer = recommender.scorer
     step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
     try:

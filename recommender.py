@@ -6,8 +6,11 @@ of the factored model (scoring.py), whose item side is computed once when the Re
 built.
 """
 import copy
+import json
 import os
+import re
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -15,7 +18,8 @@ import dataloading
 import scoring
 from checkpoint import check_matches, load_model
 
-ID_FILES = ("user_ids.pt", "item_ids.pt")
+ID_MAPS = ("user_ids", "item_ids")
+_WHOLE_NUMBER = re.compile(r"[+-]?\d{1,19}", re.ASCII)
 # With precision bf16, the items rescored in float32 for a top-k: max(SHORTLIST_MIN,
 # SHORTLIST_PER_K * k) of the best by bfloat16 scores.
 SHORTLIST_MIN = 100
@@ -31,13 +35,15 @@ class Recommender:
 
     def __init__(self, data_dir, checkpoint_path, device="cpu", precision="fp32"):
         train, _, _, nb_users, nb_items = dataloading.open_dataset(data_dir)[:5]
-        self.user_ids, self.item_ids = (dataloading.load_tensor(data_dir, name, 1)
-                                      for name in ID_FILES)
-        for name, ids, count in (("user_ids.pt", self.user_ids, nb_users),
-                                 ("item_ids.pt", self.item_ids, nb_items)):
+        # numpy arrays: int64, or str objects for ids convert.py read as text
+        self.user_ids, self.item_ids = (load_id_map(data_dir, name) for name in ID_MAPS)
+        for name, (path, ids), count in zip(ID_MAPS, (self.user_ids, self.item_ids),
+                                            (nb_users, nb_items)):
             if len(ids) != count:
-                raise RecommendError(f"{os.path.join(data_dir, name)}: has {len(ids)} ids but the "
+                raise RecommendError(f"{path}: has {len(ids)} ids but the "
                                      f"ratings have {count}; re-run convert.py on this directory")
+        self.user_ids, self.item_ids = self.user_ids[1], self.item_ids[1]
+        self.text_ids = self.user_ids.dtype == object
         model = load_model(checkpoint_path, device).eval()
         check_matches(model.state_dict(), checkpoint_path, nb_users, nb_items)
         self.scorer = scoring.FactoredScorer(model)
@@ -51,16 +57,26 @@ class Recommender:
         # Ties go to the lower dense id: a stable sort keeps the answer the same run to run.
         self.ratings = torch.bincount(train[:, 1], minlength=nb_items)
         self.most_rated = torch.sort(self.ratings, descending=True, stable=True).indices
-        self.position = {int(user): dense for dense, user in enumerate(self.user_ids.tolist())}
+        self.position = {user: dense for dense, user in enumerate(self.user_ids.tolist())}
         self.device = device
         self.data_dir = data_dir
 
+    def _key(self, original_id):
+        """An original id as the id map holds it: text ids as str; integer ids as int, from
+        text too (the command line gives text)."""
+        if self.text_ids:
+            return str(original_id)
+        if isinstance(original_id, str) and _WHOLE_NUMBER.fullmatch(original_id.strip()):
+            return int(original_id)
+        return original_id
+
     def dense_user(self, original_id):
         """The dense id of an original user id, None when the data does not hold that user."""
-        return self.position.get(original_id)
+        return self.position.get(self._key(original_id))
 
     def dense_users(self, original_ids):
         """Dense ids of the given original user ids, refusing any that the data does not hold."""
+        original_ids = [self._key(user) for user in original_ids]
         unknown = [user for user in original_ids if user not in self.position]
         if unknown:
             raise RecommendError(
@@ -99,11 +115,30 @@ class Recommender:
         kept = items >= 0
         rows, columns = kept.nonzero(as_tuple=True)
         return pd.DataFrame({
-            "userId": self.user_ids[users[rows]].numpy(),
+            "userId": self.user_ids[users[rows].numpy()],
             "rank": (columns + 1).numpy(),
-            "movieId": self.item_ids[items[kept]].numpy(),
+            "movieId": self.item_ids[items[kept].numpy()],
             "score": scores[kept].numpy(),
         })
+
+
+def load_id_map(data_dir, name):
+    """(path, ids) of the id map NAME that convert.py wrote: NAME.json (a list of str, for text
+    ids) when there is one, else NAME.pt (int64)."""
+    path = os.path.join(data_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return (os.path.join(data_dir, f"{name}.pt"),
+                dataloading.load_tensor(data_dir, f"{name}.pt", 1).numpy())
+    try:
+        with open(path, "rb") as handle:
+            ids = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise RecommendError(f"{path}: cannot be read ({type(error).__name__}); re-run "
+                             "convert.py to rewrite it") from None
+    if not isinstance(ids, list) or not all(isinstance(value, str) for value in ids):
+        raise RecommendError(f"{path}: not a JSON list of text ids; re-run convert.py to "
+                             "rewrite it")
+    return path, np.array(ids, dtype=object)
 
 
 def load_titles(path):
