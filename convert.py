@@ -1,19 +1,32 @@
 """Turn a ratings file into the tensors that ncf.py trains and evaluates on.
 
     python convert.py [--path RATINGS] [--output DIR] [--seed 1] [--valid_negative 100]
-                      [--min_ratings 20] [--user_col C --item_col C --time_col C | --first_columns]
+                      [--min_ratings 20] [--min_rating R] [--min_item_ratings N] [--validation]
+                      [--user_col C --item_col C --time_col C|none | --first_columns]
+                      [--string_ids] [--time_format integer|number|iso8601]
+                      [--test_path TEST [--test_negatives_path NEG] | --paper PREFIX]
 
 Input RATINGS (default /data/ml-20m/ratings.csv, output DIR default /data, as in the original):
 MovieLens u.data, ratings.dat or ratings.csv, or any CSV with a header whose user, item and
 timestamp columns are named by --user_col, --item_col, --time_col, or are its first three
-(--first_columns) (see load.py).
+(--first_columns) (see load.py). Ids are whole numbers unless --string_ids reads them as text;
+timestamps are whole numbers unless --time_format says numbers or ISO-8601 date-times; with
+--time_col none there is no time column and file order is time order.
 
-Protocol: drop users with fewer than --min_ratings ratings; renumber users and items to dense
-0-based ids in order of first appearance; sort by timestamp, stable (ties keep file order); drop
-repeated (user, item) pairs keeping the earliest; each user's latest interaction is its test
-positive, the rest are training positives; for each user draw --valid_negative test negatives
+Protocol: keep only ratings of --min_rating or more (when given), then drop items with fewer
+than --min_item_ratings of the rows left (when given), then users with fewer than --min_ratings;
+each filter runs once, in that order. Renumber users and items to dense 0-based ids in order of
+first appearance; sort by timestamp, stable (ties keep file order); drop repeated (user, item)
+pairs keeping the earliest; each user's latest interaction is its test positive (with
+--validation, the one before it is its validation positive), the rest are training positives;
+for each user draw --valid_negative test negatives (then as many validation negatives)
 uniformly over all items, with replacement, redrawing any that is one of the user's training
 positives.
+
+A split of your own: --test_path TEST holds each user's test row (--path the training rows, both
+read the same way), and --test_negatives_path NEG the negatives, else they are drawn as above;
+--paper PREFIX reads the NCF paper's PREFIX.train.rating, PREFIX.test.rating and
+PREFIX.test.negative. The split is used as it is: no filter, no validation.
 
 Output in DIR (int64 tensors, loadable with torch.load(..., weights_only=True)):
     train_ratings.pt   [N, 2] user, item; in time order
@@ -21,6 +34,8 @@ Output in DIR (int64 tensors, loadable with torch.load(..., weights_only=True)):
     test_negatives.pt  [U, valid_negative] items
     user_ids.pt        [U] original user id of each dense user id
     item_ids.pt        [I] original item id of each dense item id
+    user_ids.json, item_ids.json   instead of the two above with --string_ids: JSON lists of str
+    validation_ratings.pt, validation_negatives.pt   with --validation: as the test ones
     metadata.json      source, reader, settings, counts and the tensors' fingerprint; written
                        last, so a directory without it holds no finished conversion
     .converting        present only while a conversion writes (or after one was killed); ncf.py
