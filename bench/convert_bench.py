@@ -1,6 +1,7 @@
 """Time convert.py on a generated MovieLens-shaped ratings.csv: wall time and peak memory.
 
     python bench/convert_bench.py [--preset ml-20m|small] [--workdir /tmp/ncf-bench]
+                                  [--convert_args "--string_ids --validation"]
 
 The input comes from generate.py (preset ml-20m: 20,000,263 ratings of 138,493 users and 26,744
 items, heavy-tailed activity and popularity) and is written once into WORKDIR, then reused.
@@ -37,11 +38,14 @@ def main(argv=None):
     parser.add_argument("--preset", choices=sorted(generate.PRESETS), default="ml-20m")
     parser.add_argument("--workdir", default="/tmp/ncf-bench",
                         help="where the input is cached and the output written")
+    parser.add_argument("--convert_args", default="",
+                        help="more convert.py flags, in one string: the cost of a reader or "
+                        "an option on the same input")
     args = parser.parse_args(argv)
     path = bench_input(args.workdir, args.preset)
     output = os.path.join(args.workdir, f"converted-{args.preset}")
     command = [sys.executable, os.path.join(REPO, "convert.py"), "--path", path,
-               "--output", output]
+               "--output", output, *args.convert_args.split()]
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     # RUSAGE_CHILDREN's peak covers every child waited for so far: run convert.py from a fresh

@@ -327,3 +327,33 @@ def test_first_columns_needs_three(tmp_path):
     message = error(write(tmp_path, "log.csv", "user,item\n1,2\n"), first_columns=True)
     assert "header 'user,item' has 2 columns; --first_columns reads user, item, timestamp " \
         "from the first three" in message
+
+
+def test_other_kinds_of_ids_and_times(tmp_path):
+    path = write(tmp_path, "log.csv", "u,i,t,stars\n u1 ,A-7,2024-01-01T00:00:01,4.5\n"
+                                      "NA,1.0,1970-01-01 01:00:00+01:00,2\n")
+    frame, reader = load_ratings(path, user_col="u", item_col="i", time_col="t",
+                                 rating_col="stars", string_ids=True, time_format="iso8601")
+    assert reader == "csv-columns"
+    assert frame["user_id"].tolist() == ["u1", "NA"]
+    assert frame["item_id"].tolist() == ["A-7", "1.0"]
+    # nanoseconds since 1970 UTC; the second time is midnight UTC written in +01:00
+    assert frame["timestamp"].tolist() == [1704067201 * 10**9, 0]
+    assert frame["rating"].tolist() == [4.5, 2.0]
+
+
+def test_number_times_and_no_time_column(tmp_path):
+    path = write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,1.5\n1,3,3,-2\n")
+    frame, _ = load_ratings(path, time_format="number")
+    assert frame["timestamp"].dtype == np.float64
+    assert frame["timestamp"].tolist() == [1.5, -2.0]
+    frame, _ = load_ratings(path, time_col="none")
+    assert rows(frame) == [[1, 2, 0], [1, 3, 1]]
+
+
+def test_the_rating_is_read_only_when_asked(tmp_path):
+    path = write(tmp_path, "u.data", "1\t2\tnot a number\t4\n")
+    frame, _ = load_ratings(path)
+    assert list(frame.columns) == ["user_id", "item_id", "timestamp"]
+    assert "line 1: rating 'not a number' is not a finite number" in error(path,
+                                                                           rating_col="rating")
