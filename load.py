@@ -229,6 +229,8 @@ def _read_named(path, wanted, reader, kinds):
                 if reader == "csv-columns" else
                 "a MovieLens ratings.csv starts with userId,movieId,rating,timestamp; for other "
                 "columns use --user_col, --item_col, --time_col")
+        if missing == list(wanted[3:]):
+            hint = "name the rating column with --rating_col"
         raise DataError(f"{path}: header {','.join(header)!r} lacks {', '.join(missing)}; {hint}")
     positions = [None if column == NO_TIME else header.index(column) for column in wanted]
     return _read_with_header(path, header, positions, kinds)

@@ -210,7 +210,11 @@ BAD_ROWS = [
     ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,3,,5\n",
      ["--min_rating", "3"], "{path}: line 3: missing rating; "),
     ("ratings.csv", "userId,movieId,timestamp\n1,2,4\n", ["--min_rating", "3"],
-     "{path}: header 'userId,movieId,timestamp' lacks rating; "),
+     "{path}: header 'userId,movieId,timestamp' lacks rating; name the rating column with "
+     "--rating_col"),
+    ("events.csv", "u,i,t,stars\n1,2,3,4\n", ["--min_rating", "3", "--user_col", "u",
+                                               "--item_col", "i", "--time_col", "t"],
+     "{path}: header 'u,i,t,stars' lacks rating; name the rating column with --rating_col"),
     ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n", ["--min_rating", "4"],
      "--min_rating 4.0: no rating is that high (the highest is 3); lower --min_rating"),
     ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n2,3,3,4\n",
