@@ -1,7 +1,7 @@
 """Time convert.py on a generated MovieLens-shaped ratings.csv: wall time and peak memory.
 
     python bench/convert_bench.py [--preset ml-20m|small] [--workdir /tmp/ncf-bench]
-                                  [--convert_args "--string_ids --validation"]
+                                  [--convert_args="--string_ids --validation"]
 
 The input comes from generate.py (preset ml-20m: 20,000,263 ratings of 138,493 users and 26,744
 items, heavy-tailed activity and popularity) and is written once into WORKDIR, then reused.
