@@ -76,7 +76,8 @@ class Recommender:
 
     def dense_users(self, original_ids):
         """Dense ids of the given original user ids, refusing any that the data does not hold."""
-        original_ids = [self._key(user) for user in original_ids]
+        # "7" and "007" are one user
+        original_ids = list(dict.fromkeys(self._key(user) for user in original_ids))
         unknown = [user for user in original_ids if user not in self.position]
         if unknown:
             raise RecommendError(
