@@ -177,6 +177,11 @@ class _Kinds:
         ids = "text" if string_ids else "integer"
         self.of = {"user_id": ids, "item_id": ids, "timestamp": time_format, "rating": "number"}
 
+    def text_dtypes(self, positions):
+        """dtype for read_csv: text ids are read as str at once, rather than read again."""
+        return {position: str for column, position in zip(COLUMNS, positions)
+                if self.of[column] == "text"}
+
     @property
     def read_options(self):
         # text ids are kept as written: "NA" or "null" is an id, not a missing value
@@ -210,7 +215,8 @@ def _position(path, header, column):
 
 def _read_headerless(path, separator, positions, fields, kinds):
     options = dict(sep=separator, header=None, **kinds.read_options)
-    frame = _read(path, options, _unused_as_category(fields, positions), fields)
+    frame = _read(path, options, {**_unused_as_category(fields, positions),
+                                  **kinds.text_dtypes(positions)}, fields)
     if len(frame.columns) != fields:
         # the C parser takes the field count from the first line and refuses longer lines
         # after it, so only the first line can have the wrong count here
@@ -239,7 +245,8 @@ def _read_named(path, wanted, reader, kinds):
 def _read_with_header(path, header, positions, kinds):
     options = kinds.read_options
     read = [position for position in positions if position is not None]
-    frame = _read(path, options, _unused_as_category(len(header), read))
+    frame = _read(path, options, {**_unused_as_category(len(header), read),
+                                  **kinds.text_dtypes(positions)})
     if not isinstance(frame.index, pd.RangeIndex):
         # pandas turns the extra leading fields of a first line longer than the header into an
         # index, shifting every column
@@ -313,6 +320,9 @@ def _columns(frame, path, first_line, options, positions, kinds):
             result[column] = values
         elif kind == "number" and values.dtype.kind in "iuf" and not values.isna().any():
             result[column] = values.astype(np.float64)
+        elif kind == "text":
+            # read as str with no missing-value markers: "" is the only missing id
+            result[column] = _texts(values.to_numpy(), column, path, first_line)
         else:
             text = _read(path, dict(options, usecols=[position], na_filter=False),
                          {position: str}).iloc[:, 0].to_numpy()
@@ -333,7 +343,7 @@ def _refuse(path, row, first_line, column, text, problem, rule):
 
 def _texts(fields, column, path, first_line):
     values = pd.Series(fields, dtype=object).str.strip(" \t")
-    empty = np.flatnonzero((values == "").to_numpy())
+    empty = np.flatnonzero((values.isna() | (values == "")).to_numpy())
     if len(empty):
         _refuse(path, int(empty[0]), first_line, column, "", "",
                 "every row needs a user id and an item id: fix or remove that line")
