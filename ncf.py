@@ -653,8 +653,7 @@ def train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
     nb_samples = samples_per_epoch(len(train_users), args)
     optimizer = build_optimizer(args, model)
     scaler = grad_scaler(ctx)
-    first_epoch, best = 0, {"hr": 0.0, "ndcg": 0.0, "selection_hr": 0.0, "epoch": -1,
-                            "train_seconds": 0.0,
+    first_epoch, best = 0, {"hr": 0.0, "ndcg": 0.0, "epoch": -1, "train_seconds": 0.0,
                             "run_seconds": 0.0, "time_to_best": None, "time_to_target": None,
                             "train_time_to_best": None, "train_time_to_target": None}
     history = []
@@ -709,11 +708,9 @@ def train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
         # The validation split, where there is one, picks the model and stops the run, so
         # that the test figures reported for it were not used to choose it.
         hr = metrics[f"{selecting}hr@{args.topk}"]
-        # A last.pth saved before validation splits has no selection_hr: the test HR chose.
-        if hr > best.get("selection_hr", best["hr"]):
+        if hr > selected_metrics(history, best).get(f"{selecting}hr@{args.topk}", best["hr"]):
             best.update(hr=metrics[f"hr@{args.topk}"], ndcg=metrics[f"ndcg@{args.topk}"],
-                        selection_hr=hr, metrics=metrics, epoch=epoch,
-                        time_to_best=best["run_seconds"],
+                        epoch=epoch, time_to_best=best["run_seconds"],
                         train_time_to_best=best["train_seconds"])
             if args.checkpoint_dir:
                 model_path = os.path.join(args.checkpoint_dir, "model.pth")
@@ -752,8 +749,8 @@ def summarize(history, best, args, ctx, logger, run_seconds, validated):
                "train_time_to_best_model": best["train_time_to_best"],
                "epochs_run": len(history)}
     main_keys = (f"hr@{args.topk}", f"ndcg@{args.topk}")
-    others = {key: value for key, value in best.get("metrics", {}).items()
-              if key not in main_keys}
+    selected = selected_metrics(history, best)
+    others = {key: value for key, value in selected.items() if key not in main_keys}
     summary.update({f"best_{key}": value for key, value in others.items()})
     if validated:
         summary["selected_by"] = "validation"
@@ -767,11 +764,12 @@ def summarize(history, best, args, ctx, logger, run_seconds, validated):
         test_figures = (f"HR@{args.topk} = {best['hr']:.4f} (NDCG@{args.topk} = "
                         f"{best['ndcg']:.4f})")
         if validated:
-            selected = (f"Best validation HR@{args.topk} = {best['selection_hr']:.4f} at epoch "
-                        f"{best['epoch']}, selected model's test {test_figures}")
+            selection = (f"Best validation HR@{args.topk} = "
+                         f"{selected.get(f'val_hr@{args.topk}', 0.0):.4f} at epoch "
+                         f"{best['epoch']}, selected model's test {test_figures}")
         else:
-            selected = f"Best {test_figures} at epoch {best['epoch']}"
-        log_line(ctx, f"{selected}; best train throughput "
+            selection = f"Best {test_figures} at epoch {best['epoch']}"
+        log_line(ctx, f"{selection}; best train throughput "
                       f"{summary['best_train_throughput']:.0f} samples/s, best eval throughput "
                       f"{summary['best_eval_throughput']:.0f} samples/s")
         if others:
@@ -781,6 +779,20 @@ def summarize(history, best, args, ctx, logger, run_seconds, validated):
                   f"time_to_best_model = {summary['time_to_best_model'] or 0.0:.2f} s")
     logger.log((), summary)
     return summary
+
+
+def selected_metrics(history, best):
+    """The metrics (keys as `reported` and `metrics_text` make them) of the selected epoch's
+    record; none before an epoch is selected."""
+    record = next((record for record in history if record["epoch"] == best["epoch"]), {})
+    metrics = {}
+    for key, value in record.items():
+        name = key
+        for prefix, _ in SPLIT_LABELS:
+            name = name.removeprefix(prefix)
+        if name.partition("@")[0] in ("hr", "ndcg", "mrr"):
+            metrics[key] = value
+    return metrics
 
 
 def log_metric_metadata(logger, args):
