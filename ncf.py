@@ -516,6 +516,7 @@ def load_splits(args, ctx):
 
 
 def candidates_on_device(pairs, negatives, id_dtype, ctx):
+    """create_test_data's (users, items, duplicate_mask) on the device, ids in id_dtype."""
     users, items, duplicate_mask = (
         tensor.to(ctx.device) for tensor in dataloading.create_test_data(pairs, negatives))
     return users.to(id_dtype), items.to(id_dtype), duplicate_mask
