@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional
 import torch
 
 DATA_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt")
+# Written by `convert.py --validation`: each user's second-latest interaction and its negatives.
+VALIDATION_FILES = ("validation_ratings.pt", "validation_negatives.pt")
 METADATA = "metadata.json"
 # convert.py creates it before touching a directory and removes it after metadata.json is
 # written: while it exists the directory may mix two conversions.
@@ -29,6 +31,9 @@ class Dataset(NamedTuple):
     nb_items: int
     fingerprint: str
     metadata: Optional[dict]  # None: converted by the original convert.py
+    # [U, 2] pairs and [U, C] negatives of the validation split; None without one
+    validation: Optional[torch.Tensor] = None
+    validation_negatives: Optional[torch.Tensor] = None
 
 
 def load_tensor(data_dir, name, dims):
@@ -62,23 +67,72 @@ def open_dataset(data_dir):
     metadata = read_metadata(data_dir)
     train, test, negatives = (load_tensor(data_dir, name, 2) for name in DATA_FILES)
     check_shapes(data_dir, train, test, negatives)
-    lowest, nb_users, nb_items = id_bounds(train, test, negatives)
+    validation = load_validation(data_dir, metadata, negatives.shape[1])
+    lowest, nb_users, nb_items = id_bounds(train, test, negatives, *validation)
     if lowest < 0:
         raise DataError(f"{data_dir}: holds the negative id {lowest}; ids are 0-based indices, "
                         f"re-run convert.py")
-    if len(torch.unique(test[:, 0])) != len(test):
-        raise DataError(f"{os.path.join(data_dir, DATA_FILES[1])}: a user has more than one test "
-                        f"row; each user has exactly one, re-run convert.py")
+    check_one_row_per_user(os.path.join(data_dir, DATA_FILES[1]), test, "test")
+    if validation:
+        check_one_row_per_user(os.path.join(data_dir, VALIDATION_FILES[0]), validation[0],
+                               "validation")
     if metadata is None:
-        fingerprint = tensors_fingerprint(train, test, negatives)
+        fingerprint = tensors_fingerprint(train, test, negatives, *validation)
     else:
-        check_counts(data_dir, metadata, {
-            "train": len(train), "test": len(test), "valid_negative": negatives.shape[1],
-            "users": nb_users, "items": nb_items})
+        counts = {"train": len(train), "test": len(test), "valid_negative": negatives.shape[1],
+                  "users": nb_users, "items": nb_items}
+        # "validation": true says a split is there; a number is its count of users.
+        if validation and not isinstance(metadata["validation"], bool):
+            counts["validation"] = len(validation[0])
+        check_counts(data_dir, metadata, counts)
         # Hashing ml-20m's tensors takes longer than loading them; convert.py hashed them as it
         # wrote them. A metadata.json older than the fingerprint has none: hash them now.
-        fingerprint = metadata.get("fingerprint") or tensors_fingerprint(train, test, negatives)
-    return Dataset(train, test, negatives, nb_users, nb_items, fingerprint, metadata)
+        fingerprint = metadata.get("fingerprint") or tensors_fingerprint(
+            train, test, negatives, *validation)
+    return Dataset(train, test, negatives, nb_users, nb_items, fingerprint, metadata,
+                   *(validation or (None, None)))
+
+
+def load_validation(data_dir, metadata, nb_test_negatives):
+    """(validation pairs, validation negatives), or () when the directory has no validation split.
+
+    The two files come together, and metadata.json (when there is one) says whether they
+    belong to its conversion: a lone file, or files that metadata.json does not mention, are
+    left from another conversion; metadata.json announcing a split without its files is cut short.
+    """
+    present = [os.path.isfile(os.path.join(data_dir, name)) for name in VALIDATION_FILES]
+    declared = metadata is not None and metadata.get("validation") not in (None, False)
+    if not any(present) and not declared:
+        return ()
+    if not all(present):
+        missing = os.path.join(data_dir, VALIDATION_FILES[present.index(False)])
+        witness = VALIDATION_FILES[present.index(True)] if any(present) else METADATA
+        raise DataError(f"{missing}: not found, but {witness} says {data_dir} has a validation "
+                        f"split; re-run `convert.py --validation` with --output {data_dir}")
+    if metadata is not None and not declared:
+        raise DataError(f"{os.path.join(data_dir, VALIDATION_FILES[0])}: left from another "
+                        f"conversion ({METADATA} has no validation split); re-run convert.py "
+                        f"with --output {data_dir}, with --validation to keep a split")
+    pairs, negatives = (load_tensor(data_dir, name, 2) for name in VALIDATION_FILES)
+    pairs_path, negatives_path = (os.path.join(data_dir, name) for name in VALIDATION_FILES)
+    problems = [
+        (pairs_path, pairs.shape[1] != 2, f"has {pairs.shape[1]} columns, not 2 (user, item)"),
+        (pairs_path, len(pairs) == 0, "holds no validation pair"),
+        (negatives_path, len(negatives) != len(pairs),
+         f"has {len(negatives)} rows but {VALIDATION_FILES[0]} has {len(pairs)}"),
+        (negatives_path, negatives.shape[1] != nb_test_negatives,
+         f"has {negatives.shape[1]} columns but {DATA_FILES[2]} has {nb_test_negatives}"),
+    ]
+    for path, failed, problem in problems:
+        if failed:
+            raise DataError(f"{path}: {problem}; re-run `convert.py --validation`")
+    return pairs, negatives
+
+
+def check_one_row_per_user(path, pairs, kind):
+    if len(torch.unique(pairs[:, 0])) != len(pairs):
+        raise DataError(f"{path}: a user has more than one {kind} row; each user has exactly "
+                        f"one, re-run convert.py")
 
 
 def read_metadata(data_dir):
@@ -125,21 +179,22 @@ def check_counts(data_dir, metadata, actual):
                             f"conversions, re-run convert.py with --output {data_dir}")
 
 
-def id_bounds(train, test, negatives):
+def id_bounds(train, test, negatives, *evaluated):
     """(smallest id anywhere, nb_users, nb_items): nb_* = max id + 1 as the original, over the
-    test ids as well.
+    test ids (and those of `evaluated`: validation pairs, then their negatives) as well.
 
     The original counts training ids only; an item seen only as some user's test positive (or
     drawn as a test negative) would then index past the embedding table. Where every test id
     also occurs in training, as in ml-20m, both counts agree.
     """
     # aminmax over dim 0 reads the rows once; train[:, 0].max() strides and is 3x slower
-    train_low, train_high = torch.aminmax(train, dim=0)
-    test_low, test_high = torch.aminmax(test, dim=0)
-    negatives_low, negatives_high = torch.aminmax(negatives)
-    lowest = int(min(train_low.min(), test_low.min(), negatives_low))
-    nb_users = int(max(train_high[0], test_high[0])) + 1
-    nb_items = int(max(train_high[1], test_high[1], negatives_high)) + 1
+    pair_bounds = [torch.aminmax(pairs, dim=0) for pairs in (train, test, *evaluated[:1])]
+    candidate_bounds = [torch.aminmax(candidates) for candidates in (negatives, *evaluated[1:])]
+    lowest = int(min(*(low.min() for low, _ in pair_bounds),
+                     *(low for low, _ in candidate_bounds)))
+    nb_users = int(max(high[0] for _, high in pair_bounds)) + 1
+    nb_items = int(max(*(high[1] for _, high in pair_bounds),
+                       *(high for _, high in candidate_bounds))) + 1
     return lowest, nb_users, nb_items
 
 

@@ -31,7 +31,7 @@ from neumf import NeuMF, parameter_count
 # the data an epoch is made of, so the run could not equal an uninterrupted one (a refusal).
 RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "topk",
                         "valid_batch_size", "resume", "local_rank", "mode",
-                        "load_checkpoint_path", "data", "full_ranking"}
+                        "load_checkpoint_path", "data", "full_ranking", "report_topk"}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 CPU_CHUNK = 2 ** 18
 # Counts above this are typing mistakes that would otherwise fail deep inside torch.
@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("-n", "--negative_samples", type=int, default=4)
     parser.add_argument("-l", "--learning_rate", type=float, default=0.0045)
     parser.add_argument("-k", "--topk", type=int, default=10)
+    parser.add_argument("--report_topk", nargs="+", type=int, default=[], metavar="K",
+                        help="also report HR and NDCG at these cut-offs, and MRR (-k/--topk "
+                             "alone selects the best model and meets --threshold)")
     parser.add_argument("-s", "--seed", type=int, default=1)
     parser.add_argument("-t", "--threshold", type=float, default=1.0,
                         help="stop once HR@k reaches this")
@@ -100,6 +103,9 @@ def check_args(args, parser):
     for flag, (value, lowest) in counts.items():
         if not lowest <= value <= MAX_COUNT:
             parser.error(f"{flag} must be in [{lowest}, {MAX_COUNT}], got {value}")
+    if any(not 1 <= cutoff <= MAX_COUNT for cutoff in args.report_topk):
+        parser.error(f"--report_topk cut-offs must be in [1, {MAX_COUNT}], got "
+                     f"{' '.join(map(str, args.report_topk))}")
     # numpy's SeedSequence and torch.manual_seed both take the seed as an unsigned 64-bit value.
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
@@ -352,7 +358,14 @@ def progress(iterable, ctx, description):
 
 
 def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
-    """HR@k, NDCG@k and validation loss over all test users; each rank scores a share of users.
+    """HR@k, NDCG@k and validation loss over all test users (see sampled_ranks)."""
+    ranks, validation_loss = sampled_ranks(model, test_users, test_items, duplicate_mask, args,
+                                           ctx)
+    return (*dataloading.hit_rate_and_ndcg(ranks, args.topk), validation_loss)
+
+
+def sampled_ranks(model, test_users, test_items, duplicate_mask, args, ctx):
+    """Every user's positive rank and the validation loss; each rank scores a share of users.
 
     The validation loss is the mean BCE-with-logits over the candidates, label 1 for the test
     positive; a repeat in a row counts once, as in the ranking. Ranks exchange every user's
@@ -388,27 +401,85 @@ def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
             ).sum(dim=1)
     if ctx.world_size > 1:
         dist.all_reduce(loss_sums)
-    validation_loss = (loss_sums.sum() / (~duplicate_mask).sum()).item()
-    return (*metrics_of_all_users(ranks, args, ctx), validation_loss)
-
-
-def metrics_of_all_users(ranks, args, ctx):
-    """HR@k and NDCG@k from a [U] tensor holding this rank's users' ranks (0 elsewhere)."""
-    if ctx.world_size > 1:
         dist.all_reduce(ranks)
-    return dataloading.hit_rate_and_ndcg(ranks, args.topk)
+    validation_loss = (loss_sums.sum() / (~duplicate_mask).sum()).item()
+    return ranks, validation_loss
 
 
 def full_ranking_epoch(model, train_users, train_items, test_users, test_items, args, ctx):
-    """HR@k and NDCG@k when each positive competes with all items its user has not trained on."""
+    """The reported metrics (see reported) when each positive competes with all items its user
+    has not trained on."""
     share = dataloading.share_bounds(len(test_users), ctx.world_size, ctx.rank)
     ranks = scoring.full_ranking_ranks(model, test_users, test_items[:, -1], train_users,
                                        train_items, share=share)
-    return metrics_of_all_users(ranks, args, ctx)
+    if ctx.world_size > 1:
+        dist.all_reduce(ranks)
+    return reported(ranks, args)
 
 
-def full_ranking_text(metrics, args):
-    return f", full HR@{args.topk} = {metrics[0]:.4f}, full NDCG@{args.topk} = {metrics[1]:.4f}"
+def reported(ranks, args, prefix=""):
+    """HR@k and NDCG@k at -k; with --report_topk also at its cut-offs, and MRR. Keys as the
+    log's: "hr@K", "ndcg@K", "mrr", after `prefix`.
+
+    Computed from every user's rank on every process, so all processes get the same figures.
+    """
+    cutoffs = list(dict.fromkeys([args.topk, *args.report_topk]))
+    metrics = dataloading.ranking_metrics(ranks, cutoffs)
+    if not args.report_topk:
+        del metrics["mrr"]
+    return {prefix + key: value for key, value in metrics.items()}
+
+
+# Log key prefixes and the words stdout says for them.
+SPLIT_LABELS = (("val_", "validation "), ("full_", "full "))
+
+
+def metrics_text(metrics):
+    """stdout's `validation full HR@10 = 0.1234, ...` for log keys such as val_full_hr@10."""
+    parts = []
+    for key, value in metrics.items():
+        label = ""
+        for prefix, words in SPLIT_LABELS:
+            if key.startswith(prefix):
+                key, label = key.removeprefix(prefix), label + words
+        name, at, cutoff = key.partition("@")
+        parts.append(f"{label}{name.upper()}{at}{cutoff} = {value:.4f}")
+    return ", ".join(parts)
+
+
+def sampled_evaluation(model, test_data, validation_data, args, ctx):
+    """(metrics, test validation loss, candidates scored): the test split's under the
+    original's keys, the validation split's (where there is one) under val_."""
+    ranks, validation_loss = sampled_ranks(model, *test_data, args, ctx)
+    metrics = reported(ranks, args)
+    candidates = test_data[1].numel()
+    if validation_data is not None:
+        metrics.update(reported(sampled_ranks(model, *validation_data, args, ctx)[0], args,
+                                "val_"))
+        candidates += validation_data[1].numel()
+    return metrics, validation_loss, candidates
+
+
+def full_ranking_evaluation(model, train_users, train_items, test_data, validation_data, args,
+                            ctx):
+    """Full-ranking metrics under full_ (test) and val_full_ (validation).
+
+    A validation positive is a known interaction when the test positive is ranked, so it is
+    no candidate there, as training positives are not; the test positive, a later interaction,
+    stays a candidate for the validation one.
+    """
+    known_users, known_items = train_users, train_items
+    metrics = {}
+    if validation_data is not None:
+        validation_users, validation_items = validation_data[:2]
+        metrics = full_ranking_epoch(model, train_users, train_items, validation_users,
+                                     validation_items, args, ctx)
+        metrics = {f"val_full_{key}": value for key, value in metrics.items()}
+        known_users = torch.cat((train_users, validation_users))
+        known_items = torch.cat((train_items, validation_items[:, -1]))
+    test = full_ranking_epoch(model, known_users, known_items, test_data[0], test_data[1], args,
+                              ctx)
+    return {**{f"full_{key}": value for key, value in test.items()}, **metrics}
 
 
 def synchronize(ctx):
@@ -417,6 +488,13 @@ def synchronize(ctx):
 
 
 def load_data(args, ctx):
+    """What training and the test split need (see load_splits)."""
+    return load_splits(args, ctx)[0]
+
+
+def load_splits(args, ctx):
+    """(nb_users, nb_items, train_users, train_items, test_users, test_items, duplicate_mask),
+    and the validation split's (users, items, duplicate_mask), or None without one."""
     dataset = dataloading.open_dataset(args.data)
     if dataset.metadata is None:
         log_line(ctx, f"note: {args.data} has no {dataloading.METADATA}: taken as converted by "
@@ -428,10 +506,20 @@ def load_data(args, ctx):
     id_dtype = torch.int32 if max(nb_users, nb_items) < 2 ** 31 else torch.int64
     train_users = train[:, 0].to(ctx.device, id_dtype)
     train_items = train[:, 1].to(ctx.device, id_dtype)
-    test_users, test_items, duplicate_mask = (
-        tensor.to(ctx.device) for tensor in dataloading.create_test_data(test, negatives))
-    return (nb_users, nb_items, train_users, train_items,
-            test_users.to(id_dtype), test_items.to(id_dtype), duplicate_mask)
+    test_users, test_items, duplicate_mask = candidates_on_device(test, negatives, id_dtype, ctx)
+    validation_data = None
+    if dataset.validation is not None:
+        validation_data = candidates_on_device(dataset.validation, dataset.validation_negatives,
+                                               id_dtype, ctx)
+    return (nb_users, nb_items, train_users, train_items, test_users, test_items,
+            duplicate_mask), validation_data
+
+
+def candidates_on_device(pairs, negatives, id_dtype, ctx):
+    """create_test_data's (users, items, duplicate_mask) on the device, ids in id_dtype."""
+    users, items, duplicate_mask = (
+        tensor.to(ctx.device) for tensor in dataloading.create_test_data(pairs, negatives))
+    return users.to(id_dtype), items.to(id_dtype), duplicate_mask
 
 
 def save_checkpoint(path, model, optimizer, scaler, history, best, args, ctx, nb_users, nb_items,
@@ -527,29 +615,33 @@ def load_starting_weights(args, ctx, model, nb_users, nb_items):
     log_line(ctx, f"{'Evaluating' if args.mode == 'test' else 'Starting training from'} {path}")
 
 
-def run_test(args, ctx, model, data, logger):
+def run_test(args, ctx, model, data, validation_data, logger):
     nb_users, nb_items, train_users, train_items, *test_data = data
     synchronize(ctx)
     start = time.time()
-    hr, ndcg, validation_loss = val_epoch(model, *test_data, args, ctx)
+    metrics, validation_loss, candidates = sampled_evaluation(model, test_data, validation_data,
+                                                              args, ctx)
     synchronize(ctx)
     val_time = time.time() - start
-    throughput = test_data[1].numel() / val_time
-    result = {"hr": hr, "ndcg": ndcg, "eval_throughput": throughput,
-              "validation_loss": validation_loss}
-    record = {f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg, "eval_throughput": throughput,
-              "validation_loss": validation_loss, "validation_epoch_time": val_time}
-    line = (f"HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, val_time = "
-            f"{val_time:.2f}, eval_throughput = {throughput:.0f} samples/s, validation_loss = "
-            f"{validation_loss:.4f}")
+    throughput = candidates / val_time
+    line = (f"{metrics_text(metrics)}, val_time = {val_time:.2f}, eval_throughput = "
+            f"{throughput:.0f} samples/s, validation_loss = {validation_loss:.4f}")
+    record = {**metrics, "eval_throughput": throughput, "validation_loss": validation_loss,
+              "validation_epoch_time": val_time}
     if args.full_ranking:
-        result["full_hr"], result["full_ndcg"] = full_ranking_epoch(
-            model, train_users, train_items, test_data[0], test_data[1], args, ctx)
-        record.update({f"full_hr@{args.topk}": result["full_hr"],
-                       f"full_ndcg@{args.topk}": result["full_ndcg"]})
-        line += full_ranking_text((result["full_hr"], result["full_ndcg"]), args)
+        full = full_ranking_evaluation(model, train_users, train_items, test_data,
+                                       validation_data, args, ctx)
+        metrics.update(full)
+        record.update(full)
+        line += f", {metrics_text(full)}"
     log_line(ctx, line)
     logger.log((), record)
+    result = {"hr": metrics[f"hr@{args.topk}"], "ndcg": metrics[f"ndcg@{args.topk}"],
+              "eval_throughput": throughput, "validation_loss": validation_loss,
+              "metrics": metrics}
+    if args.full_ranking:
+        result.update(full_hr=metrics[f"full_hr@{args.topk}"],
+                      full_ndcg=metrics[f"full_ndcg@{args.topk}"])
     return result
 
 
@@ -557,7 +649,7 @@ def parameters_are_finite(model):
     return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
 
 
-def train(args, ctx, model, ddp_model, data, logger, run_start):
+def train(args, ctx, model, ddp_model, data, validation_data, logger, run_start):
     nb_users, nb_items, train_users, train_items, *test_data = data
     nb_samples = samples_per_epoch(len(train_users), args)
     optimizer = build_optimizer(args, model)
@@ -574,6 +666,8 @@ def train(args, ctx, model, ddp_model, data, logger, run_start):
     seconds_before = best["run_seconds"]
     logger.log(PARAMETER, {"first_epoch": first_epoch, "resumed": args.resume})
     last_path = os.path.join(args.checkpoint_dir, "last.pth")
+    # The log key prefix of the split that selects the model and meets --threshold.
+    selecting = "" if validation_data is None else "val_"
     for epoch in range(first_epoch, args.epochs):
         synchronize(ctx)
         start = time.time()
@@ -589,29 +683,35 @@ def train(args, ctx, model, ddp_model, data, logger, run_start):
                     epoch > first_epoch else "nothing of this run was saved")
             raise RunError(f"epoch {epoch}: training diverged (loss {train_loss}); {kept}; "
                            f"lower -l/--learning_rate")
-        hr, ndcg, validation_loss = val_epoch(model, *test_data, args, ctx)
+        metrics, validation_loss, candidates = sampled_evaluation(model, test_data,
+                                                                  validation_data, args, ctx)
         synchronize(ctx)
         val_time = time.time() - start - train_time
         best["train_seconds"] += train_time
         best["run_seconds"] = seconds_before + time.time() - run_start
-        record = {"epoch": epoch, f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg,
+        record = {"epoch": epoch, **metrics,
                   "train_loss": train_loss, "validation_loss": validation_loss,
                   "train_throughput": nb_samples / train_time,
-                  "eval_throughput": test_data[1].numel() / val_time,
+                  "eval_throughput": candidates / val_time,
                   "train_epoch_time": train_time, "validation_epoch_time": val_time}
-        line = (f"Epoch {epoch}: HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, "
+        line = (f"Epoch {epoch}: {metrics_text(metrics)}, "
                 f"train_loss = {train_loss:.4f}, validation_loss = {validation_loss:.4f}, "
                 f"train_time = {train_time:.2f}, val_time = {val_time:.2f}")
         if args.full_ranking:
-            full = full_ranking_epoch(model, train_users, train_items, test_data[0],
-                                      test_data[1], args, ctx)
-            record.update({f"full_hr@{args.topk}": full[0], f"full_ndcg@{args.topk}": full[1]})
-            line += full_ranking_text(full, args)
+            full = full_ranking_evaluation(model, train_users, train_items, test_data,
+                                           validation_data, args, ctx)
+            metrics.update(full)
+            record.update(full)
+            line += f", {metrics_text(full)}"
         history.append(record)
         log_line(ctx, line)
         logger.log((epoch,), record)
-        if hr > best["hr"]:
-            best.update(hr=hr, ndcg=ndcg, epoch=epoch, time_to_best=best["run_seconds"],
+        # The validation split, where there is one, picks the model and stops the run, so
+        # that the test figures reported for it were not used to choose it.
+        hr = metrics[f"{selecting}hr@{args.topk}"]
+        if hr > selected_metrics(history, best).get(f"{selecting}hr@{args.topk}", best["hr"]):
+            best.update(hr=metrics[f"hr@{args.topk}"], ndcg=metrics[f"ndcg@{args.topk}"],
+                        epoch=epoch, time_to_best=best["run_seconds"],
                         train_time_to_best=best["train_seconds"])
             if args.checkpoint_dir:
                 model_path = os.path.join(args.checkpoint_dir, "model.pth")
@@ -626,15 +726,21 @@ def train(args, ctx, model, ddp_model, data, logger, run_start):
             save_checkpoint(last_path, model, optimizer, scaler, history, best, args, ctx,
                             nb_users, nb_items, len(train_users))
         if reached:
-            log_line(ctx, f"HR@{args.topk} {hr:.4f} reached --threshold {args.threshold}; "
-                          f"stopping")
+            log_line(ctx, f"{'validation ' if selecting else ''}HR@{args.topk} {hr:.4f} "
+                          f"reached --threshold {args.threshold}; stopping")
             break
-    return summarize(history, best, args, ctx, logger, seconds_before + time.time() - run_start)
+    return summarize(history, best, args, ctx, logger, seconds_before + time.time() - run_start,
+                     validation_data is not None)
 
 
-def summarize(history, best, args, ctx, logger, run_seconds):
+def summarize(history, best, args, ctx, logger, run_seconds, validated):
     """The run's summary; time_to_target is the whole run's time when the target was missed,
-    as in the original."""
+    as in the original.
+
+    best_accuracy and best_ndcg are the selected model's test HR@k and NDCG@k; `validated`:
+    the validation split selected it (selected_by), not the test split as in the original.
+    Its other metrics (validation, full ranking, --report_topk) are logged as best_KEY.
+    """
     reached = best["time_to_target"] is not None
     summary = {"best_accuracy": best["hr"], "best_ndcg": best["ndcg"],
                "best_epoch": best["epoch"],
@@ -643,6 +749,12 @@ def summarize(history, best, args, ctx, logger, run_seconds):
                "train_time_to_target": best["train_time_to_target"],
                "train_time_to_best_model": best["train_time_to_best"],
                "epochs_run": len(history)}
+    main_keys = (f"hr@{args.topk}", f"ndcg@{args.topk}")
+    selected = selected_metrics(history, best)
+    others = {key: value for key, value in selected.items() if key not in main_keys}
+    summary.update({f"best_{key}": value for key, value in others.items()})
+    if validated:
+        summary["selected_by"] = "validation"
     if history:
         train_rates = [record["train_throughput"] for record in history]
         eval_rates = [record["eval_throughput"] for record in history]
@@ -650,15 +762,38 @@ def summarize(history, best, args, ctx, logger, run_seconds):
                        best_eval_throughput=max(eval_rates),
                        mean_train_throughput=float(np.mean(train_rates)),
                        mean_eval_throughput=float(np.mean(eval_rates)))
-        log_line(ctx, f"Best HR@{args.topk} = {best['hr']:.4f} (NDCG@{args.topk} = "
-                      f"{best['ndcg']:.4f}) at epoch {best['epoch']}; best train throughput "
+        test_figures = (f"HR@{args.topk} = {best['hr']:.4f} (NDCG@{args.topk} = "
+                        f"{best['ndcg']:.4f})")
+        if validated:
+            selection = (f"Best validation HR@{args.topk} = "
+                         f"{selected.get(f'val_hr@{args.topk}', 0.0):.4f} at epoch "
+                         f"{best['epoch']}, selected model's test {test_figures}")
+        else:
+            selection = f"Best {test_figures} at epoch {best['epoch']}"
+        log_line(ctx, f"{selection}; best train throughput "
                       f"{summary['best_train_throughput']:.0f} samples/s, best eval throughput "
                       f"{summary['best_eval_throughput']:.0f} samples/s")
+        if others:
+            log_line(ctx, f"Selected model (epoch {best['epoch']}): {metrics_text(others)}")
     log_line(ctx, f"time_to_target = {summary['time_to_target']:.2f} s"
                   f"{'' if reached else ' (--threshold not reached: the run time)'}, "
                   f"time_to_best_model = {summary['time_to_best_model'] or 0.0:.2f} s")
     logger.log((), summary)
     return summary
+
+
+def selected_metrics(history, best):
+    """The metrics (keys as `reported` and `metrics_text` make them) of the selected epoch's
+    record; none before an epoch is selected."""
+    record = next((record for record in history if record["epoch"] == best["epoch"]), {})
+    metrics = {}
+    for key, value in record.items():
+        name = key
+        for prefix, _ in SPLIT_LABELS:
+            name = name.removeprefix(prefix)
+        if name.partition("@")[0] in ("hr", "ndcg", "mrr"):
+            metrics[key] = value
+    return metrics
 
 
 def log_metric_metadata(logger, args):
@@ -705,7 +840,7 @@ def run(args):
         elif ctx.autocast_dtype == torch.bfloat16 and args.mode == "train":
             log_line(ctx, "note: training under bfloat16 autocast (--opt_level O2 on a CPU with "
                           "bf16 units); --opt_level O0 trains in float32")
-        data = load_data(args, ctx)
+        data, validation_data = load_splits(args, ctx)
         nb_users, nb_items = data[0], data[1]
         model, ddp_model = build_model(args, nb_users, nb_items, ctx)
         log_line(ctx, str(model))
@@ -718,11 +853,11 @@ def run(args):
                                    "nb_users": nb_users, "nb_items": nb_items})
             log_metric_metadata(logger, args)
             if args.mode == "test":
-                return run_test(args, ctx, model, data, logger)
+                return run_test(args, ctx, model, data, validation_data, logger)
             check_epoch_holds_a_step(len(data[2]), args, ctx)
             # Saved with the training state so --resume can refuse a different world size.
             args.world_size = ctx.world_size
-            return train(args, ctx, model, ddp_model, data, logger, run_start)
+            return train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
         except OSError as error:
             if error.filename != logger.path:
                 raise
