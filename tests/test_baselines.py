@@ -13,6 +13,9 @@ from logger import log_records, read_log
 
 # Training: user 0 has items 0, 1; user 1 has 0, 2, 3; user 2 has 0, 1. Counts: item 0: 3,
 # item 1: 2, items 2 and 3: 1 (a tie), item 4: 0 (seen only as a test item and a negative).
+# ItemKNN's CSR matrix; baselines.py silences the same warning when run as a program.
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+
 TINY_TRAIN = [(0, 0), (0, 1), (1, 0), (1, 2), (1, 3), (2, 0), (2, 1)]
 TINY_TEST = [(0, 3), (1, 4), (2, 2)]
 TINY_NEGATIVES = [[4, 4], [1, 1], [3, 4]]
