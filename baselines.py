@@ -4,7 +4,7 @@
                         [--report_topk K ...] [--full_ranking] [--seed 1] [--log_path F]
                         [--device cpu|cuda]
         itemknn: [--neighbours 100] [--shrinkage 10]
-        bpr:     [--factors 64] [--epochs 30] [--learning_rate 0.005] [--regularisation 0.0005]
+        bpr:     [--factors 128] [--epochs 30] [--learning_rate 0.005] [--regularisation 0.0005]
                  [--batch_size 4096]
 
 Input DIR: train_ratings.pt, test_ratings.pt, test_negatives.pt (and metadata.json) as
@@ -78,7 +78,7 @@ def parse_args(argv=None):
                         help="default: cuda when available")
     parser.add_argument("--neighbours", type=int, default=100, help="itemknn")
     parser.add_argument("--shrinkage", type=float, default=10.0, help="itemknn")
-    parser.add_argument("-f", "--factors", type=int, default=64, help="bpr")
+    parser.add_argument("-f", "--factors", type=int, default=128, help="bpr")
     parser.add_argument("-e", "--epochs", type=int, default=30, help="bpr")
     parser.add_argument("-l", "--learning_rate", type=float, default=0.005, help="bpr")
     parser.add_argument("--regularisation", type=float, default=0.0005, help="bpr")
