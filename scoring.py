@@ -183,14 +183,19 @@ def full_ranking_ranks(model, test_users, test_items, train_users, train_items, 
     the same, without the ties that float32 sigmoid rounding creates among large logits.
     share: (begin, end) rows of the test users to rank here; other rows are 0, so the [U] tensors
     of all processes add up (all-reduce, sum) to every user's rank.
+    model: a NeuMF, or a scorer standing in for one (baselines.py): a callable users ->
+    [len(users), nb_items] scores, with attributes nb_users, nb_items, device and chunk_pairs.
     Returns int64 [U], on the model's device, ready for dataloading.hit_rate_and_ndcg(ranks, k).
     """
     nb_test = len(test_users)
     begin, end = share if share is not None else (0, nb_test)
     if not 0 <= begin <= end <= nb_test:
         raise ValueError(f"share ({begin}, {end}) is not inside the {nb_test} test users")
-    scorer = FactoredScorer(model, chunk_pairs)
-    device = scorer.mf_items.device
+    if isinstance(model, torch.nn.Module):
+        scorer = FactoredScorer(model, chunk_pairs)
+        device = scorer.mf_items.device
+    else:
+        scorer, device = model, model.device
     nb_items = scorer.nb_items
     for name, ids, limit in (("test_users", test_users, scorer.nb_users),
                              ("train_users", train_users, scorer.nb_users),
