@@ -60,12 +60,14 @@ def train(data, run_dir, seed, flags, args):
             "seconds": sum(record["train_epoch_time"] for record in epochs)}
 
 
-def run_dataset(name, args):
+def run_dataset(name, args, all_results):
+    """Trains every run of every seed on `name`; the table so far is printed after each seed,
+    so a long measurement stopped early still leaves its finished seeds."""
     source = DATASETS[name]
     workdir, data = prepare(SimpleNamespace(ratings=source.get("ratings"),
                                             generate=source.get("generate"),
                                             workdir=args.workdir))
-    results = {run: [] for _, run, _ in RUNS}
+    results = all_results[name] = {run: [] for _, run, _ in RUNS}
     for seed in args.seeds:
         paths = {kind: os.path.join(workdir, f"seed{seed}", kind, "model.pth")
                  for kind in ("gmf", "mlp")}
@@ -73,7 +75,7 @@ def run_dataset(name, args):
             flags = [flag.format(sgd_lr=args.sgd_lr, **paths) for flag in flags]
             results[run].append(train(data, os.path.join(workdir, f"seed{seed}", run), seed,
                                       flags, args))
-    return results
+        print(f"After seed {seed} of {name}:\n{table(all_results)}", flush=True)
 
 
 def table(all_results):
@@ -109,7 +111,9 @@ def main(argv=None):
     parser.add_argument("--workdir", default="/tmp/ncf-models")
     parser.add_argument("ncf_flags", nargs="*", help="more ncf.py flags for every run, after --")
     args = parser.parse_args(argv)
-    all_results = {name: run_dataset(name, args) for name in args.datasets}
+    all_results = {}
+    for name in args.datasets:
+        run_dataset(name, args, all_results)
     print(f"HR/NDCG: mean of seeds {', '.join(map(str, args.seeds))}; best epoch per seed "
           f"(0-based, of {args.epochs})")
     text = table(all_results)

@@ -1,6 +1,7 @@
 """GMF, MLP and NeuMF started from them (issue 12): the models, the pretrained start, every tool
 on every kind, and the refusals."""
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import scoring
 from conftest import write_clustered_dataset
 from neumf import GMF, MLP, NeuMF, build, load_pretrained, parameter_count
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USERS, ITEMS = 30, 20
 FACTORS, LAYERS = 4, [8, 4]
 SHAPE = ["-f", str(FACTORS), "--layers", *map(str, LAYERS)]
@@ -336,3 +338,18 @@ def test_resume_refuses_an_optimizer_state_of_the_other_kind(tiny_data, tmp_path
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert "optimizer lacks numeric lr, betas, eps or weight_decay" in lines[0]
+
+
+def test_bench_table_averages_seeds_and_adds_the_pretraining_time():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from models import RUNS as BENCH_RUNS, table
+
+    def result(hr, epoch, seconds):
+        return {"hr": hr, "ndcg": hr / 2, "full_hr": hr / 4, "full_ndcg": hr / 8, "epoch": epoch,
+                "seconds_to_best": seconds / 2, "seconds": seconds}
+    runs = {run: [result(0.5, 3, 10.0), result(0.7, 5, 30.0)] for _, run, _ in BENCH_RUNS}
+    lines = table({"toy": runs}).splitlines()
+    assert len(lines) == 2 + len(BENCH_RUNS)
+    assert lines[2] == ("| toy | GMF | 0.6000 | 0.3000 | 0.1500 | 0.0750 | 3 / 5 | 10 | 20 |")
+    assert lines[5] == ("| toy | NeuMF, pretrained, Adam | 0.6000 | 0.3000 | 0.1500 | 0.0750 "
+                        "| 3 / 5 | 10 | 20 (+40 GMF and MLP) |")
