@@ -60,22 +60,19 @@ def train(data, run_dir, seed, flags, args):
             "seconds": sum(record["train_epoch_time"] for record in epochs)}
 
 
-def run_dataset(name, args, all_results):
-    """Trains every run of every seed on `name`; the table so far is printed after each seed,
-    so a long measurement stopped early still leaves its finished seeds."""
+def run_seed(name, seed, args, all_results):
+    """Trains every run of `seed` on `name`, adding their results to all_results[name]."""
     source = DATASETS[name]
     workdir, data = prepare(SimpleNamespace(ratings=source.get("ratings"),
                                             generate=source.get("generate"),
                                             workdir=args.workdir))
-    results = all_results[name] = {run: [] for _, run, _ in RUNS}
-    for seed in args.seeds:
-        paths = {kind: os.path.join(workdir, f"seed{seed}", kind, "model.pth")
-                 for kind in ("gmf", "mlp")}
-        for _, run, flags in RUNS:
-            flags = [flag.format(sgd_lr=args.sgd_lr, **paths) for flag in flags]
-            results[run].append(train(data, os.path.join(workdir, f"seed{seed}", run), seed,
-                                      flags, args))
-        print(f"After seed {seed} of {name}:\n{table(all_results)}", flush=True)
+    results = all_results.setdefault(name, {run: [] for _, run, _ in RUNS})
+    paths = {kind: os.path.join(workdir, f"seed{seed}", kind, "model.pth")
+             for kind in ("gmf", "mlp")}
+    for _, run, flags in RUNS:
+        flags = [flag.format(sgd_lr=args.sgd_lr, **paths) for flag in flags]
+        results[run].append(train(data, os.path.join(workdir, f"seed{seed}", run), seed, flags,
+                                  args))
 
 
 def table(all_results):
@@ -112,8 +109,12 @@ def main(argv=None):
     parser.add_argument("ncf_flags", nargs="*", help="more ncf.py flags for every run, after --")
     args = parser.parse_args(argv)
     all_results = {}
-    for name in args.datasets:
-        run_dataset(name, args, all_results)
+    # Seed by seed, the table so far printed after each, so that a long measurement stopped
+    # early still leaves every dataset's finished seeds.
+    for seed in args.seeds:
+        for name in args.datasets:
+            run_seed(name, seed, args, all_results)
+            print(f"After seed {seed} of {name}:\n{table(all_results)}", flush=True)
     print(f"HR/NDCG: mean of seeds {', '.join(map(str, args.seeds))}; best epoch per seed "
           f"(0-based, of {args.epochs})")
     text = table(all_results)
