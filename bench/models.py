@@ -103,7 +103,7 @@ def main(argv=None):
                         default=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("-e", "--epochs", type=int, default=20)
-    parser.add_argument("--sgd_lr", type=float, default=0.5,
+    parser.add_argument("--sgd_lr", type=float, default=0.1,
                         help="learning rate of the pretrained NeuMF's SGD fine-tuning")
     parser.add_argument("--workdir", default="/tmp/ncf-models")
     parser.add_argument("ncf_flags", nargs="*", help="more ncf.py flags for every run, after --")
