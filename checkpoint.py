@@ -215,11 +215,8 @@ def _optimizer_problem(optimizer, shapes, kind):
             if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.item() >= 0):
                 return f"optimizer's step of parameter {index} is {_describe(step)}"
         for key, value in entry.items():
-            # SGD without momentum keeps a None buffer per parameter.
-            if key == "step" or (kind == "sgd" and value is None):
-                continue
-            if not (isinstance(value, torch.Tensor) and value.is_floating_point()
-                    and tuple(value.shape) == shapes[index]):
+            if key != "step" and not (isinstance(value, torch.Tensor) and value.is_floating_point()
+                                      and tuple(value.shape) == shapes[index]):
                 return (f"optimizer's {key} of parameter {index} is {_describe(value)}, the "
                         f"parameter is {list(shapes[index])}: an optimiser state of another model")
     return None

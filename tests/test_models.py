@@ -327,17 +327,37 @@ def test_resume_refuses_a_kind_the_saved_settings_do_not_record(tiny_data, tmp_p
         f"needs a GMF one; pass the model.pth of an ncf.py --model gmf run"]
 
 
-def test_resume_refuses_an_optimizer_state_of_the_other_kind(tiny_data, tmp_path, capsys):
+def args_say_adam(state):
+    state["args"]["optimizer"] = "adam"
+
+
+def foreign_momentum(state):
+    state["optimizer"]["state"][0] = {"momentum_buffer": torch.zeros(3)}
+
+
+def no_momentum(state):
+    del state["optimizer"]["param_groups"][0]["momentum"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (args_say_adam, "optimizer lacks numeric lr, betas, eps or weight_decay"),
+    (foreign_momentum, "optimizer's momentum_buffer of parameter 0 is a float32 tensor of "
+                       "shape [3], the parameter is [30, 4]"),
+    (no_momentum, "optimizer lacks numeric lr, momentum or weight_decay: not an SGD state"),
+])
+def test_resume_refuses_a_damaged_sgd_state(tiny_data, tmp_path, capsys, damage, message):
     ncf.main(train_flags(tiny_data, tmp_path, "-e", "1", "--optimizer", "sgd"))
     state = torch.load(tmp_path / "last.pth", weights_only=True)
-    state["args"]["optimizer"] = "adam"
+    damage(state)
     torch.save(state, tmp_path / "last.pth")
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume"))
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume", "--optimizer",
+                             state["args"]["optimizer"]))
+    assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1
-    assert "optimizer lacks numeric lr, betas, eps or weight_decay" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"ncf.py: error: {tmp_path / 'last.pth'}: ")
+    assert message in lines[0]
 
 
 def test_bench_table_averages_seeds_and_adds_the_pretraining_time():
