@@ -149,28 +149,27 @@ def final_weights(directory):
     return torch.load(directory / "model.pth", weights_only=True)
 
 
+SGD = ["--optimizer", "sgd", "-l", "0.5"]
+
+
+def pretrained(halves):
+    return ["--pretrained_gmf", str(halves["gmf"]), "--pretrained_mlp", str(halves["mlp"])]
+
+
+# Run name: its flags, given the halves' {kind: model.pth}.
 RUNS = {
-    "gmf": ["--model", "gmf"],
-    "mlp": ["--model", "mlp"],
-    "neumf sgd": ["--optimizer", "sgd", "-l", "0.5"],
-    "pretrained adam": "pretrained",
-    "pretrained sgd": "pretrained sgd",
+    "gmf": lambda halves: ["--model", "gmf"],
+    "mlp": lambda halves: ["--model", "mlp"],
+    "neumf sgd": lambda halves: SGD,
+    "pretrained adam": pretrained,
+    "pretrained sgd": lambda halves: pretrained(halves) + SGD,
 }
-
-
-def run_flags(name, halves):
-    flags = RUNS[name]
-    if isinstance(flags, str):
-        flags = ["--pretrained_gmf", str(halves["gmf"]), "--pretrained_mlp",
-                 str(halves["mlp"])] + (["--optimizer", "sgd", "-l", "0.5"]
-                                        if flags.endswith("sgd") else [])
-    return flags
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_each_kind_trains_resumes_tests_and_recommends(tiny_data, halves, tmp_path, capsys,
                                                       name):
-    flags = run_flags(name, halves)
+    flags = RUNS[name](halves)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     summary = ncf.main(train_flags(tiny_data, whole, "-e", "3", *flags))
     ncf.main(train_flags(tiny_data, parts, "-e", "1", *flags))
