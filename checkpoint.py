@@ -1,8 +1,9 @@
 """Reading and writing model files safely.
 
 `model.pth` is the original's format: the NeuMF state_dict alone (a multi-process save of the
-original may carry a `module.` prefix). `last.pth` is ours: the full training state for
-`--resume`. Both are read with `weights_only=True`, which refuses any pickle that would run
+original may carry a `module.` prefix); a GMF's or MLP's (neumf.py) is the same with one
+branch's entries alone, which is how a file tells its kind. `last.pth` is ours: the full
+training state for `--resume`. Both are read with `weights_only=True`, which refuses any pickle that would run
 code, and their whole structure is checked before any of it is used, so a damaged or tampered
 file is refused in one line rather than failing deep inside PyTorch. Both are written under a
 temporary name, flushed to the disk and renamed, so a killed run or a power loss never leaves a
@@ -16,13 +17,16 @@ import warnings
 import torch
 
 from fileio import atomic_output
-from neumf import NeuMF
+import neumf
 
 NEUMF_PARAMETER = re.compile(r"(mf|mlp)_(user|item)_embed\.weight|mlp\.\d+\.(weight|bias)|"
                              r"final\.(weight|bias)")
-EMBEDDINGS = ("mf_user_embed.weight", "mf_item_embed.weight", "mlp_user_embed.weight",
-              "mlp_item_embed.weight")
+MF_EMBEDDINGS = ("mf_user_embed.weight", "mf_item_embed.weight")
+MLP_EMBEDDINGS = ("mlp_user_embed.weight", "mlp_item_embed.weight")
 ADAM_PER_PARAMETER = ("step", "exp_avg", "exp_avg_sq")
+SGD_PER_PARAMETER = ("momentum_buffer",)
+OPTIMIZER_NAMES = {"adam": "Adam", "sgd": "SGD"}
+KIND_NAMES = {"neumf": "a NeuMF", "gmf": "a GMF", "mlp": "an MLP"}
 SCALER_NUMBERS = ("scale", "growth_factor", "backoff_factor", "growth_interval",
                   "_growth_tracker")
 
@@ -84,9 +88,17 @@ def model_state(checkpoint, path):
     return state
 
 
+def model_kind(state):
+    """neumf, gmf or mlp: which of neumf.py's models a state_dict's entry names are from."""
+    has_mf = any(key.startswith("mf_") for key in state)
+    has_mlp = any(key.startswith("mlp") for key in state)
+    return "gmf" if has_mf and not has_mlp else "mlp" if has_mlp and not has_mf else "neumf"
+
+
 def neumf_shapes(state, path):
-    """{name: shape} of the NeuMF that `state` claims to be, in the model's parameter order,
-    after checking that `state` holds exactly those tensors, floating point and of those shapes."""
+    """{name: shape} of the model (NeuMF, GMF or MLP) that `state` claims to be, in the model's
+    parameter order, after checking that `state` holds exactly those tensors, floating point and
+    of those shapes."""
     def refuse(problem):
         return CheckpointError(f"{path}: not a NeuMF checkpoint ({problem}); use a checkpoint "
                                f"written by ncf.py")
@@ -100,23 +112,32 @@ def neumf_shapes(state, path):
         if not value.is_floating_point():
             raise refuse(f"{key} holds {str(value.dtype).removeprefix('torch.')} values, "
                          f"expected floating point")
-    missing = [key for key in EMBEDDINGS if key not in state]
+    kind = model_kind(state)
+    embeddings = {"neumf": MF_EMBEDDINGS + MLP_EMBEDDINGS, "gmf": MF_EMBEDDINGS,
+                  "mlp": MLP_EMBEDDINGS}[kind]
+    missing = [key for key in embeddings if key not in state]
     if missing:
         raise refuse(f"missing {', '.join(missing)}")
-    nb_users, mf_dim = state["mf_user_embed.weight"].shape
-    nb_items, half = state["mlp_item_embed.weight"].shape
-    shapes = {"mf_user_embed.weight": (nb_users, mf_dim),
-              "mf_item_embed.weight": (nb_items, mf_dim),
-              "mlp_user_embed.weight": (nb_users, half),
-              "mlp_item_embed.weight": (nb_items, half)}
-    size = 2 * half
-    for index in range(sum(1 for key in state if re.fullmatch(r"mlp\.\d+\.weight", key))):
-        weight = state.get(f"mlp.{index}.weight")
-        if weight is None:
-            raise refuse(f"missing mlp.{index}.weight")
-        shapes[f"mlp.{index}.weight"] = (weight.shape[0], size)
-        shapes[f"mlp.{index}.bias"] = (weight.shape[0],)
-        size = weight.shape[0]
+    # Sizes read off one table each, as the original reads them; the others must agree.
+    nb_users = state.get("mf_user_embed.weight", state.get("mlp_user_embed.weight")).shape[0]
+    nb_items = state.get("mlp_item_embed.weight", state.get("mf_item_embed.weight")).shape[0]
+    shapes, size, mf_dim = {}, 0, 0
+    if kind != "mlp":
+        mf_dim = state["mf_user_embed.weight"].shape[1]
+        shapes.update({"mf_user_embed.weight": (nb_users, mf_dim),
+                       "mf_item_embed.weight": (nb_items, mf_dim)})
+    if kind != "gmf":
+        half = state["mlp_item_embed.weight"].shape[1]
+        shapes.update({"mlp_user_embed.weight": (nb_users, half),
+                       "mlp_item_embed.weight": (nb_items, half)})
+        size = 2 * half
+        for index in range(sum(1 for key in state if re.fullmatch(r"mlp\.\d+\.weight", key))):
+            weight = state.get(f"mlp.{index}.weight")
+            if weight is None:
+                raise refuse(f"missing mlp.{index}.weight")
+            shapes[f"mlp.{index}.weight"] = (weight.shape[0], size)
+            shapes[f"mlp.{index}.bias"] = (weight.shape[0],)
+            size = weight.shape[0]
     shapes["final.weight"], shapes["final.bias"] = (1, size + mf_dim), (1,)
     missing = [key for key in shapes if key not in state]
     unexpected = sorted(key for key in state if key not in shapes)
@@ -152,34 +173,47 @@ def check_training_state(state, path):
     if state["precision"] == "float16" and not all(_is_number(state["scaler"].get(key))
                                                    for key in SCALER_NUMBERS):
         raise refuse("scaler lacks the loss scale of a mixed-precision run")
+    optimizer = state["args"].get("optimizer", "adam")
+    if optimizer not in OPTIMIZER_NAMES:
+        raise refuse(f"args' optimizer is {_describe(optimizer)}, expected one of "
+                     f"{', '.join(OPTIMIZER_NAMES)}")
     problem = _optimizer_problem(state["optimizer"],
-                                 list(neumf_shapes(model_state(state, path), path).values()))
+                                 list(neumf_shapes(model_state(state, path), path).values()),
+                                 optimizer)
     if problem:
         raise refuse(problem)
 
 
-def _optimizer_problem(optimizer, shapes):
-    """Why `optimizer` is not the Adam state of a model with parameters of `shapes`, or None."""
+def _optimizer_problem(optimizer, shapes, kind):
+    """Why `optimizer` is not the state of a `kind` (adam or sgd, as ncf.py's --optimizer) of a
+    model with parameters of `shapes`, or None."""
     groups, per_parameter = optimizer.get("param_groups"), optimizer.get("state")
     if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
             and isinstance(per_parameter, dict)):
-        return "optimizer is not the state of one Adam parameter group"
+        return f"optimizer is not the state of one {OPTIMIZER_NAMES[kind]} parameter group"
     group = groups[0]
-    betas = group.get("betas")
-    if not (all(_is_number(group.get(key)) for key in ("lr", "eps", "weight_decay"))
-            and isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(map(_is_number, betas))):
-        return "optimizer lacks numeric lr, betas, eps or weight_decay"
+    if kind == "sgd":
+        if not all(_is_number(group.get(key)) for key in ("lr", "momentum", "weight_decay")):
+            return "optimizer lacks numeric lr, momentum or weight_decay: not an SGD state"
+    else:
+        betas = group.get("betas")
+        if not (all(_is_number(group.get(key)) for key in ("lr", "eps", "weight_decay"))
+                and isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(map(_is_number, betas))):
+            return "optimizer lacks numeric lr, betas, eps or weight_decay"
     if group.get("params") != list(range(len(shapes))):
         return (f"optimizer's parameters are {_describe(group.get('params'))}, the model has "
                 f"{len(shapes)}: an optimiser state of another model")
+    per_parameter_keys = SGD_PER_PARAMETER if kind == "sgd" else ADAM_PER_PARAMETER
     for index, entry in per_parameter.items():
         if not (_is_int(index) and 0 <= index < len(shapes) and isinstance(entry, dict)
-                and all(key in entry for key in ADAM_PER_PARAMETER)):
-            return f"optimizer's state {index!r} is not the Adam state of a model parameter"
-        step = entry["step"]
-        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.item() >= 0):
-            return f"optimizer's step of parameter {index} is {_describe(step)}"
+                and all(key in entry for key in per_parameter_keys)):
+            return (f"optimizer's state {index!r} is not the {OPTIMIZER_NAMES[kind]} state of a "
+                    f"model parameter")
+        if kind == "adam":
+            step = entry["step"]
+            if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.item() >= 0):
+                return f"optimizer's step of parameter {index} is {_describe(step)}"
         for key, value in entry.items():
             if key != "step" and not (isinstance(value, torch.Tensor) and value.is_floating_point()
                                       and tuple(value.shape) == shapes[index]):
@@ -229,7 +263,7 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 # Entry of last.pth: (what it must be, for the message; the test).
 TRAINING_STATE = {
     "model": ("a NeuMF state_dict", lambda value: isinstance(value, dict)),
-    "optimizer": ("an Adam state_dict", lambda value: isinstance(value, dict)),
+    "optimizer": ("an Adam or SGD state_dict", lambda value: isinstance(value, dict)),
     "scaler": ("a GradScaler state_dict", lambda value: isinstance(value, dict)),
     "epoch": ("a whole number, 0 or more", lambda value: _is_int(value) and value >= 0),
     "best": (f"a dict with numbers {', '.join(BEST_NUMBERS)}, a whole epoch and "
@@ -256,36 +290,51 @@ TRAINING_STATE = {
 
 
 def architecture(state):
-    """(nb_users, nb_items, mf_dim, mlp_layer_sizes) read off a NeuMF state_dict's shapes."""
-    nb_users, mf_dim = state["mf_user_embed.weight"].shape
-    nb_items = state["mf_item_embed.weight"].shape[0]
-    layer_count = sum(1 for key in state if key.startswith("mlp.") and key.endswith(".weight"))
-    layers = [2 * state["mlp_user_embed.weight"].shape[1]]
-    layers += [state[f"mlp.{index}.weight"].shape[0] for index in range(layer_count)]
-    return nb_users, nb_items, mf_dim, layers
+    """(nb_users, nb_items, mf_dim, mlp_layer_sizes) read off a model's state_dict's shapes;
+    mf_dim is 0 for an MLP, mlp_layer_sizes empty for a GMF."""
+    user_table = state.get("mf_user_embed.weight", state.get("mlp_user_embed.weight"))
+    item_table = state.get("mf_item_embed.weight", state.get("mlp_item_embed.weight"))
+    mf_dim = state["mf_user_embed.weight"].shape[1] if "mf_user_embed.weight" in state else 0
+    layers = []
+    if "mlp_user_embed.weight" in state:
+        layer_count = sum(1 for key in state
+                          if key.startswith("mlp.") and key.endswith(".weight"))
+        layers = [2 * state["mlp_user_embed.weight"].shape[1]]
+        layers += [state[f"mlp.{index}.weight"].shape[0] for index in range(layer_count)]
+    return user_table.shape[0], item_table.shape[0], mf_dim, layers
 
 
-def check_matches(state, path, nb_users, nb_items, mf_dim=None, layers=None):
-    """Refuse a checkpoint made for another dataset or another model shape."""
+def check_matches(state, path, nb_users, nb_items, mf_dim=None, layers=None, kind=None,
+                  kind_flag=None):
+    """Refuse a checkpoint made for another dataset, another model shape or, given `kind`,
+    another kind of model (kind_flag: the flag that asked for that kind, --model by default).
+    The sizes of a branch the checkpoint's model lacks are not compared."""
+    saved_kind = model_kind(state)
+    if kind is not None and saved_kind != kind:
+        raise CheckpointError(
+            f"{path}: checkpoint holds {KIND_NAMES[saved_kind]} model, "
+            f"{kind_flag or f'--model {kind}'} needs {KIND_NAMES[kind]} one; pass the "
+            f"model.pth of an ncf.py --model {kind} run")
     saved_users, saved_items, saved_mf_dim, saved_layers = architecture(state)
     if saved_users != nb_users or saved_items != nb_items:
         raise CheckpointError(
             f"{path}: checkpoint has {saved_users} users and {saved_items} items, data has "
             f"{nb_users} users and {nb_items} items; use the checkpoint of this dataset")
-    if mf_dim is not None and saved_mf_dim != mf_dim:
+    if mf_dim is not None and saved_kind != "mlp" and saved_mf_dim != mf_dim:
         raise CheckpointError(f"{path}: checkpoint has --factors {saved_mf_dim}, run asks for "
                               f"{mf_dim}; pass --factors {saved_mf_dim} or another checkpoint")
-    if layers is not None and list(saved_layers) != list(layers):
+    if layers is not None and saved_kind != "gmf" and list(saved_layers) != list(layers):
         raise CheckpointError(
             f"{path}: checkpoint has --layers {' '.join(map(str, saved_layers))}, run asks for "
             f"{' '.join(map(str, layers))}; pass those --layers or another checkpoint")
 
 
 def load_model(path, device="cpu", dropout=0.0):
-    """A NeuMF built from the shapes in `path` and loaded with its weights."""
+    """The NeuMF, GMF or MLP that `path` holds, built from its shapes and loaded with its
+    weights."""
     state = model_state(load_checkpoint(path), path)
     nb_users, nb_items, mf_dim, layers = architecture(state)
-    model = NeuMF(nb_users, nb_items, mf_dim, layers, dropout=dropout)
+    model = neumf.build(model_kind(state), nb_users, nb_items, mf_dim, layers, dropout=dropout)
     load_state(model, state, path)
     return model.to(device)
 

@@ -22,7 +22,7 @@ import torch
 import cli
 from checkpoint import CheckpointError, load_model
 from logger import PARAMETER, JsonLogger
-from neumf import NeuMF, parameter_count
+from neumf import MODELS, build, parameter_count
 
 ML20M_USERS = 138493
 ML20M_ITEMS = 26744
@@ -47,6 +47,8 @@ def parse_args(argv=None):
                                 description="Benchmark NeuMF inference (forward pass)")
     # Shape flags default to None so that, with a checkpoint, an explicit value that
     # contradicts the checkpoint can be refused instead of silently ignored.
+    parser.add_argument("--model", choices=MODELS, default=None,
+                        help="the kind of model, as ncf.py's --model (default neumf)")
     parser.add_argument("--n_users", type=int, default=None,
                         help=f"users in the model (default {ML20M_USERS}, ml-20m)")
     parser.add_argument("--n_items", type=int, default=None,
@@ -192,9 +194,9 @@ def free_memory(device):
     return cli.available_memory()
 
 
-def model_bytes(nb_users, nb_items, factors, layers):
-    """The float32 parameters of a NeuMF of this shape."""
-    return 4 * parameter_count(nb_users, nb_items, factors, layers)
+def model_bytes(nb_users, nb_items, factors, layers, kind="neumf"):
+    """The float32 parameters of the model `kind` of this shape."""
+    return 4 * parameter_count(nb_users, nb_items, factors, layers, kind)
 
 
 def benchmark_bytes(model, batch_size, passes):
@@ -228,13 +230,14 @@ def refusing_out_of_memory(flags, name, advice):
 def build_model(args, device):
     if args.load_checkpoint_path is None:
         torch.manual_seed(args.seed)
-        return NeuMF(args.n_users or ML20M_USERS, args.n_items or ML20M_ITEMS,
-                     args.factors or DEFAULT_FACTORS, args.layers or DEFAULT_LAYERS).to(device)
+        return build(args.model or "neumf", args.n_users or ML20M_USERS,
+                     args.n_items or ML20M_ITEMS, args.factors or DEFAULT_FACTORS,
+                     args.layers or DEFAULT_LAYERS).to(device)
     path = args.load_checkpoint_path
     model = load_model(path, device)
-    saved = {"--n_users": model.nb_users, "--n_items": model.nb_items,
+    saved = {"--model": model.kind, "--n_users": model.nb_users, "--n_items": model.nb_items,
              "--factors": model.mf_dim, "--layers": model.mlp_layer_sizes}
-    asked = {"--n_users": args.n_users, "--n_items": args.n_items,
+    asked = {"--model": args.model, "--n_users": args.n_users, "--n_items": args.n_items,
              "--factors": args.factors, "--layers": args.layers}
     for flag, value in asked.items():
         if value is not None and value != saved[flag]:
@@ -249,8 +252,10 @@ def _flag_text(value):
 
 def print_header(name, model):
     print(f"Device: {name}")
-    print(f"Model: {model.nb_users:,} users, {model.nb_items:,} items, factors {model.mf_dim}, "
-          f"layers {_flag_text(model.mlp_layer_sizes)}")
+    sizes = ([f"factors {model.mf_dim}"] * (model.kind != "mlp")
+             + [f"layers {_flag_text(model.mlp_layer_sizes)}"] * (model.kind != "gmf"))
+    print(f"Model: {model.kind}, {model.nb_users:,} users, {model.nb_items:,} items, "
+          f"{', '.join(sizes)}")
     print(f"{'precision':<12}{'batch size':>12}{'samples/s':>16}{'best samples/s':>16}"
           f"{'mean ms':>12}{'p90 ms':>12}{'p95 ms':>12}{'p99 ms':>12}", flush=True)
 
@@ -274,8 +279,8 @@ def run(args):
              "--layers": args.layers or DEFAULT_LAYERS}
     shape_flags = " ".join(f"{flag} {_flag_text(value)}" for flag, value in shape.items())
     if args.load_checkpoint_path is None:
-        check_fits(model_bytes(*shape.values()), device, name, shape_flags,
-                   "pass a smaller model")
+        check_fits(model_bytes(*shape.values(), args.model or "neumf"), device, name,
+                   shape_flags, "pass a smaller model")
     with refusing_out_of_memory(args.load_checkpoint_path or shape_flags, name,
                                 "pass a smaller model"):
         model = build_model(args, device)
@@ -303,7 +308,8 @@ def run(args):
             with refusing_out_of_memory(batch_flags(batch_size), name, advice):
                 result = benchmark(model, batch_size, args.num_batches, precision, device,
                                    args.warmup_batches, args.seed)
-            result.update(device=str(device), device_name=name, n_users=model.nb_users,
+            result.update(device=str(device), device_name=name, model=model.kind,
+                          n_users=model.nb_users,
                           n_items=model.nb_items, factors=model.mf_dim,
                           layers=model.mlp_layer_sizes)
             print_row(result)

@@ -22,16 +22,17 @@ import cli
 import dataloading
 import scoring
 from checkpoint import (CheckpointError, atomic_save, check_matches, check_training_state,
-                        load_checkpoint, load_state, model_state)
+                        load_checkpoint, load_model, load_state, model_state)
 from fileio import DirectoryLocked, lock_directory, make_writable_dir
 from logger import PARAMETER, JsonLogger
-from neumf import NeuMF, parameter_count
+from neumf import MODELS, build, load_pretrained, parameter_count
 
 # Harmless to change on --resume (a warning); anything else that differs changes the model or
 # the data an epoch is made of, so the run could not equal an uninterrupted one (a refusal).
 RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "topk",
                         "valid_batch_size", "resume", "local_rank", "mode",
-                        "load_checkpoint_path", "data", "full_ranking", "report_topk"}
+                        "load_checkpoint_path", "data", "full_ranking", "report_topk",
+                        "pretrained_gmf", "pretrained_mlp", "alpha"}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 CPU_CHUNK = 2 ** 18
 # Counts above this are typing mistakes that would otherwise fail deep inside torch.
@@ -52,6 +53,19 @@ def parse_args(argv=None):
                         help="samples per batch, summed over all processes (an optimiser step "
                              "takes --grads_accumulated batches)")
     parser.add_argument("--valid_batch_size", type=int, default=2 ** 20)
+    parser.add_argument("--model", choices=MODELS, default="neumf",
+                        help="neumf: the original's model; gmf or mlp: one of its two branches "
+                             "alone, whose model.pth can start a NeuMF (--pretrained_gmf/_mlp)")
+    parser.add_argument("--pretrained_gmf", type=str, default=None,
+                        help="with --pretrained_mlp: start NeuMF from the model.pth of a "
+                             "--model gmf run and one of a --model mlp run, as the paper does")
+    parser.add_argument("--pretrained_mlp", type=str, default=None)
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="weight of the GMF output layer in the pretrained NeuMF's final "
+                             "layer, 1 - alpha that of the MLP's")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="adam: the original's; sgd: plain SGD at --learning_rate (the "
+                             "paper's for fine-tuning a pretrained NeuMF)")
     parser.add_argument("-f", "--factors", type=int, default=64, help="MF embedding width")
     parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64],
                         help="MLP layer sizes; the first is split between user and item")
@@ -109,7 +123,7 @@ def check_args(args, parser):
     # numpy's SeedSequence and torch.manual_seed both take the seed as an unsigned 64-bit value.
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
-    for flag in ("learning_rate", "threshold", "beta1", "beta2", "eps", "dropout"):
+    for flag in ("learning_rate", "threshold", "beta1", "beta2", "eps", "dropout", "alpha"):
         if not math.isfinite(getattr(args, flag)):
             parser.error(f"--{flag} must be a finite number, got {getattr(args, flag)}")
     if any(not 1 <= size <= MAX_COUNT for size in args.layers) or args.layers[0] % 2:
@@ -121,6 +135,18 @@ def check_args(args, parser):
         parser.error("--learning_rate and --eps must be positive")
     if not (0.0 <= args.beta1 < 1.0 and 0.0 <= args.beta2 < 1.0):
         parser.error("--beta1 and --beta2 must be in [0, 1)")
+    pretrained = [flag for flag in ("pretrained_gmf", "pretrained_mlp") if getattr(args, flag)]
+    if pretrained and args.model != "neumf":
+        parser.error(f"--{pretrained[0]} starts a NeuMF, not --model {args.model}; drop it or "
+                     f"pass --model neumf")
+    if len(pretrained) == 1:
+        parser.error(f"--{pretrained[0]} needs its other half: pass both --pretrained_gmf and "
+                     f"--pretrained_mlp")
+    if pretrained and args.load_checkpoint_path:
+        parser.error("--load_checkpoint_path and --pretrained_gmf/--pretrained_mlp are two "
+                     "starting points; pass one of them")
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume continues CHECKPOINT_DIR/last.pth, and --checkpoint_dir '' saves "
                      "none; pass the --checkpoint_dir of the run to resume")
@@ -217,7 +243,8 @@ def build_model(args, nb_users, nb_items, ctx):
     check_model_fits(args, nb_users, nb_items, ctx)
     torch.manual_seed(args.seed)
     try:
-        model = NeuMF(nb_users, nb_items, args.factors, args.layers, dropout=args.dropout)
+        model = build(args.model, nb_users, nb_items, args.factors, args.layers,
+                      dropout=args.dropout)
     except (MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "alloc" not in str(error):
             raise
@@ -237,7 +264,7 @@ def check_model_fits(args, nb_users, nb_items, ctx):
     moments); a size past the machine's memory would otherwise end in a traceback or the
     kernel's OOM killer rather than a message.
     """
-    needed = 4 * 4 * parameter_count(nb_users, nb_items, args.factors, args.layers)
+    needed = 4 * 4 * parameter_count(nb_users, nb_items, args.factors, args.layers, args.model)
     if ctx.device.type == "cuda":
         available = torch.cuda.get_device_properties(ctx.device).total_memory
     else:
@@ -249,6 +276,8 @@ def check_model_fits(args, nb_users, nb_items, ctx):
 
 
 def build_optimizer(args, model):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.learning_rate, fused=True)
     # fused Adam computes the same update as the loop version, in one kernel per step.
     return torch.optim.Adam(model.parameters(), lr=args.learning_rate,
                             betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
@@ -580,6 +609,8 @@ def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_tra
     changes = check_resume_args(state["args"], args, path)
     for change in changes:
         log_line(ctx, f"warning: resuming with a changed setting: {change}")
+    # After the settings: a run saved before --model existed records no kind to compare.
+    check_matches(model_state(state, path), path, nb_users, nb_items, kind=args.model)
     load_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -599,10 +630,24 @@ def load_starting_weights(args, ctx, model, nb_users, nb_items):
     """
     path = args.load_checkpoint_path
     if args.mode == "train" and args.resume:
-        if path:
+        if path or args.pretrained_gmf:
+            flags = (f"--load_checkpoint_path {path} is" if path else
+                     "--pretrained_gmf and --pretrained_mlp are")
             log_line(ctx, f"note: --resume continues "
                           f"{os.path.join(args.checkpoint_dir, 'last.pth')}; "
-                          f"--load_checkpoint_path {path} is not used")
+                          f"{flags} not used")
+        return
+    if args.pretrained_gmf:
+        halves = {}
+        for kind, flag in (("gmf", "--pretrained_gmf"), ("mlp", "--pretrained_mlp")):
+            half_path = getattr(args, flag.removeprefix("--"))
+            half = load_model(half_path, ctx.device)
+            check_matches(half.state_dict(), half_path, nb_users, nb_items, args.factors,
+                          args.layers, kind=kind, kind_flag=flag)
+            halves[kind] = half
+        load_pretrained(model, halves["gmf"], halves["mlp"], args.alpha)
+        log_line(ctx, f"Starting NeuMF from {args.pretrained_gmf} and {args.pretrained_mlp} "
+                      f"(alpha {args.alpha})")
         return
     if not path:
         if args.mode == "test":
@@ -610,7 +655,7 @@ def load_starting_weights(args, ctx, model, nb_users, nb_items):
                           "(a chance-level baseline)")
         return
     state = model_state(load_checkpoint(path), path)
-    check_matches(state, path, nb_users, nb_items, args.factors, args.layers)
+    check_matches(state, path, nb_users, nb_items, args.factors, args.layers, kind=args.model)
     load_state(model, state, path)
     log_line(ctx, f"{'Evaluating' if args.mode == 'test' else 'Starting training from'} {path}")
 

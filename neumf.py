@@ -1,6 +1,10 @@
 """NeuMF: the model of Neural Collaborative Filtering (He et al., 2017), as NVIDIA's NCF example
 builds it. Parameter names, shapes and initialisation match the original, so a `model.pth`
 written by either loads into the other.
+
+GMF and MLP are the paper's two halves of NeuMF trained alone, each with its own output layer.
+Their parameters carry the names of NeuMF's branches, so a trained pair initialises a NeuMF
+(`load_pretrained`), as the paper does for its best results.
 """
 import math
 
@@ -70,28 +74,35 @@ def lecun_uniform_(weight):
     nn.init.uniform_(weight, -limit, limit)
 
 
-def parameter_count(nb_users, nb_items, mf_dim, mlp_layer_sizes):
-    """The number of parameters of NeuMF(nb_users, nb_items, mf_dim, mlp_layer_sizes), without
+def parameter_count(nb_users, nb_items, mf_dim, mlp_layer_sizes, kind="neumf"):
+    """The number of parameters of the model `kind` (see MODELS) of these sizes, without
     building it: to size a model before allocating it."""
-    embeddings = (nb_users + nb_items) * (mf_dim + mlp_layer_sizes[0] // 2)
-    mlp = sum(inputs * outputs + outputs
-              for inputs, outputs in zip(mlp_layer_sizes, mlp_layer_sizes[1:]))
-    return embeddings + mlp + mf_dim + mlp_layer_sizes[-1] + 1
+    mf = (nb_users + nb_items) * mf_dim + mf_dim
+    mlp = (nb_users + nb_items) * (mlp_layer_sizes[0] // 2) + mlp_layer_sizes[-1] + sum(
+        inputs * outputs + outputs
+        for inputs, outputs in zip(mlp_layer_sizes, mlp_layer_sizes[1:]))
+    return {"neumf": mf + mlp, "gmf": mf, "mlp": mlp}[kind] + 1
+
+
+def _check_layer_sizes(mlp_layer_sizes, dropout):
+    if not mlp_layer_sizes:
+        raise ValueError("mlp_layer_sizes needs at least one size")
+    if mlp_layer_sizes[0] % 2 != 0:
+        raise ValueError(
+            f"the first MLP layer size must be even (it is split between user and item "
+            f"embeddings), got {mlp_layer_sizes[0]}"
+        )
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
 
 
 class NeuMF(nn.Module):
+    kind = "neumf"
+
     def __init__(self, nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout=0.0):
         super().__init__()
         mlp_layer_sizes = list(mlp_layer_sizes)
-        if not mlp_layer_sizes:
-            raise ValueError("mlp_layer_sizes needs at least one size")
-        if mlp_layer_sizes[0] % 2 != 0:
-            raise ValueError(
-                f"the first MLP layer size must be even (it is split between user and item "
-                f"embeddings), got {mlp_layer_sizes[0]}"
-            )
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        _check_layer_sizes(mlp_layer_sizes, dropout)
         self.nb_users = nb_users
         self.nb_items = nb_items
         self.mf_dim = mf_dim
@@ -122,3 +133,91 @@ class NeuMF(nn.Module):
             mlp = relu_dropout(layer(mlp), self.dropout, self.training)
         logits = self.final(torch.cat((mf, mlp), dim=1))
         return torch.sigmoid(logits) if sigmoid else logits
+
+
+class GMF(nn.Module):
+    """Generalised matrix factorisation: NeuMF's MF branch with an output layer of its own."""
+    kind = "gmf"
+    # No MLP branch: what the factored scorer and the tools read off a model.
+    mlp_layer_sizes = []
+
+    def __init__(self, nb_users, nb_items, mf_dim):
+        super().__init__()
+        self.nb_users = nb_users
+        self.nb_items = nb_items
+        self.mf_dim = mf_dim
+        self.mf_user_embed = nn.Embedding(nb_users, mf_dim)
+        self.mf_item_embed = nn.Embedding(nb_items, mf_dim)
+        self.final = nn.Linear(mf_dim, 1)
+        for embedding in (self.mf_user_embed, self.mf_item_embed):
+            nn.init.normal_(embedding.weight, 0.0, 0.01)
+        lecun_uniform_(self.final.weight)
+
+    def forward(self, user, item, sigmoid=False):
+        logits = self.final(self.mf_user_embed(user) * self.mf_item_embed(item))
+        return torch.sigmoid(logits) if sigmoid else logits
+
+
+class MLP(nn.Module):
+    """NeuMF's MLP branch with an output layer of its own."""
+    kind = "mlp"
+    mf_dim = 0
+
+    def __init__(self, nb_users, nb_items, mlp_layer_sizes, dropout=0.0):
+        super().__init__()
+        mlp_layer_sizes = list(mlp_layer_sizes)
+        _check_layer_sizes(mlp_layer_sizes, dropout)
+        self.nb_users = nb_users
+        self.nb_items = nb_items
+        self.mlp_layer_sizes = mlp_layer_sizes
+        self.dropout = dropout
+        self.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
+        self.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
+        self.mlp = nn.ModuleList(
+            nn.Linear(size_in, size_out)
+            for size_in, size_out in zip(mlp_layer_sizes[:-1], mlp_layer_sizes[1:])
+        )
+        self.final = nn.Linear(mlp_layer_sizes[-1], 1)
+        for embedding in (self.mlp_user_embed, self.mlp_item_embed):
+            nn.init.normal_(embedding.weight, 0.0, 0.01)
+        for layer in self.mlp:
+            glorot_uniform_(layer.weight)
+        lecun_uniform_(self.final.weight)
+
+    def forward(self, user, item, sigmoid=False):
+        mlp = torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1)
+        for layer in self.mlp:
+            mlp = relu_dropout(layer(mlp), self.dropout, self.training)
+        logits = self.final(mlp)
+        return torch.sigmoid(logits) if sigmoid else logits
+
+
+MODELS = ("neumf", "gmf", "mlp")
+
+
+def build(kind, nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout=0.0):
+    """The model `kind` (one of MODELS); the sizes it has no use for are ignored."""
+    if kind == "gmf":
+        return GMF(nb_users, nb_items, mf_dim)
+    if kind == "mlp":
+        return MLP(nb_users, nb_items, mlp_layer_sizes, dropout)
+    if kind == "neumf":
+        return NeuMF(nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout)
+    raise ValueError(f"unknown model kind {kind!r}, expected one of {', '.join(MODELS)}")
+
+
+def load_pretrained(neumf, gmf, mlp, alpha):
+    """Set `neumf`'s weights from a trained GMF and MLP of its sizes, as the paper does.
+
+    Embeddings and hidden layers are theirs as they are; the final layer is their two output
+    layers side by side, weighted alpha and 1 - alpha, so until training moves it NeuMF's logit
+    is alpha * gmf's + (1 - alpha) * mlp's.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    state = {name: value for model in (gmf, mlp) for name, value in model.state_dict().items()
+             if not name.startswith("final.")}
+    state["final.weight"] = torch.cat((alpha * gmf.final.weight,
+                                       (1 - alpha) * mlp.final.weight), dim=1)
+    state["final.bias"] = alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias
+    neumf.load_state_dict(state)

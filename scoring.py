@@ -29,7 +29,8 @@ def default_chunk_pairs(device):
 
 class FactoredScorer:
     """Logits of all items for given users, equal to the eval-mode model(user, item) up to float
-    rounding (dropout never applies here, whatever model.training says).
+    rounding (dropout never applies here, whatever model.training says); model is a NeuMF, GMF
+    or MLP (neumf.py).
 
     Built once from a model: build it after training; the item side is precomputed, so score
     many user batches with one scorer.
@@ -37,22 +38,28 @@ class FactoredScorer:
 
     def __init__(self, model, chunk_pairs=None):
         if chunk_pairs is None:
-            chunk_pairs = default_chunk_pairs(model.mf_item_embed.weight.device)
+            chunk_pairs = default_chunk_pairs(model.final.weight.device)
         if chunk_pairs < 1:
             raise ValueError(f"chunk_pairs must be at least 1, got {chunk_pairs}")
         self.chunk_pairs = chunk_pairs
         self.nb_users = model.nb_users
         self.nb_items = model.nb_items
-        self.model = model
         with torch.inference_mode():
             final_weight = model.final.weight[0]
             self.final_bias = model.final.bias[0]
             self.mf_weight = final_weight[:model.mf_dim]
             mlp_weight = final_weight[model.mf_dim:]
-            self.mf_items = model.mf_item_embed.weight
-            item_embed = model.mlp_item_embed.weight
+            # GMF and MLP lack one branch of NeuMF: a zero-width table in its place adds
+            # exactly nothing to the logits, so one computation serves all three models.
+            self.mf_users, self.mf_items, self.mlp_users, item_embed = (
+                getattr(model, name).weight if hasattr(model, name)
+                else final_weight.new_zeros(count, 0)
+                for name, count in (("mf_user_embed", model.nb_users),
+                                    ("mf_item_embed", model.nb_items),
+                                    ("mlp_user_embed", model.nb_users),
+                                    ("mlp_item_embed", model.nb_items)))
             half = item_embed.shape[1]
-            if len(model.mlp) == 0:
+            if len(getattr(model, "mlp", ())) == 0:
                 # No hidden layer: the MLP output is [u; i] itself, so the whole logit is linear
                 # and each side's share of it is one number per user or item.
                 self.first_layer = None
@@ -72,13 +79,13 @@ class FactoredScorer:
             users = users.to(self.mf_items.device, torch.int64)
             # The MF branch and the final bias, for every pair at once.
             logits = torch.addmm(self.final_bias.expand(1, self.nb_items),
-                                 self.model.mf_user_embed(users) * self.mf_weight,
+                                 self.mf_users[users] * self.mf_weight,
                                  self.mf_items.T)
             if self.first_layer is None:
-                logits += (self.model.mlp_user_embed(users) @ self.user_linear_weight)[:, None]
+                logits += (self.mlp_users[users] @ self.user_linear_weight)[:, None]
                 logits += self.item_linear
                 return logits
-            user_first = torch.addmm(self.first_layer.bias, self.model.mlp_user_embed(users),
+            user_first = torch.addmm(self.first_layer.bias, self.mlp_users[users],
                                      self.user_first_weight.T)
             item_step = min(self.nb_items, self.chunk_pairs)
             user_step = max(1, self.chunk_pairs // item_step)
@@ -100,13 +107,13 @@ class FactoredScorer:
         with torch.inference_mode():
             users = users.to(self.mf_items.device, torch.int64)
             items = items.to(self.mf_items.device, torch.int64)
-            mf_users = self.model.mf_user_embed(users) * self.mf_weight
+            mf_users = self.mf_users[users] * self.mf_weight
             logits = torch.bmm(self.mf_items[items], mf_users[:, :, None]).squeeze(2)
             logits += self.final_bias
             if self.first_layer is None:
-                logits += (self.model.mlp_user_embed(users) @ self.user_linear_weight)[:, None]
+                logits += (self.mlp_users[users] @ self.user_linear_weight)[:, None]
                 return logits + self.item_linear[items]
-            user_first = torch.addmm(self.first_layer.bias, self.model.mlp_user_embed(users),
+            user_first = torch.addmm(self.first_layer.bias, self.mlp_users[users],
                                      self.user_first_weight.T)
             logits += self._mlp_tail(user_first[:, None, :], self.item_first[items]).view(
                 logits.shape)
