@@ -185,10 +185,11 @@ def compare_bf16(args, model, scorer, users, rounds):
             found[name].append(items)
     differing = (torch.cat(found["fp32"]) != torch.cat(found["bf16"])).any(dim=1)
     scale = args.users / len(users)
+    fp32, bf16 = (seconds[name] * scale / 60 for name in ("fp32", "bf16"))
     print(f"top-{args.topk} of {len(users)} users as recommend.py --all_users, extrapolated to all "
-          f"{args.users}:  fp32 {seconds['fp32'] * scale / 60:.1f} min,  bf16 shortlist + fp32 "
-          f"rescoring {seconds['bf16'] * scale / 60:.1f} min ({seconds['fp32'] / seconds['bf16']:.2f}x)"
-          f";  top-{args.topk} differs for {int(differing.sum())} of {len(users)} users")
+          f"{args.users}:  fp32 {fp32:.1f} min,  bf16 shortlist + fp32 rescoring {bf16:.1f} min "
+          f"({fp32 / bf16:.2f}x);  top-{args.topk} differs for {int(differing.sum())} of "
+          f"{len(users)} users")
 
 
 def run_recommend(args, output, precision):
