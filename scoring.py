@@ -121,10 +121,13 @@ class FactoredScorer:
 
 
 def _linear_relu(hidden, layer):
-    if hidden.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        # oneDNN adds the bias and applies the ReLU as the product's epilogue; addmm + relu_
-        # spend two more passes over the activations, which cost as much as the product in
-        # bfloat16 on a CPU with AMX.
+    # oneDNN adds the bias and applies the ReLU as the product's epilogue; addmm + relu_ spend
+    # two more passes over the activations, which cost as much as the product in bfloat16 on a
+    # CPU with AMX. The oneDNN op knows nothing of autocast (evaluation under float16) and
+    # wants one dtype throughout: those cases keep addmm.
+    if (hidden.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu")
+            and hidden.dtype == layer.weight.dtype in (torch.float32, torch.bfloat16)):
         return torch.ops.mkldnn._linear_pointwise(hidden, layer.weight, layer.bias, "relu", [],
                                                   "")
     return torch.addmm(layer.bias, hidden, layer.weight.T).relu_()
