@@ -6,6 +6,8 @@
 DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
 sigmoid output. Every item is scored for a user in one pass of the factored model (scoring.py).
+Where bfloat16 is native (a CPU with AMX or AVX512_BF16, a CUDA device with bf16), a bfloat16 pass
+picks each user's shortlist and float32 scores and orders it (--precision, default auto).
 """
 import os
 import sys
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 import cli
 import dataloading
+import ncf
 import scoring
 from checkpoint import CheckpointError
 from fileio import atomic_output
@@ -38,6 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title]")
     parser.add_argument("-k", "--topk", type=int, default=10, help="items per user")
     parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="bf16: a bfloat16 pass picks max(100, 4k) items per user, float32 "
+                             "scores and orders them; fp32: every item in float32; auto "
+                             "(default): bf16 where the device has native bf16, else fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
@@ -51,6 +58,15 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     return args
+
+
+def scoring_precision(requested, device):
+    """bf16 or fp32: `requested`, or for auto bf16 where the device runs it natively; emulated
+    bf16 (an AVX2-only CPU) runs slower than float32."""
+    if requested != "auto":
+        return requested
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else ncf.cpu_has_native_bf16()
+    return "bf16" if native else "fp32"
 
 
 def add_titles(table, titles):
@@ -75,7 +91,7 @@ def write_all_users(recommender, topk, titles, output):
         raise RecommendError(f"--output {output}: directory {directory} does not exist; "
                              f"create it or pass a path in an existing directory")
     order = torch.from_numpy(np.argsort(recommender.user_ids, kind="stable"))
-    scorer = recommender.scorer
+    scorer = recommender.shortlist_scorer or recommender.scorer
     step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
     try:
         with atomic_output(output) as temporary, open(temporary, "w", newline="") as handle, \
@@ -95,7 +111,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         titles = load_titles(args.movies) if args.movies else None
-        recommender = Recommender(args.data, args.checkpoint, args.device)
+        recommender = Recommender(args.data, args.checkpoint, args.device,
+                                  scoring_precision(args.precision, args.device))
         if args.all_users:
             write_all_users(recommender, args.topk, titles, args.output)
             return None

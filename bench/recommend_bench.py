@@ -10,12 +10,17 @@ other processes falls on both alike (the plain forward was fastest at this pass 
 user's 26,744 pairs a call ran 1.4x faster than 2**20 pairs); the per-user times are
 extrapolated to all users. The matrix products that remain after factoring (the layers after the
 first) are timed on their own in the same rounds: their rate sets the floor for the whole job.
+Where the CPU has native bf16, the top-k as recommend.py finds it (training items masked, about
+ml-20m's 144 a user) is timed in the same rounds both ways, float32 over all items against the
+bfloat16 shortlist rescored in float32, with the share of sampled users whose top-k differs.
 
 Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the wall
-time of `recommend.py --all_users` on it, and HR@k / NDCG@k by the sampled protocol (100 test
+time of `recommend.py --all_users` on it (--precision fp32, and bf16 where native), the share of
+users whose top-k differs between the two, and HR@k / NDCG@k by the sampled protocol (100 test
 negatives, as ncf.py) beside the full-ranking protocol (scoring.full_ranking_ranks).
 """
 import argparse
+import copy
 import os
 import resource
 import subprocess
@@ -30,9 +35,12 @@ sys.path.insert(0, REPO)
 
 import dataloading  # noqa: E402
 import ncf  # noqa: E402
+import recommender  # noqa: E402
 import scoring  # noqa: E402
 from checkpoint import CheckpointError, check_matches, load_model  # noqa: E402
 from neumf import NeuMF  # noqa: E402
+
+TRAINING_ITEMS_PER_USER = 144  # ml-20m: 20M ratings over 138,493 users
 
 
 class BenchError(Exception):
@@ -81,6 +89,18 @@ def time_plain(model, users, chunk_pairs):
             batch = users[begin:begin + step]
             model(batch.repeat_interleave(model.nb_items), items.repeat(len(batch)))
     return time.perf_counter() - start
+
+
+def time_top_items(scorer, shortlist_scorer, trained, users, topk):
+    """(seconds, items) of recommend.py's top-k for the users, batched as recommend.py does."""
+    step = scoring.users_per_batch(scorer.nb_items, (shortlist_scorer or scorer).chunk_pairs)
+    found = []
+    start = time.perf_counter()
+    for begin in range(0, len(users), step):
+        batch = users[begin:begin + step]
+        excluded = trained.mask(batch, scorer.nb_items)
+        found.append(recommender.best_items(scorer, shortlist_scorer, batch, excluded, topk)[0])
+    return time.perf_counter() - start, torch.cat(found)
 
 
 class TailProducts:
@@ -142,32 +162,80 @@ def part_one(args, rounds=10):
           f"{flop_all / (factored * scale) / 1e9:.1f} GFLOP/s")
     print(f"those matrix products alone: {rate / 1e9:.1f} GFLOP/s -> floor "
           f"{flop_all / rate / 60:.1f} min for all users")
+    if ncf.cpu_has_native_bf16():
+        compare_bf16(args, model, scorer, users, rounds)
+    else:
+        print("bf16 shortlist not timed: this CPU has no native bf16 (AMX, AVX512_BF16)")
+
+
+def compare_bf16(args, model, scorer, users, rounds):
+    generator = torch.Generator().manual_seed(1)
+    train_users = torch.arange(args.users).repeat_interleave(TRAINING_ITEMS_PER_USER)
+    trained = scoring.TrainingItems(
+        train_users, torch.randint(0, args.items, (len(train_users),), generator=generator),
+        args.users)
+    shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(),
+                                              recommender.BF16_CPU_CHUNK_PAIRS)
+    seconds = {"fp32": 0.0, "bf16": 0.0}
+    found = {"fp32": [], "bf16": []}
+    for part in torch.tensor_split(users, rounds):
+        for name, shortlist in (("fp32", None), ("bf16", shortlist_scorer)):
+            spent, items = time_top_items(scorer, shortlist, trained, part, args.topk)
+            seconds[name] += spent
+            found[name].append(items)
+    differing = (torch.cat(found["fp32"]) != torch.cat(found["bf16"])).any(dim=1)
+    scale = args.users / len(users)
+    fp32, bf16 = (seconds[name] * scale / 60 for name in ("fp32", "bf16"))
+    print(f"top-{args.topk} of {len(users)} users as recommend.py --all_users, extrapolated to all "
+          f"{args.users}:  fp32 {fp32:.1f} min,  bf16 shortlist + fp32 rescoring {bf16:.1f} min "
+          f"({fp32 / bf16:.2f}x);  top-{args.topk} differs for {int(differing.sum())} of "
+          f"{len(users)} users")
+
+
+def run_recommend(args, output, precision):
+    """(wall seconds, CPU seconds, the CSV as userId -> tuple of movieIds) of one
+    recommend.py --all_users run."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    finished = subprocess.run(
+        [sys.executable, os.path.join(REPO, "recommend.py"), "--data", args.data,
+         "--checkpoint", args.checkpoint, "--all_users", "--device", "cpu", "--precision",
+         precision, "--output", output, "--topk", str(args.topk)],
+        stderr=subprocess.PIPE, text=True)
+    if finished.returncode:
+        lines = finished.stderr.strip().splitlines()
+        raise BenchError(lines[-1] if lines else
+                         f"recommend.py failed (exit status {finished.returncode})")
+    wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    lists = {}
+    with open(output) as handle:
+        next(handle)
+        for line in handle:
+            user, _, movie = line.split(",", 3)[:3]
+            lists.setdefault(user, []).append(movie)
+    return wall, cpu, {user: tuple(movies) for user, movies in lists.items()}
 
 
 def part_two(args):
     train, test, negatives, nb_users, nb_items = dataloading.open_dataset(args.data)[:5]
     model = load_model(args.checkpoint).eval()
     check_matches(model.state_dict(), args.checkpoint, nb_users, nb_items)
+    precisions = ["fp32", "bf16"] if ncf.cpu_has_native_bf16() else ["fp32"]
+    found = {}
     with tempfile.TemporaryDirectory() as directory:
-        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        finished = subprocess.run(
-            [sys.executable, os.path.join(REPO, "recommend.py"), "--data", args.data,
-             "--checkpoint", args.checkpoint, "--all_users", "--device", "cpu",
-             "--output", os.path.join(directory, "recs.csv"), "--topk", str(args.topk)],
-            stderr=subprocess.PIPE, text=True)
-        if finished.returncode:
-            lines = finished.stderr.strip().splitlines()
-            raise BenchError(lines[-1] if lines else
-                             f"recommend.py failed (exit status {finished.returncode})")
-        wall = time.perf_counter() - start
-        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (cpu_after.ru_utime + cpu_after.ru_stime
-               - cpu_before.ru_utime - cpu_before.ru_stime)
-        with open(os.path.join(directory, "recs.csv")) as handle:
-            rows = sum(1 for _ in handle) - 1
-    print(f"recommend.py --all_users on {args.data}: {len(test)} users, {rows} rows, "
-          f"{wall:.1f} s wall, {cpu:.1f} s CPU (process start and loading included)")
+        for precision in precisions:
+            wall, cpu, found[precision] = run_recommend(
+                args, os.path.join(directory, f"{precision}.csv"), precision)
+            rows = sum(len(movies) for movies in found[precision].values())
+            print(f"recommend.py --all_users --precision {precision} on {args.data}: "
+                  f"{len(found[precision])} users, {rows} rows, {wall:.1f} s wall, {cpu:.1f} s CPU "
+                  f"(process start and loading included)")
+    if "bf16" in found:
+        differing = sum(found["bf16"].get(user) != movies for user, movies in found["fp32"].items())
+        print(f"top-{args.topk} differs between bf16 and fp32 for {differing} of "
+              f"{len(found['fp32'])} users")
 
     # ncf.py's own evaluation, so the sampled figures are the ones training reports; it scores
     # users x 101 candidates a chunk of rows at a time.

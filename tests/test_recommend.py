@@ -1,3 +1,4 @@
+import copy
 import math
 import os
 import subprocess
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import recommend
+import scoring
 from neumf import NeuMF
+from recommender import best_items
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,3 +174,63 @@ def test_a_reader_that_goes_away_ends_it_quietly(data):
                           stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=data["tmp"])
     os.close(write_end)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("requested,device,native,expected", [
+    ("auto", "cpu", True, "bf16"),
+    ("auto", "cpu", False, "fp32"),
+    ("fp32", "cpu", True, "fp32"),
+    ("bf16", "cpu", False, "bf16"),
+    ("auto", "cuda", True, "bf16"),
+    ("auto", "cuda", False, "fp32"),
+])
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, requested, device, native,
+                                                        expected):
+    monkeypatch.setattr(recommend.ncf, "cpu_has_native_bf16", lambda: native and device == "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: native and device == "cuda")
+    assert recommend.scoring_precision(requested, device) == expected
+
+
+@pytest.mark.parametrize("native,flags,shortlisted", [
+    (True, [], True), (False, [], False), (True, ["--precision", "fp32"], False),
+])
+def test_all_users_shortlists_in_bf16_where_native_unless_told_fp32(data, monkeypatch, native,
+                                                                    flags, shortlisted):
+    monkeypatch.setattr(recommend.ncf, "cpu_has_native_bf16", lambda: native)
+    built = []
+    original = recommend.Recommender
+
+    def spy(*args):
+        built.append(original(*args))
+        return built[-1]
+
+    monkeypatch.setattr(recommend, "Recommender", spy)
+    output = str(data["tmp"] / "recs.csv")
+    run(data, "--all_users", "--output", output, "--topk", "3", "--device", "cpu", *flags)
+    assert (built[0].shortlist_scorer is not None) == shortlisted
+    # Ten items fit in the shortlist: bf16 only picks it, so the answer is float32's exactly.
+    fp32 = str(data["tmp"] / "fp32.csv")
+    run(data, "--all_users", "--output", fp32, "--topk", "3", "--device", "cpu",
+        "--precision", "fp32")
+    pd.testing.assert_frame_equal(pd.read_csv(output), pd.read_csv(fp32))
+
+
+def test_bf16_shortlist_misses_float32_top_items_only_at_near_ties():
+    nb_users, nb_items, k = 40, 900, 10
+    model = model_for(nb_users, nb_items, seed=3)
+    scorer = scoring.FactoredScorer(model)
+    shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(), 2 ** 12)
+    users = torch.arange(nb_users)
+    excluded = torch.rand(nb_users, nb_items, generator=torch.Generator().manual_seed(0)) < 0.1
+    exact_items, exact_logits = best_items(scorer, None, users, excluded, k)
+    items, logits = best_items(scorer, shortlist_scorer, users, excluded, k)
+    all_logits = scorer(users)
+    assert torch.equal(logits, all_logits.gather(1, items))
+    assert not excluded.gather(1, items).any()
+    # An item can leave the float32 top k only for one float32 ranks at most a bfloat16 rounding
+    # step (8 bits: 2**-8 of the largest logit, twice for both sides) below the k-th.
+    step = 2 * 2 ** -8 * all_logits.abs().max()
+    assert (logits[:, -1] >= exact_logits[:, -1] - step).all()
+    differing = (items != exact_items).any(dim=1)
+    assert differing.float().mean() <= 0.05
+    assert torch.equal(items[~differing], exact_items[~differing])

@@ -37,6 +37,23 @@ def test_factored_scores_equal_the_plain_forward(layers, chunk_pairs):
     assert factored.std(dim=1).min() > 0.1 and (factored[1] - factored[2]).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_factored_scores_equal_the_plain_forward_with_and_without_onednn(monkeypatch, onednn,
+                                                                        dtype, tolerance):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
+    model = random_model(7, 300, 5, [16, 12, 8, 4])
+    users = torch.tensor([3, 0, 6])
+    factored = scoring.score_all_items(model.to(dtype), users, chunk_pairs=256)
+    assert factored.dtype == dtype
+    expected = plain_scores(model.float(), users)
+    assert torch.allclose(factored.float(), expected, atol=tolerance, rtol=tolerance)
+    # Under float16 autocast (evaluation of a float16 run) the products run in float16.
+    with torch.autocast("cpu", dtype=torch.float16):
+        candidates = scoring.FactoredScorer(model).candidates(users, torch.arange(300).repeat(3, 1))
+    assert torch.allclose(candidates.float(), expected, atol=0.05, rtol=0.05)
+
+
 def test_dropout_never_applies_even_in_train_mode():
     model = random_model(4, 9, 3, [8, 6], dropout=0.5)
     users = torch.arange(4)
