@@ -40,6 +40,8 @@ PROG = "serve.py"
 DEFAULT_TOPK = 10
 MAX_TOPK = 1000
 MAX_BATCH_USERS = 256
+# Longer text is a mistake or an attack, never a user id.
+MAX_TEXT_ID = 1024
 # 256 ids of 20 digits with separators are about 6 KiB.
 MAX_BODY_BYTES = 64 * 1024
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
@@ -101,8 +103,16 @@ def from_query(text):
     return int(text) if WHOLE_NUMBER.fullmatch(text) else text
 
 
-def parse_user(value, name="user"):
-    return whole_number(value, name, INT64_MIN, INT64_MAX, "a user id (a 64-bit integer)")
+def parse_user(value, name="user", text_ids=False):
+    """A user id as the data holds them: a 64-bit integer, or with text ids (convert.py
+    --string_ids) a non-empty string, taken as given ("007" is not "7")."""
+    if not text_ids:
+        return whole_number(value, name, INT64_MIN, INT64_MAX, "a user id (a 64-bit integer)")
+    if isinstance(value, str) and 0 < len(value) <= MAX_TEXT_ID:
+        return value
+    text = value if isinstance(value, str) else json.dumps(value)
+    raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: expected a user id (text of 1 to "
+                                               f"{MAX_TEXT_ID} characters), got {shown(text)}")
 
 
 def parse_topk(value):
@@ -133,7 +143,7 @@ def query_fields(query):
     return {name: values[0] for name, values in fields.items()}
 
 
-def batch_request(body):
+def batch_request(body, text_ids=False):
     """(user ids, k) of a POST /recommend body."""
     try:
         request = json.loads(body)
@@ -152,7 +162,7 @@ def batch_request(body):
         raise RequestError(HTTPStatus.BAD_REQUEST,
                            f"users: {len(users)} ids, expected 1 to {MAX_BATCH_USERS}; split "
                            f"the batch")
-    users = [parse_user(user, f"users[{index}]") for index, user in enumerate(users)]
+    users = [parse_user(user, f"users[{index}]", text_ids) for index, user in enumerate(users)]
     return users, parse_topk(request.get("k", DEFAULT_TOPK))
 
 
@@ -222,6 +232,10 @@ class Handler(BaseHTTPRequestHandler):
     # client's delayed ACK, 40 ms a response.
     disable_nagle_algorithm = True
 
+    @property
+    def text_ids(self):
+        return self.server.service.recommender.text_ids
+
     def route(self):
         method, url = self.command, urlsplit(self.path)
         self.body_read = False
@@ -230,11 +244,12 @@ class Handler(BaseHTTPRequestHandler):
                 payload = self.server.service.health()
             elif url.path == "/recommend" and method == "GET":
                 fields = query_fields(url.query)
+                user = fields["user"] if self.text_ids else from_query(fields["user"])
                 payload = self.server.service.recommend(
-                    [parse_user(from_query(fields["user"]))],
+                    [parse_user(user, text_ids=self.text_ids)],
                     parse_topk(from_query(fields.get("k", str(DEFAULT_TOPK)))))[0]
             elif url.path == "/recommend" and method == "POST":
-                users, k = batch_request(self.read_body())
+                users, k = batch_request(self.read_body(), self.text_ids)
                 payload = {"recommendations": self.server.service.recommend(users, k)}
             elif url.path in ALLOWED:
                 raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED,

@@ -399,3 +399,41 @@ def test_bf16_shortlist_gives_the_float32_answers(tmp_path):
         torch.testing.assert_close(fast_scores, scores, rtol=0, atol=1e-6)
     trained = shortlisted.trained.mask(users, 300)
     assert not trained.gather(1, fast_items).any()
+
+
+def test_text_user_ids_are_served_as_text(tmp_path):
+    """A directory of convert.py --string_ids: users are asked for and answered by their text
+    ids, "007" is not "7", and a number is refused instead of being read as text."""
+    import convert
+    import ncf
+    data, run = tmp_path / "data", tmp_path / "run"
+    rows = ["user,item,timestamp"] + [f"{user},{item},{time}" for time, (user, item) in enumerate(
+        [("007", "tea"), ("7", "cake"), ("007", "cake"), ("7", "tea"), ("007", "jam"),
+         ("7", "jam"), ("007", "pie"), ("7", "pie"), ("x", "pie"), ("x", "tea"), ("x", "jam")])]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    assert convert.main(["--path", str(tmp_path / "log.csv"), "--output", str(data),
+                         "--first_columns", "--string_ids", "--min_ratings", "1",
+                         "--valid_negative", "2"]) == 0
+    ncf.main(["--data", str(data), "-e", "1", "-b", "8", "--checkpoint_dir", str(run),
+              "--log_path", str(tmp_path / "log.json")])
+    recommender = Recommender(str(data), str(run / "model.pth"))
+    server = serve.listen("127.0.0.1", 0, serve.Service(recommender, fallback=False))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        for user in ("007", "7"):
+            status, answer = request(port, "GET", f"/recommend?user={user}&k=3")
+            trained = {"007": {"tea", "cake", "jam"}, "7": {"cake", "tea", "jam"}}[user]
+            assert status == 200 and answer["user"] == user
+            assert answer["items"] and not {entry["movieId"] for entry in answer["items"]} & trained
+        status, answer = request(port, "POST", "/recommend", json.dumps({"users": ["x", "007"]}))
+        assert status == 200 and [entry["user"] for entry in answer["recommendations"]] == ["x", "007"]
+        status, answer = request(port, "POST", "/recommend", json.dumps({"users": [7]}))
+        assert status == 400 and answer["error"].startswith("users[0]: expected a user id (text")
+        status, answer = request(port, "GET", "/recommend?user=0007")
+        assert status == 404 and answer["error"].startswith("user 0007: unknown")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
