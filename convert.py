@@ -592,6 +592,22 @@ def write_outputs(directory, tensors, metadata, disable=True):
     os.remove(marker)
 
 
+@contextlib.contextmanager
+def _one_line_errors(source, output, memory_hint=""):
+    """What a conversion can meet (bad data, a full or read-only disk, too little memory) as the
+    one-line error and exit status 2."""
+    try:
+        yield
+    except DataError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{output}: cannot write the output ({e.strerror or e}); check free space and "
+              "permissions")
+    except MemoryError:
+        _fail(f"{source}: out of memory while converting it; free some memory, use a machine "
+              f"with more{memory_hint}")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     _check_flags(args)
@@ -601,7 +617,7 @@ def main(argv=None):
         return _convert_given_split(args, columns)
     min_ratings = MIN_RATINGS if args.min_ratings is None else args.min_ratings
     progress = sys.stderr.isatty()
-    try:
+    with _one_line_errors(args.path, args.output, ", or lower --valid_negative"):
         # one user is the fewest a conversion can keep: no need to read the file to refuse
         _check_negatives_fit(1, args.valid_negative)
         _prepare_output(args.output)
@@ -633,14 +649,6 @@ def main(argv=None):
                                             "test", "validation") if key in result},
         }
         write_outputs(args.output, result, metadata, disable=not progress)
-    except DataError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{args.output}: cannot write the output ({e.strerror or e}); check free space and "
-              "permissions")
-    except MemoryError:
-        _fail(f"{args.path}: out of memory while converting it; free some memory, use a machine "
-              "with more, or lower --valid_negative")
     print(f"{PROG}: read {result['ratings_read']} ratings; kept {result['users']} users "
           f"({result['users_dropped']} dropped), {result['items']} items; "
           f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
@@ -700,7 +708,7 @@ def _convert_given_split(args, columns):
                                                     ".test.negative")]
     else:
         paths = [args.path, args.test_path, args.test_negatives_path]
-    try:
+    with _one_line_errors(paths[0], args.output):
         _check_negatives_fit(1, args.valid_negative)
         _prepare_output(args.output)
         if args.paper:
@@ -729,14 +737,6 @@ def _convert_given_split(args, columns):
                                             "items", "train", "test")},
         }
         write_outputs(args.output, result, metadata)
-    except DataError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{args.output}: cannot write the output ({e.strerror or e}); check free space and "
-              "permissions")
-    except MemoryError:
-        _fail(f"{paths[0]}: out of memory while converting it; free some memory or use a "
-              "machine with more")
     print(f"{PROG}: given split: {result['users']} users, {result['items']} items; "
           f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
           f"test {result['test']}, test negatives {result['test']}x{valid_negative} "

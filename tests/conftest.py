@@ -43,3 +43,18 @@ def write_clustered_dataset(directory, nb_users=300, nb_items=200, clusters=10,
 @pytest.fixture(scope="session")
 def clustered_data(tmp_path_factory):
     return write_clustered_dataset(str(tmp_path_factory.mktemp("clustered")))
+
+
+TINY_USERS, TINY_ITEMS = 30, 20
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A 30-user, 20-item clustered directory with id maps (recommend.py reads the original
+    ids: users 100.., items 500..)."""
+    directory = write_clustered_dataset(str(tmp_path_factory.mktemp("tiny")),
+                                        nb_users=TINY_USERS, nb_items=TINY_ITEMS, clusters=4,
+                                        per_user=8, negatives=10)
+    torch.save(torch.arange(TINY_USERS) + 100, os.path.join(directory, "user_ids.pt"))
+    torch.save(torch.arange(TINY_ITEMS) + 500, os.path.join(directory, "item_ids.pt"))
+    return directory

@@ -16,22 +16,11 @@ import inference
 import ncf
 import recommend
 from checkpoint import CheckpointError
-from conftest import write_clustered_dataset
+from conftest import TINY_ITEMS as ITEMS, TINY_USERS as USERS
 from neumf import NeuMF
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USERS, ITEMS = 30, 20
 SHAPE = ["-f", "4", "--layers", "8", "4"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    directory = write_clustered_dataset(str(tmp_path_factory.mktemp("tiny")), nb_users=USERS,
-                                        nb_items=ITEMS, clusters=4, per_user=8, negatives=10)
-    # recommend.py also reads the original ids
-    torch.save(torch.arange(USERS) + 100, os.path.join(directory, "user_ids.pt"))
-    torch.save(torch.arange(ITEMS) + 500, os.path.join(directory, "item_ids.pt"))
-    return directory
 
 
 def train_flags(data, checkpoint_dir, *extra):

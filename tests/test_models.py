@@ -12,22 +12,12 @@ import inference
 import ncf
 import recommend
 import scoring
-from conftest import write_clustered_dataset
+from conftest import TINY_ITEMS as ITEMS, TINY_USERS as USERS, write_clustered_dataset
 from neumf import GMF, MLP, NeuMF, build, load_pretrained, parameter_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USERS, ITEMS = 30, 20
 FACTORS, LAYERS = 4, [8, 4]
 SHAPE = ["-f", str(FACTORS), "--layers", *map(str, LAYERS)]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    directory = write_clustered_dataset(str(tmp_path_factory.mktemp("tiny")), nb_users=USERS,
-                                        nb_items=ITEMS, clusters=4, per_user=8, negatives=10)
-    torch.save(torch.arange(USERS) + 100, os.path.join(directory, "user_ids.pt"))
-    torch.save(torch.arange(ITEMS) + 500, os.path.join(directory, "item_ids.pt"))
-    return directory
 
 
 def train_flags(data, directory, *extra):
