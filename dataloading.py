@@ -17,6 +17,9 @@ METADATA = "metadata.json"
 # convert.py creates it before touching a directory and removes it after metadata.json is
 # written: while it exists the directory may mix two conversions.
 CONVERTING = ".converting"
+# Samples a CPU processes at once, in training and evaluation: a million-sample batch in pieces
+# of this size takes a quarter of the activation memory, at the same speed.
+CPU_CHUNK = 2 ** 18
 
 
 class DataError(Exception):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import cli
 import dataloading
-import scoring
+import evaluation
 from checkpoint import (CheckpointError, atomic_save, check_matches, check_training_state,
                         load_checkpoint, load_model, load_state, model_state)
 from fileio import DirectoryLocked, lock_directory, make_writable_dir
@@ -34,7 +34,6 @@ RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "to
                         "load_checkpoint_path", "data", "full_ranking", "report_topk",
                         "pretrained_gmf", "pretrained_mlp", "alpha"}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
-CPU_CHUNK = 2 ** 18
 # Counts above this are typing mistakes that would otherwise fail deep inside torch.
 MAX_COUNT = 2 ** 31 - 1
 
@@ -360,7 +359,8 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
 
 
 def chunks(batch, ctx):
-    """A batch as pieces of at most CPU_CHUNK samples on a CPU, weighted to sum to its mean loss.
+    """A batch as pieces of at most dataloading.CPU_CHUNK samples on a CPU, weighted to sum to
+    its mean loss.
 
     The gradient is the batch's (each piece's mean loss is weighted by its share of the batch),
     but a CPU holds the activations of one piece (about 1.5 GB) rather than of the default
@@ -368,11 +368,12 @@ def chunks(batch, ctx):
     dense embedding gradients of the full tables. A GPU takes the batch whole.
     """
     user, item, label = batch
-    if ctx.device.type == "cuda" or len(user) <= CPU_CHUNK:
+    piece = dataloading.CPU_CHUNK
+    if ctx.device.type == "cuda" or len(user) <= piece:
         return [(user, item, label, 1.0)]
-    return [(user[start:start + CPU_CHUNK], item[start:start + CPU_CHUNK],
-             label[start:start + CPU_CHUNK], min(CPU_CHUNK, len(user) - start) / len(user))
-            for start in range(0, len(user), CPU_CHUNK)]
+    return [(user[start:start + piece], item[start:start + piece], label[start:start + piece],
+             min(piece, len(user) - start) / len(user))
+            for start in range(0, len(user), piece)]
 
 
 def progress(iterable, ctx, description):
@@ -384,131 +385,6 @@ def progress(iterable, ctx, description):
     except ImportError:
         return iterable
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
-
-
-def val_epoch(model, test_users, test_items, duplicate_mask, args, ctx):
-    """HR@k, NDCG@k and validation loss over all test users (see sampled_ranks)."""
-    ranks, validation_loss = sampled_ranks(model, test_users, test_items, duplicate_mask, args,
-                                           ctx)
-    return (*dataloading.hit_rate_and_ndcg(ranks, args.topk), validation_loss)
-
-
-def sampled_ranks(model, test_users, test_items, duplicate_mask, args, ctx):
-    """Every user's positive rank and the validation loss; each rank scores a share of users.
-
-    The validation loss is the mean BCE-with-logits over the candidates, label 1 for the test
-    positive; a repeat in a row counts once, as in the ranking. Ranks exchange every user's
-    positive rank and loss sum (not partial sums), so the metrics are computed from the same
-    numbers in the same order whatever the number of processes.
-    """
-    model.eval()
-    nb_users, nb_candidates = test_items.shape
-    begin, end = dataloading.share_bounds(nb_users, ctx.world_size, ctx.rank)
-    samples_per_batch = args.valid_batch_size
-    if ctx.device.type == "cpu":
-        samples_per_batch = min(samples_per_batch, CPU_CHUNK)
-    rows_per_batch = max(1, samples_per_batch // nb_candidates)
-    ranks = torch.zeros(nb_users, dtype=torch.int64, device=ctx.device)
-    loss_sums = torch.zeros(nb_users, dtype=torch.float64, device=ctx.device)
-    # Not in bfloat16: its 8-bit mantissa ties logits that float32 and float16 tell apart.
-    with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=torch.float16,
-                                                enabled=ctx.autocast_dtype == torch.float16):
-        # The same logits as model(user, item), with the item half of the first MLP layer
-        # computed once per item instead of once per candidate: about twice the speed.
-        scorer = scoring.FactoredScorer(model)
-        for start in range(begin, end, rows_per_batch):
-            stop = min(start + rows_per_batch, end)
-            items = test_items[start:stop]
-            # Ranked by float32 logits: the order of the original's sigmoid scores, without
-            # the ties sigmoid makes among large logits (every logit above ~8 is 1.0 in fp16).
-            scores = scorer.candidates(test_users[start:stop], items).float()
-            ranks[start:stop] = dataloading.positive_ranks(
-                scores, items, duplicate_mask[start:stop])
-            labels = (items == items[:, -1:]).float()
-            losses = F.binary_cross_entropy_with_logits(scores, labels, reduction="none")
-            loss_sums[start:stop] = losses.masked_fill(duplicate_mask[start:stop], 0.0).double(
-            ).sum(dim=1)
-    if ctx.world_size > 1:
-        dist.all_reduce(loss_sums)
-        dist.all_reduce(ranks)
-    validation_loss = (loss_sums.sum() / (~duplicate_mask).sum()).item()
-    return ranks, validation_loss
-
-
-def full_ranking_epoch(model, train_users, train_items, test_users, test_items, args, ctx):
-    """The reported metrics (see reported) when each positive competes with all items its user
-    has not trained on."""
-    share = dataloading.share_bounds(len(test_users), ctx.world_size, ctx.rank)
-    ranks = scoring.full_ranking_ranks(model, test_users, test_items[:, -1], train_users,
-                                       train_items, share=share)
-    if ctx.world_size > 1:
-        dist.all_reduce(ranks)
-    return reported(ranks, args)
-
-
-def reported(ranks, args, prefix=""):
-    """HR@k and NDCG@k at -k; with --report_topk also at its cut-offs, and MRR. Keys as the
-    log's: "hr@K", "ndcg@K", "mrr", after `prefix`.
-
-    Computed from every user's rank on every process, so all processes get the same figures.
-    """
-    cutoffs = list(dict.fromkeys([args.topk, *args.report_topk]))
-    metrics = dataloading.ranking_metrics(ranks, cutoffs)
-    if not args.report_topk:
-        del metrics["mrr"]
-    return {prefix + key: value for key, value in metrics.items()}
-
-
-# Log key prefixes and the words stdout says for them.
-SPLIT_LABELS = (("val_", "validation "), ("full_", "full "))
-
-
-def metrics_text(metrics):
-    """stdout's `validation full HR@10 = 0.1234, ...` for log keys such as val_full_hr@10."""
-    parts = []
-    for key, value in metrics.items():
-        label = ""
-        for prefix, words in SPLIT_LABELS:
-            if key.startswith(prefix):
-                key, label = key.removeprefix(prefix), label + words
-        name, at, cutoff = key.partition("@")
-        parts.append(f"{label}{name.upper()}{at}{cutoff} = {value:.4f}")
-    return ", ".join(parts)
-
-
-def sampled_evaluation(model, test_data, validation_data, args, ctx):
-    """(metrics, test validation loss, candidates scored): the test split's under the
-    original's keys, the validation split's (where there is one) under val_."""
-    ranks, validation_loss = sampled_ranks(model, *test_data, args, ctx)
-    metrics = reported(ranks, args)
-    candidates = test_data[1].numel()
-    if validation_data is not None:
-        metrics.update(reported(sampled_ranks(model, *validation_data, args, ctx)[0], args,
-                                "val_"))
-        candidates += validation_data[1].numel()
-    return metrics, validation_loss, candidates
-
-
-def full_ranking_evaluation(model, train_users, train_items, test_data, validation_data, args,
-                            ctx):
-    """Full-ranking metrics under full_ (test) and val_full_ (validation).
-
-    A validation positive is a known interaction when the test positive is ranked, so it is
-    no candidate there, as training positives are not; the test positive, a later interaction,
-    stays a candidate for the validation one.
-    """
-    known_users, known_items = train_users, train_items
-    metrics = {}
-    if validation_data is not None:
-        validation_users, validation_items = validation_data[:2]
-        metrics = full_ranking_epoch(model, train_users, train_items, validation_users,
-                                     validation_items, args, ctx)
-        metrics = {f"val_full_{key}": value for key, value in metrics.items()}
-        known_users = torch.cat((train_users, validation_users))
-        known_items = torch.cat((train_items, validation_items[:, -1]))
-    test = full_ranking_epoch(model, known_users, known_items, test_data[0], test_data[1], args,
-                              ctx)
-    return {**{f"full_{key}": value for key, value in test.items()}, **metrics}
 
 
 def synchronize(ctx):
@@ -664,21 +540,21 @@ def run_test(args, ctx, model, data, validation_data, logger):
     nb_users, nb_items, train_users, train_items, *test_data = data
     synchronize(ctx)
     start = time.time()
-    metrics, validation_loss, candidates = sampled_evaluation(model, test_data, validation_data,
-                                                              args, ctx)
+    metrics, validation_loss, candidates = evaluation.sampled_evaluation(
+        model, test_data, validation_data, args, ctx)
     synchronize(ctx)
     val_time = time.time() - start
     throughput = candidates / val_time
-    line = (f"{metrics_text(metrics)}, val_time = {val_time:.2f}, eval_throughput = "
+    line = (f"{evaluation.metrics_text(metrics)}, val_time = {val_time:.2f}, eval_throughput = "
             f"{throughput:.0f} samples/s, validation_loss = {validation_loss:.4f}")
     record = {**metrics, "eval_throughput": throughput, "validation_loss": validation_loss,
               "validation_epoch_time": val_time}
     if args.full_ranking:
-        full = full_ranking_evaluation(model, train_users, train_items, test_data,
-                                       validation_data, args, ctx)
+        full = evaluation.full_ranking_evaluation(model, train_users, train_items, test_data,
+                                                  validation_data, args, ctx)
         metrics.update(full)
         record.update(full)
-        line += f", {metrics_text(full)}"
+        line += f", {evaluation.metrics_text(full)}"
     log_line(ctx, line)
     logger.log((), record)
     result = {"hr": metrics[f"hr@{args.topk}"], "ndcg": metrics[f"ndcg@{args.topk}"],
@@ -728,8 +604,8 @@ def train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
                     epoch > first_epoch else "nothing of this run was saved")
             raise RunError(f"epoch {epoch}: training diverged (loss {train_loss}); {kept}; "
                            f"lower -l/--learning_rate")
-        metrics, validation_loss, candidates = sampled_evaluation(model, test_data,
-                                                                  validation_data, args, ctx)
+        metrics, validation_loss, candidates = evaluation.sampled_evaluation(
+            model, test_data, validation_data, args, ctx)
         synchronize(ctx)
         val_time = time.time() - start - train_time
         best["train_seconds"] += train_time
@@ -739,15 +615,15 @@ def train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
                   "train_throughput": nb_samples / train_time,
                   "eval_throughput": candidates / val_time,
                   "train_epoch_time": train_time, "validation_epoch_time": val_time}
-        line = (f"Epoch {epoch}: {metrics_text(metrics)}, "
+        line = (f"Epoch {epoch}: {evaluation.metrics_text(metrics)}, "
                 f"train_loss = {train_loss:.4f}, validation_loss = {validation_loss:.4f}, "
                 f"train_time = {train_time:.2f}, val_time = {val_time:.2f}")
         if args.full_ranking:
-            full = full_ranking_evaluation(model, train_users, train_items, test_data,
-                                           validation_data, args, ctx)
+            full = evaluation.full_ranking_evaluation(model, train_users, train_items,
+                                                      test_data, validation_data, args, ctx)
             metrics.update(full)
             record.update(full)
-            line += f", {metrics_text(full)}"
+            line += f", {evaluation.metrics_text(full)}"
         history.append(record)
         log_line(ctx, line)
         logger.log((epoch,), record)
@@ -819,7 +695,8 @@ def summarize(history, best, args, ctx, logger, run_seconds, validated):
                       f"{summary['best_train_throughput']:.0f} samples/s, best eval throughput "
                       f"{summary['best_eval_throughput']:.0f} samples/s")
         if others:
-            log_line(ctx, f"Selected model (epoch {best['epoch']}): {metrics_text(others)}")
+            log_line(ctx, f"Selected model (epoch {best['epoch']}): "
+                          f"{evaluation.metrics_text(others)}")
     log_line(ctx, f"time_to_target = {summary['time_to_target']:.2f} s"
                   f"{'' if reached else ' (--threshold not reached: the run time)'}, "
                   f"time_to_best_model = {summary['time_to_best_model'] or 0.0:.2f} s")
@@ -834,7 +711,7 @@ def selected_metrics(history, best):
     metrics = {}
     for key, value in record.items():
         name = key
-        for prefix, _ in SPLIT_LABELS:
+        for prefix, _ in evaluation.SPLIT_LABELS:
             name = name.removeprefix(prefix)
         if name.partition("@")[0] in ("hr", "ndcg", "mrr"):
             metrics[key] = value

@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import dataloading  # noqa: E402
+import evaluation  # noqa: E402
 import ncf  # noqa: E402
 import recommender  # noqa: E402
 import scoring  # noqa: E402
@@ -242,7 +243,7 @@ def part_two(args):
     users, items, duplicates = dataloading.create_test_data(test, negatives)
     eval_args = ncf.parse_args(["--data", args.data, "--topk", str(args.topk)])
     context = ncf.Context(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
-    sampled = ncf.val_epoch(model, users, items, duplicates, eval_args, context)
+    sampled = evaluation.val_epoch(model, users, items, duplicates, eval_args, context)
     start = time.perf_counter()
     ranks = scoring.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])
     seconds = time.perf_counter() - start

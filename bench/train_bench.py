@@ -8,7 +8,7 @@ belongs to one of them.
 The baseline is the original's recipe as written for a GPU, run on the CPU: int64 epoch
 tensors with float labels shuffled into full copies, the whole batch through the model at
 once, ReLU then `F.dropout`, and evaluation over all users in batches of --valid_batch_size.
-Ours is `ncf.train_epoch` / `ncf.val_epoch` on the same data and the same model sizes.
+Ours is `ncf.train_epoch` / `evaluation.val_epoch` on the same data and the same model sizes.
 Training is timed over a few optimiser steps (an epoch of 55 M samples takes many minutes on a
 laptop CPU): the baseline's --steps steps after a warm-up step; ours a train_epoch of
 --steps + 1 batches, building its samples included. samples/s = batch size x steps / time.
@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dataloading  # noqa: E402
+import evaluation  # noqa: E402
 import inference  # noqa: E402
 import ncf  # noqa: E402
 from neumf import NeuMF  # noqa: E402
@@ -146,7 +147,7 @@ def run_ours(train, test, negatives, nb_users, nb_items, args):
     del full_epoch
     test_users, test_items, duplicate_mask = dataloading.create_test_data(test, negatives)
     start = time.perf_counter()
-    ncf.val_epoch(model, test_users.int(), test_items.int(), duplicate_mask, run_args, ctx)
+    evaluation.val_epoch(model, test_users.int(), test_items.int(), duplicate_mask, run_args, ctx)
     eval_rate = test_items.numel() / (time.perf_counter() - start)
     return train_rate, eval_rate
 
@@ -195,7 +196,7 @@ def child(args):
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     dtype = VARIANT_DTYPES[args.child] or torch.float32
     shapes = linear_shapes()
-    seconds = matmul_seconds_per_sample(dtype, min(args.batch_size, ncf.CPU_CHUNK), shapes)
+    seconds = matmul_seconds_per_sample(dtype, min(args.batch_size, dataloading.CPU_CHUNK), shapes)
     print(json.dumps({"variant": args.child, "train_samples_per_s": train_rate,
                       "eval_samples_per_s": eval_rate, "peak_rss_gb": peak_gb,
                       "precision": str(dtype).removeprefix("torch."),

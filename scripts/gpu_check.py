@@ -7,7 +7,7 @@ Checks: the CUDA forward pass against the CPU one on the same weights and ids (f
 fp16 autocast), AMP training steps through ncf.train_epoch (finite loss, weights updated), and
 dataloading's evaluation tensors and ranks against the CPU's.
 Timings, on tensors of ml-20m's shape generated on the GPU (no dataset, no network): training
-with ncf.train_epoch and evaluation with ncf.val_epoch in fp32, tf32 and amp, and the forward
+with ncf.train_epoch and evaluation with evaluation.val_epoch in fp32, tf32 and amp, and the forward
 pass with inference.benchmark at batch 1,024 and 1,048,576. Every measurement has a time cap
 and the whole run a deadline, so it ends within 8 minutes however slow the card.
 Writes gpu_check.md and gpu_check.json to --out (default: $OUT if set, else ./gpu_check_out),
@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import dataloading  # noqa: E402
+import evaluation  # noqa: E402
 import ncf  # noqa: E402
 from fileio import atomic_output, make_writable_dir  # noqa: E402
 from inference import benchmark, device_name, synchronize  # noqa: E402
@@ -403,7 +404,7 @@ def time_evaluation(report, data, mode, trained, device, clock):
         return
 
     def evaluate():
-        return ncf.val_epoch(model, data.test_users, data.test_items, data.duplicate_mask,
+        return evaluation.val_epoch(model, data.test_users, data.test_items, data.duplicate_mask,
                              args, ctx)
 
     warm_seconds, _ = timed(evaluate, device)

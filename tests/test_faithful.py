@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluation
 import ncf
 from conftest import ROOT
 from logger import PREFIX, log_records, read_log
@@ -194,7 +195,7 @@ def test_validation_loss_counts_each_candidate_once(tmp_path):
         torch.stack((users, items[:, -1]), dim=1), items[:, :-1])
     args = ncf.parse_args(["--data", "unused", "--topk", "2"])
     ctx = ncf.Context(torch.device("cpu"), 0, 1, True, False)
-    *_, loss = ncf.val_epoch(model, test_users, test_items, mask, args, ctx)
+    *_, loss = evaluation.val_epoch(model, test_users, test_items, mask, args, ctx)
     expected = []
     with torch.no_grad():
         for user, row in zip(users.tolist(), items.tolist()):

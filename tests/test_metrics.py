@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dataloading
+import evaluation
 import ncf
 from logger import log_records, read_log
 from test_distributed import torchrun
@@ -24,9 +25,9 @@ def args_for(*flags):
 
 def test_reported_adds_cutoffs_and_mrr_only_when_asked():
     ranks = torch.tensor([0, 2, 5, 1])
-    assert ncf.reported(ranks, args_for("-k", "3")) == {
+    assert evaluation.reported(ranks, args_for("-k", "3")) == {
         "hr@3": 0.75, "ndcg@3": (1 + 1 / math.log2(4) + 1 / math.log2(3)) / 4}
-    extended = ncf.reported(ranks, args_for("-k", "3", "--report_topk", "1", "3", "6"), "full_")
+    extended = evaluation.reported(ranks, args_for("-k", "3", "--report_topk", "1", "3", "6"), "full_")
     assert list(extended) == ["full_hr@3", "full_ndcg@3", "full_hr@1", "full_ndcg@1",
                               "full_hr@6", "full_ndcg@6", "full_mrr"]
     assert extended["full_hr@1"] == extended["full_ndcg@1"] == 0.25
@@ -37,7 +38,7 @@ def test_reported_adds_cutoffs_and_mrr_only_when_asked():
 
 
 def test_metrics_text_names_split_metric_and_cutoff():
-    assert ncf.metrics_text({"hr@10": 0.5, "ndcg@10": 0.25, "mrr": 1 / 3, "val_hr@5": 1.0,
+    assert evaluation.metrics_text({"hr@10": 0.5, "ndcg@10": 0.25, "mrr": 1 / 3, "val_hr@5": 1.0,
                              "full_ndcg@20": 0.125, "val_full_mrr": 0.0}) == (
         "HR@10 = 0.5000, NDCG@10 = 0.2500, MRR = 0.3333, validation HR@5 = 1.0000, "
         "full NDCG@20 = 0.1250, validation full MRR = 0.0000")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import evaluation
 import ncf
 import scoring
 from logger import read_log
@@ -111,10 +112,10 @@ def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(cluster
     assert all(state["step"].item() == 0 for state in optimizer.state.values())
     assert scaler.get_scale() == initial_scale * scaler.get_backoff_factor()
 
-    untrained_hr, _, _ = ncf.val_epoch(model, *test_data, args, ctx)
+    untrained_hr, _, _ = evaluation.val_epoch(model, *test_data, args, ctx)
     losses = [ncf.train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items,
                               epoch, args, ctx) for epoch in range(1, 5)]
-    hr, _, _ = ncf.val_epoch(model, *test_data, args, ctx)
+    hr, _, _ = evaluation.val_epoch(model, *test_data, args, ctx)
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert all(state["step"].item() > 0 for state in optimizer.state.values())
     # chance is 10/101; the planted clusters are learnt as in float32

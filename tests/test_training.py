@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import dataloading
 import ncf
 from logger import log_records, read_log
 
@@ -167,7 +168,7 @@ def test_full_ranking_in_test_mode_equals_a_plain_ranking(clustered_data, tmp_pa
 def test_cpu_pieces_give_the_whole_batch_gradient(clustered_data, monkeypatch):
     """A batch split into pieces (CPU memory bound) updates the model as the whole batch does."""
     def one_step(piece):
-        monkeypatch.setattr(ncf, "CPU_CHUNK", piece)
+        monkeypatch.setattr(dataloading, "CPU_CHUNK", piece)
         args = ncf.parse_args(["--data", clustered_data, "-b", "4096", "--dropout", "0"])
         ctx = ncf.Context(torch.device("cpu"), 0, 1, True)
         nb_users, nb_items, train_users, train_items, *_ = ncf.load_data(args, ctx)
