@@ -314,6 +314,7 @@ def open_logger(args, dataset, device):
 def main(argv=None):
     """Returns the metrics and timings it prints."""
     args = parse_args(argv)
+    cli.reuse_freed_memory()
     try:
         dataset = dataloading.open_dataset(args.data)
         device = torch.device(args.device)

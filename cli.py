@@ -1,6 +1,7 @@
-"""What the command-line tools share: the project's one-line errors, the memory to plan for,
-the exit of a multi-process run."""
+"""What the command-line tools share: the project's one-line errors, the memory to plan for
+and how it is reused, the exit of a multi-process run."""
 import argparse
+import ctypes
 import os
 import sys
 
@@ -28,6 +29,28 @@ def available_memory():
     except OSError:
         pass
     return None
+
+
+# mallopt's parameter number for the most blocks served by mmap (glibc's malloc.h).
+_M_MMAP_MAX = -4
+
+
+def reuse_freed_memory():
+    """Have the C allocator keep freed memory for the next tensor instead of returning it to the
+    system; True where it could (glibc), False elsewhere, which changes nothing else.
+
+    glibc serves every block over 32 MB with fresh pages from the kernel and hands them back
+    when freed, so a CPU training step paid a page fault and the kernel's zero-fill for every
+    4 KiB of its activations, then again for the next piece: at the ml-20m shape that was a
+    third of a float32 step and half of a bfloat16 one (bench/train_bench.py). Served from
+    malloc's heap, the next piece reuses the same memory; the heap keeps what the largest piece
+    needed, which CPU_CHUNK bounds.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_MMAP_MAX, 0) == 1
 
 
 def run_as_process(main):

@@ -320,6 +320,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.reuse_freed_memory()
     try:
         return run(args)
     except (BenchmarkError, CheckpointError) as error:

@@ -109,6 +109,7 @@ def write_all_users(recommender, topk, titles, output):
 def main(argv=None):
     """Returns the recommendation table for --users; None after writing --all_users' CSV."""
     args = parse_args(argv)
+    cli.reuse_freed_memory()
     try:
         titles = load_titles(args.movies) if args.movies else None
         recommender = Recommender(args.data, args.checkpoint, args.device,

@@ -33,6 +33,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cli  # noqa: E402
 import dataloading  # noqa: E402
 import evaluation  # noqa: E402
 import ncf  # noqa: E402
@@ -257,6 +258,7 @@ def part_two(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.reuse_freed_memory()  # as recommend.py does
     part_one(args)
     if args.data:
         try:
