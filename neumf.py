@@ -96,6 +96,39 @@ def _check_layer_sizes(mlp_layer_sizes, dropout):
         raise ValueError(f"dropout must be in [0, 1], got {dropout}")
 
 
+def _add_mf_tables(model, nb_users, nb_items, mf_dim):
+    model.mf_user_embed = nn.Embedding(nb_users, mf_dim)
+    model.mf_item_embed = nn.Embedding(nb_items, mf_dim)
+
+
+def _add_mlp_tower(model, nb_users, nb_items, mlp_layer_sizes):
+    model.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
+    model.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
+    model.mlp = nn.ModuleList(
+        nn.Linear(size_in, size_out)
+        for size_in, size_out in zip(mlp_layer_sizes[:-1], mlp_layer_sizes[1:])
+    )
+
+
+def _initialise(model):
+    """The original's initialisation, after every module is built and in its order: the
+    default init of each module's constructor draws from the same generator first, so this
+    order is what makes the weights bit-identical to the original's."""
+    for name in ("mf_user_embed", "mf_item_embed", "mlp_user_embed", "mlp_item_embed"):
+        if hasattr(model, name):
+            nn.init.normal_(getattr(model, name).weight, 0.0, 0.01)
+    for layer in getattr(model, "mlp", ()):
+        glorot_uniform_(layer.weight)
+    lecun_uniform_(model.final.weight)
+
+
+def _mlp_forward(model, user, item):
+    mlp = torch.cat((model.mlp_user_embed(user), model.mlp_item_embed(item)), dim=1)
+    for layer in model.mlp:
+        mlp = relu_dropout(layer(mlp), model.dropout, model.training)
+    return mlp
+
+
 class NeuMF(nn.Module):
     kind = "neumf"
 
@@ -108,30 +141,14 @@ class NeuMF(nn.Module):
         self.mf_dim = mf_dim
         self.mlp_layer_sizes = mlp_layer_sizes
         self.dropout = dropout
-
-        self.mf_user_embed = nn.Embedding(nb_users, mf_dim)
-        self.mf_item_embed = nn.Embedding(nb_items, mf_dim)
-        self.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
-        self.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
-        self.mlp = nn.ModuleList(
-            nn.Linear(size_in, size_out)
-            for size_in, size_out in zip(mlp_layer_sizes[:-1], mlp_layer_sizes[1:])
-        )
+        _add_mf_tables(self, nb_users, nb_items, mf_dim)
+        _add_mlp_tower(self, nb_users, nb_items, mlp_layer_sizes)
         self.final = nn.Linear(mlp_layer_sizes[-1] + mf_dim, 1)
-
-        for embedding in (self.mf_user_embed, self.mf_item_embed,
-                          self.mlp_user_embed, self.mlp_item_embed):
-            nn.init.normal_(embedding.weight, 0.0, 0.01)
-        for layer in self.mlp:
-            glorot_uniform_(layer.weight)
-        lecun_uniform_(self.final.weight)
+        _initialise(self)
 
     def forward(self, user, item, sigmoid=False):
         mf = self.mf_user_embed(user) * self.mf_item_embed(item)
-        mlp = torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1)
-        for layer in self.mlp:
-            mlp = relu_dropout(layer(mlp), self.dropout, self.training)
-        logits = self.final(torch.cat((mf, mlp), dim=1))
+        logits = self.final(torch.cat((mf, _mlp_forward(self, user, item)), dim=1))
         return torch.sigmoid(logits) if sigmoid else logits
 
 
@@ -146,12 +163,9 @@ class GMF(nn.Module):
         self.nb_users = nb_users
         self.nb_items = nb_items
         self.mf_dim = mf_dim
-        self.mf_user_embed = nn.Embedding(nb_users, mf_dim)
-        self.mf_item_embed = nn.Embedding(nb_items, mf_dim)
+        _add_mf_tables(self, nb_users, nb_items, mf_dim)
         self.final = nn.Linear(mf_dim, 1)
-        for embedding in (self.mf_user_embed, self.mf_item_embed):
-            nn.init.normal_(embedding.weight, 0.0, 0.01)
-        lecun_uniform_(self.final.weight)
+        _initialise(self)
 
     def forward(self, user, item, sigmoid=False):
         logits = self.final(self.mf_user_embed(user) * self.mf_item_embed(item))
@@ -171,24 +185,12 @@ class MLP(nn.Module):
         self.nb_items = nb_items
         self.mlp_layer_sizes = mlp_layer_sizes
         self.dropout = dropout
-        self.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
-        self.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
-        self.mlp = nn.ModuleList(
-            nn.Linear(size_in, size_out)
-            for size_in, size_out in zip(mlp_layer_sizes[:-1], mlp_layer_sizes[1:])
-        )
+        _add_mlp_tower(self, nb_users, nb_items, mlp_layer_sizes)
         self.final = nn.Linear(mlp_layer_sizes[-1], 1)
-        for embedding in (self.mlp_user_embed, self.mlp_item_embed):
-            nn.init.normal_(embedding.weight, 0.0, 0.01)
-        for layer in self.mlp:
-            glorot_uniform_(layer.weight)
-        lecun_uniform_(self.final.weight)
+        _initialise(self)
 
     def forward(self, user, item, sigmoid=False):
-        mlp = torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1)
-        for layer in self.mlp:
-            mlp = relu_dropout(layer(mlp), self.dropout, self.training)
-        logits = self.final(mlp)
+        logits = self.final(_mlp_forward(self, user, item))
         return torch.sigmoid(logits) if sigmoid else logits
 
 

@@ -46,6 +46,41 @@ def test_initialisation_follows_the_original():
     assert model.final.weight.abs().max().item() > 0.8 * lecun
 
 
+def original_initial_state(nb_users, nb_items, mf_dim, layers):
+    """The original's constructor written out step by step: its modules in its order (each
+    constructor's default init draws from the global generator), then its own init."""
+    reference = torch.nn.Module()
+    reference.mf_user_embed = torch.nn.Embedding(nb_users, mf_dim)
+    reference.mf_item_embed = torch.nn.Embedding(nb_items, mf_dim)
+    reference.mlp_user_embed = torch.nn.Embedding(nb_users, layers[0] // 2)
+    reference.mlp_item_embed = torch.nn.Embedding(nb_items, layers[0] // 2)
+    reference.mlp = torch.nn.ModuleList()
+    for index in range(1, len(layers)):
+        reference.mlp.extend([torch.nn.Linear(layers[index - 1], layers[index])])
+    reference.final = torch.nn.Linear(layers[-1] + mf_dim, 1)
+    for table in (reference.mf_user_embed, reference.mf_item_embed, reference.mlp_user_embed,
+                  reference.mlp_item_embed):
+        table.weight.data.normal_(0.0, 0.01)
+    for layer in reference.mlp:
+        limit = math.sqrt(6.0 / (layer.in_features + layer.out_features))
+        layer.weight.data.uniform_(-limit, limit)
+    limit = math.sqrt(3.0 / reference.final.in_features)
+    reference.final.weight.data.uniform_(-limit, limit)
+    return reference.state_dict()
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("layers", [[16, 8, 4], [2], [256, 256, 128, 64]])
+def test_initial_weights_are_bit_identical_to_the_originals(seed, layers):
+    torch.manual_seed(seed)
+    ours = NeuMF(300, 200, 8, layers, dropout=0.5).state_dict()
+    torch.manual_seed(seed)
+    original = original_initial_state(300, 200, 8, layers)
+    assert list(ours) == list(original)
+    for name in ours:
+        assert torch.equal(ours[name], original[name]), name
+
+
 def test_forward_shape_sigmoid_and_reference():
     torch.manual_seed(0)
     model = NeuMF(10, 20, 4, [8, 6, 4], dropout=0.5).eval()
