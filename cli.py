@@ -31,8 +31,13 @@ def available_memory():
     return None
 
 
-# mallopt's parameter number for the most blocks served by mmap (glibc's malloc.h).
+# mallopt's parameter numbers (glibc's malloc.h): the most blocks served by mmap, and the free
+# memory at the top of the heap above which free() returns it to the system.
 _M_MMAP_MAX = -4
+_M_TRIM_THRESHOLD = -1
+# Free memory the heap keeps at its top: more than a CPU training piece's activations (about
+# 0.4 GB), so the next piece finds them; beyond it, memory goes back to the system.
+KEPT_FREE_BYTES = 2 ** 30
 
 
 def reuse_freed_memory():
@@ -43,14 +48,16 @@ def reuse_freed_memory():
     when freed, so a CPU training step paid a page fault and the kernel's zero-fill for every
     4 KiB of its activations, then again for the next piece: at the ml-20m shape that was a
     third of a float32 step and half of a bfloat16 one (bench/train_bench.py). Served from
-    malloc's heap, the next piece reuses the same memory; the heap keeps what the largest piece
-    needed, which CPU_CHUNK bounds.
+    malloc's heap, the next piece reuses the same memory. The heap must also keep free memory
+    at its top: with the mmap setting fixed, glibc no longer raises its trim threshold (128
+    KiB) on its own, and a block freed at the top would go back to the kernel each time (the
+    float32 scorer lost a third of its speed to that).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return mallopt(_M_MMAP_MAX, 0) == 1
+    return mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
 
 
 def run_as_process(main):
