@@ -332,7 +332,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; use --device cpu, or for itemknn fewer --neighbours")
     except RuntimeError as error:
-        if "can't allocate memory" not in str(error):
+        if not cli.is_cpu_out_of_memory(error):
             raise
         fail("out of memory; for itemknn pass fewer --neighbours, for bpr a smaller "
              "--batch_size")

@@ -31,6 +31,12 @@ def available_memory():
     return None
 
 
+def is_cpu_out_of_memory(error):
+    """Whether a RuntimeError is the CPU allocator failing: torch gives that failure no type of
+    its own (CUDA's is torch.OutOfMemoryError), only this text."""
+    return "can't allocate memory" in str(error)
+
+
 # mallopt's parameter numbers (glibc's malloc.h): the most blocks served by mmap, and the free
 # memory at the top of the heap above which free() returns it to the system.
 _M_MMAP_MAX = -4

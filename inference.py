@@ -221,8 +221,7 @@ def refusing_out_of_memory(flags, name, advice):
     try:
         yield
     except RuntimeError as error:
-        if not (isinstance(error, torch.OutOfMemoryError) or
-                "can't allocate memory" in str(error)):
+        if not (isinstance(error, torch.OutOfMemoryError) or cli.is_cpu_out_of_memory(error)):
             raise
         raise BenchmarkError(f"{flags}: does not fit in the memory of {name}; {advice}") from None
 

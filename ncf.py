@@ -804,7 +804,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower -b/--batch_size or --valid_batch_size, or use more GPUs")
     except RuntimeError as error:
-        if "can't allocate memory" not in str(error):
+        if not cli.is_cpu_out_of_memory(error):
             raise
         fail("out of memory; lower -b/--batch_size or --valid_batch_size")
 

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import baselines
 import cli
 import ncf
 
@@ -66,3 +67,34 @@ def test_training_asks_for_reuse(monkeypatch, tiny_data, tmp_path):
     ncf.main(["--data", tiny_data, "-e", "1", "-b", "512", "--checkpoint_dir", "",
               "--log_path", str(tmp_path / "log.json")])
     assert asked == [True]
+
+
+def raising(error):
+    def raise_it(*args, **kwargs):
+        raise error
+    return raise_it
+
+
+CPU_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                                 "can't allocate memory: you tried to allocate 8589934592 bytes")
+
+
+@pytest.mark.parametrize("program, target, argv, expected", [
+    (ncf, "run", ["--data", "d"],
+     "ncf.py: error: out of memory; lower -b/--batch_size or --valid_batch_size\n"),
+    (baselines, "open_logger", ["--data", "d", "--method", "pop"],
+     "baselines.py: error: out of memory; for itemknn pass fewer --neighbours, for bpr a "
+     "smaller --batch_size\n"),
+])
+def test_cpu_out_of_memory_is_one_line_and_other_errors_are_not_hidden(
+        monkeypatch, capsys, tmp_path, program, target, argv, expected):
+    monkeypatch.setattr(program, target, raising(CPU_OUT_OF_MEMORY))
+    if program is baselines:
+        monkeypatch.setattr(baselines.dataloading, "open_dataset", lambda path: None)
+    with pytest.raises(SystemExit) as leaving:
+        program.main(argv)
+    assert leaving.value.code == 2
+    assert capsys.readouterr().err == expected
+    monkeypatch.setattr(program, target, raising(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        program.main(argv)
