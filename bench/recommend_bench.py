@@ -12,7 +12,8 @@ extrapolated to all users. The matrix products that remain after factoring (the 
 first) are timed on their own in the same rounds: their rate sets the floor for the whole job.
 Where the CPU has native bf16, the top-k as recommend.py finds it (training items masked, about
 ml-20m's 144 a user) is timed in the same rounds both ways, float32 over all items against the
-bfloat16 shortlist rescored in float32, with the share of sampled users whose top-k differs.
+bfloat16 shortlist rescored in float32, with the share of sampled users whose top-k differs, and
+the bfloat16 scorer's products alone (one user's items a call) set its floor.
 
 Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the wall
 time of `recommend.py --all_users` on it (--precision fp32, and bf16 where native), the share of
@@ -73,6 +74,12 @@ def tail_flops_per_pair(layers):
     return 2 * (sum(a * b for a, b in zip(layers[1:-1], layers[2:])) + layers[-1])
 
 
+def bf16_widths(layers):
+    """The layer widths of the bfloat16 scorer's products: its first layer multiplies the item
+    embeddings (half of layers[0]) rather than adding a precomputed item half."""
+    return [layers[0] // 2] + layers[1:]
+
+
 def time_factored(scorer, users):
     step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
     start = time.perf_counter()
@@ -105,15 +112,17 @@ def time_top_items(scorer, shortlist_scorer, trained, users, topk):
     return time.perf_counter() - start, torch.cat(found)
 
 
-class TailProducts:
-    """The products left after factoring, alone, on one chunk of random activations."""
+class ProductChain:
+    """Products of the given layer widths, each with its bias and ReLU as scoring.py applies them,
+    alone, on one chunk of random activations in `dtype`."""
 
-    def __init__(self, layers, pairs):
+    def __init__(self, widths, pairs, dtype=torch.float32):
         generator = torch.Generator().manual_seed(0)
-        self.weights = [(torch.randn(b, a, generator=generator) / a ** 0.5, torch.zeros(b))
-                        for a, b in zip(layers[1:-1], layers[2:])]
-        self.hidden = torch.randn(pairs, layers[1], generator=generator).relu_()
-        self.flop = 2 * pairs * sum(a * b for a, b in zip(layers[1:-1], layers[2:]))
+        self.weights = [((torch.randn(b, a, generator=generator) / a ** 0.5).to(dtype),
+                         torch.zeros(b, dtype=dtype))
+                        for a, b in zip(widths, widths[1:])]
+        self.hidden = torch.randn(pairs, widths[0], generator=generator).relu_().to(dtype)
+        self.flop = 2 * pairs * sum(a * b for a, b in zip(widths, widths[1:]))
         self.run()
 
     def run(self):
@@ -121,7 +130,7 @@ class TailProducts:
         with torch.inference_mode():
             out = self.hidden
             for weight, bias in self.weights:
-                out = torch.addmm(bias, out, weight.T).relu_()
+                out = scoring._linear_relu(out, weight, bias)
         return time.perf_counter() - start
 
 
@@ -146,7 +155,7 @@ def part_one(args, rounds=10):
     scorer = scoring.FactoredScorer(model, chunk_pairs)
     factored = time.perf_counter() - start  # the item side, once for all users
     plain = tail_seconds = tail_flop = 0.0
-    tail = TailProducts(args.layers, chunk_pairs)
+    tail = ProductChain(args.layers[1:], chunk_pairs)
     for part in torch.tensor_split(users, rounds):
         factored += time_factored(scorer, part)
         plain += time_plain(model, part, chunk_pairs)
@@ -178,13 +187,21 @@ def compare_bf16(args, model, scorer, users, rounds):
         args.users)
     shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(),
                                               recommender.BF16_CPU_CHUNK_PAIRS)
+    # One user's items a call, as the bfloat16 scorer runs its products on a CPU.
+    products = ProductChain(bf16_widths(args.layers), min(args.items,
+                                                          recommender.BF16_CPU_CHUNK_PAIRS),
+                            torch.bfloat16)
     seconds = {"fp32": 0.0, "bf16": 0.0}
     found = {"fp32": [], "bf16": []}
+    product_seconds = product_flop = 0.0
     for part in torch.tensor_split(users, rounds):
         for name, shortlist in (("fp32", None), ("bf16", shortlist_scorer)):
             spent, items = time_top_items(scorer, shortlist, trained, part, args.topk)
             seconds[name] += spent
             found[name].append(items)
+        for _ in range(3):
+            product_seconds += products.run()
+            product_flop += products.flop
     differing = (torch.cat(found["fp32"]) != torch.cat(found["bf16"])).any(dim=1)
     scale = args.users / len(users)
     fp32, bf16 = (seconds[name] * scale / 60 for name in ("fp32", "bf16"))
@@ -192,6 +209,12 @@ def compare_bf16(args, model, scorer, users, rounds):
           f"{args.users}:  fp32 {fp32:.1f} min,  bf16 shortlist + fp32 rescoring {bf16:.1f} min "
           f"({fp32 / bf16:.2f}x);  top-{args.topk} differs for {int(differing.sum())} of "
           f"{len(users)} users")
+    rate = product_flop / product_seconds
+    flop_all = args.users * args.items * products.flop / products.hidden.shape[0]
+    print(f"bf16 products alone ({' -> '.join(map(str, bf16_widths(args.layers)))}, "
+          f"{products.hidden.shape[0]} pairs a call): {rate / 1e9:.0f} GFLOP/s -> floor "
+          f"{flop_all / rate / 60:.1f} min for all users; the bf16 top-{args.topk} reached "
+          f"{flop_all / (bf16 * 60) / 1e9:.0f} GFLOP/s of them")
 
 
 def run_recommend(args, output, precision):
