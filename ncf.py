@@ -29,8 +29,9 @@ from neumf import MODELS, build, load_pretrained, parameter_count
 
 # Harmless to change on --resume (a warning); anything else that differs changes the model or
 # the data an epoch is made of, so the run could not equal an uninterrupted one (a refusal).
-RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "topk",
-                        "valid_batch_size", "resume", "local_rank", "mode",
+# --topk is not among them: the saved best HR is at the saved cut-off, and new epochs would be
+# compared with it.
+RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "valid_batch_size", "resume", "local_rank", "mode",
                         "load_checkpoint_path", "data", "full_ranking", "report_topk",
                         "pretrained_gmf", "pretrained_mlp", "alpha"}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
@@ -146,6 +147,9 @@ def check_args(args, parser):
                      "starting points; pass one of them")
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.resume and args.mode == "test":
+        parser.error("--resume continues training; to evaluate a run's best weights pass "
+                     "--mode test --load_checkpoint_path CHECKPOINT_DIR/model.pth")
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume continues CHECKPOINT_DIR/last.pth, and --checkpoint_dir '' saves "
                      "none; pass the --checkpoint_dir of the run to resume")
@@ -455,7 +459,8 @@ def check_resume_args(saved_args, args, path):
                if key not in RESUME_HARMLESS_ARGS]
     if refused:
         raise RunError(f"{path}: cannot resume: {', '.join(refused)} differ from the saved run, "
-                       f"which would change the model or its data; start a new run in another "
+                       f"which would change the model, its data or how the best epoch is chosen; "
+                       f"start a new run in another "
                        f"--checkpoint_dir, or resume with the saved values")
     return [f"--{key} {saved_args[key]} -> {current[key]}" for key in differing
             if key not in ("resume", "local_rank", "data")]
@@ -631,7 +636,10 @@ def train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
         # The validation split, where there is one, picks the model and stops the run, so
         # that the test figures reported for it were not used to choose it.
         hr = metrics[f"{selecting}hr@{args.topk}"]
-        if hr > selected_metrics(history, best).get(f"{selecting}hr@{args.topk}", best["hr"]):
+        # The first epoch counts as an improvement even at HR 0 (the original's first save needs
+        # HR > 0), so model.pth always holds this run's weights, never an older run's.
+        if best["epoch"] < 0 or hr > selected_metrics(history, best).get(
+                f"{selecting}hr@{args.topk}", best["hr"]):
             best.update(hr=metrics[f"hr@{args.topk}"], ndcg=metrics[f"ndcg@{args.topk}"],
                         epoch=epoch, time_to_best=best["run_seconds"],
                         train_time_to_best=best["train_seconds"])
@@ -769,6 +777,9 @@ def run(args):
         log_line(ctx, str(model))
         log_line(ctx, f"{sum(parameter.numel() for parameter in model.parameters())} parameters")
         load_starting_weights(args, ctx, model, nb_users, nb_items)
+        if args.mode == "train":
+            # Before the log is opened, which would empty an existing one.
+            check_epoch_holds_a_step(len(data[2]), args, ctx)
         logger = open_logger(args, ctx)
         try:
             logger.log(PARAMETER, {**vars(args), "world_size": ctx.world_size,
@@ -777,7 +788,6 @@ def run(args):
             log_metric_metadata(logger, args)
             if args.mode == "test":
                 return run_test(args, ctx, model, data, validation_data, logger)
-            check_epoch_holds_a_step(len(data[2]), args, ctx)
             # Saved with the training state so --resume can refuse a different world size.
             args.world_size = ctx.world_size
             return train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)

@@ -77,6 +77,15 @@ def test_resume_refuses_a_changed_model(clustered_data, uninterrupted, tmp_path,
     assert "cannot resume: factors (64 -> 8)" in err
 
 
+def test_resume_refuses_another_cut_off(clustered_data, uninterrupted, tmp_path, capsys):
+    # The saved best is an HR@10; compared with HR@1 of new epochs it would pick the wrong one.
+    (tmp_path / "last.pth").write_bytes((uninterrupted / "last.pth").read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume", "-k", "1"))
+    assert exit_info.value.code == 2
+    assert "cannot resume: topk (10 -> 1) differ" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("saved,has_bf16,now", [
     ("float16", True, "bfloat16"), ("float16", False, "float32"),
     ("bfloat16", False, "float32"), ("float32", True, "bfloat16"),

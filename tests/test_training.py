@@ -83,6 +83,8 @@ def test_optimiser_steps_per_epoch(clustered_data, tmp_path, monkeypatch, grads_
 
 
 def test_oversize_batch_is_refused_before_training(clustered_data, tmp_path, capsys):
+    earlier_log = "DLLL {\"earlier\": \"run\"}\n"
+    (tmp_path / "log.json").write_text(earlier_log)
     with pytest.raises(SystemExit) as exit_info:
         ncf.main(train_args(clustered_data, tmp_path, "-e", "1", "-b", str(2 ** 20)))
     assert exit_info.value.code == 2
@@ -90,6 +92,27 @@ def test_oversize_batch_is_refused_before_training(clustered_data, tmp_path, cap
     assert len(err.splitlines()) == 1
     assert "--batch_size 1048576" in err and "no full batch" in err and "use -b 32768" in err
     assert not (tmp_path / "ck" / "last.pth").exists()
+    assert (tmp_path / "log.json").read_text() == earlier_log
+
+
+def test_first_epoch_replaces_an_older_runs_model_even_at_hr_0(clustered_data, tmp_path,
+                                                                 monkeypatch, capsys):
+    # An older run's weights, of another shape, left in the directory.
+    (tmp_path / "ck").mkdir()
+    torch.save({"stale": torch.zeros(3)}, tmp_path / "ck" / "model.pth")
+    evaluate = ncf.evaluation.sampled_evaluation
+
+    def scoring_nothing(*args):
+        metrics, loss, candidates = evaluate(*args)
+        return {key: 0.0 for key in metrics}, loss, candidates
+
+    monkeypatch.setattr(ncf.evaluation, "sampled_evaluation", scoring_nothing)
+    summary = ncf.main(train_args(clustered_data, tmp_path, "-e", "2", "--threshold", "1.1",
+                                  "-f", "8", "--layers", "16", "8"))
+    assert summary["best_accuracy"] == 0.0 and summary["best_epoch"] == 0
+    assert "Best HR@10 = 0.0000 (NDCG@10 = 0.0000) at epoch 0" in capsys.readouterr().out
+    state = torch.load(tmp_path / "ck" / "model.pth", weights_only=True)
+    assert state["mf_user_embed.weight"].shape == (300, 8)
 
 
 def test_unwritable_checkpoint_dir_fails_at_start(clustered_data, tmp_path, capsys):
@@ -117,6 +140,8 @@ def test_missing_data_is_one_line(tmp_path, capsys):
     (["--layers", "255", "64"], "first even"),
     (["-b", "0"], "--batch_size must be in [1, "),
     (["--dropout", "1.5"], "--dropout must be in"),
+    (["--mode", "test", "--resume"], "--resume continues training; to evaluate a run's best "
+                                     "weights pass --mode test --load_checkpoint_path"),
 ])
 def test_bad_flags_exit_2(clustered_data, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
