@@ -22,7 +22,7 @@ import ncf
 import scoring
 from checkpoint import CheckpointError
 from fileio import atomic_output
-from recommender import Recommender, RecommendError, load_titles
+from recommender import Recommender, RecommendError, load_titles, titles_note
 
 PROG = "recommend.py"
 
@@ -114,6 +114,9 @@ def main(argv=None):
         titles = load_titles(args.movies) if args.movies else None
         recommender = Recommender(args.data, args.checkpoint, args.device,
                                   scoring_precision(args.precision, args.device))
+        note = titles_note(titles, recommender.item_ids, args.movies)
+        if note:
+            print(f"{PROG}: {note}", file=sys.stderr)
         if args.all_users:
             write_all_users(recommender, args.topk, titles, args.output)
             return None

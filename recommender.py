@@ -158,6 +158,15 @@ def best_items(scorer, shortlist_scorer, users, excluded, topk):
         return shortlist.gather(1, picked.clamp(min=0)).masked_fill(picked < 0, -1), logits
 
 
+def titles_note(titles, item_ids, path):
+    """A note for when no movieId of `titles` (load_titles) is an item of the data, whose titles
+    would all come out blank; None when some match, or without titles."""
+    if titles is None or pd.Index(item_ids).isin(titles.index).any():
+        return None
+    return (f"note: --movies {path}: none of its movieIds is an item of the data; titles stay "
+            f"blank (pass the movies.csv of the ratings that convert.py read)")
+
+
 def load_titles(path):
     """movieId -> title from a MovieLens movies.csv."""
     if not os.path.isfile(path):

@@ -34,7 +34,7 @@ import torch
 import cli
 import dataloading
 from checkpoint import CheckpointError
-from recommender import Recommender, RecommendError, load_titles
+from recommender import Recommender, RecommendError, load_titles, titles_note
 
 PROG = "serve.py"
 DEFAULT_TOPK = 10
@@ -356,6 +356,9 @@ def main(argv=None):
         titles = load_titles(args.movies) if args.movies else None
         recommender = Recommender(args.data, args.load_checkpoint_path, args.device,
                                   args.precision)
+        note = titles_note(titles, recommender.item_ids, args.movies)
+        if note:
+            print(f"{PROG}: {note}", file=sys.stderr)
         concurrent_scorings = 1
         if args.device == "cpu":
             # A request per core, each on one thread, rather than one request at a time on all

@@ -95,6 +95,20 @@ def test_titles_are_added_from_movies_csv(data):
     assert table["title"].tolist() == [f'Film "{item}", part {item}' for item in dense_items]
 
 
+def test_movies_csv_of_other_data_gets_a_note(data, tmp_path, capsys):
+    run(data, "--users", "7", "--topk", "2", "--movies", data["movies"])
+    assert capsys.readouterr().err == ""
+    other = tmp_path / "other_movies.csv"
+    pd.DataFrame({"movieId": [1, 2], "title": ["A", "B"], "genres": "Drama"}).to_csv(other,
+                                                                                 index=False)
+    table = run(data, "--users", "7", "--topk", "2", "--movies", str(other))
+    assert table["title"].tolist() == ["", ""]
+    err = capsys.readouterr().err.strip()
+    assert err == (f"recommend.py: note: --movies {other}: none of its movieIds is an item of "
+                   f"the data; titles stay blank (pass the movies.csv of the ratings that "
+                   f"convert.py read)")
+
+
 def test_unknown_user_is_a_one_line_error(data, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(data, "--users", "101", "999")
