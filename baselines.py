@@ -21,7 +21,8 @@ Methods, all fitted on the training pairs only:
     bpr      matrix factorisation (user and item vectors, score = dot product) trained with the
              BPR loss, -log sigmoid(score(u, i) - score(u, j)) for a training positive i and a
              uniformly drawn item j that the user has not trained on, plus --regularisation
-             times the squared norms of the vectors in the batch; Adam, seeded
+             times the squared norms of the vectors in the batch; Adam, seeded. A run whose
+             loss or vectors stop being finite stops with an error (lower -l/--learning_rate)
 
 Evaluation, the code ncf.py runs: the sampled protocol (each test positive against its user's
 test negatives; repeats ranked once, a tie goes to the earlier column, so the positive, last,
@@ -35,7 +36,6 @@ fitting and evaluating. With --log_path, dllogger records (logger/): the run's s
 (PARAMETER) and a summary ([]) holding the same values.
 """
 import math
-import os
 import sys
 import time
 import warnings
@@ -91,9 +91,7 @@ def parse_args(argv=None):
         for value in values:
             if not 1 <= value <= MAX_COUNT:
                 parser.error(f"{flag} must be in [1, {MAX_COUNT}], got {value}")
-    # torch.manual_seed takes the seed as an unsigned 64-bit value.
-    if not 0 <= args.seed < 2 ** 63:
-        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    cli.check_seed(parser, args.seed)
     for flag, value, lowest in (("--shrinkage", args.shrinkage, 0.0),
                                 ("--regularisation", args.regularisation, 0.0),
                                 ("--learning_rate", args.learning_rate, None)):
@@ -202,7 +200,9 @@ class BPR(Scorer):
         sampler = torch.Generator(device).manual_seed(args.seed)
         optimizer = torch.optim.Adam((self.user_vectors, self.item_vectors),
                                      lr=args.learning_rate)
-        for _ in range(args.epochs):
+        for epoch in range(args.epochs):
+            # Summed on the device: reading each batch's loss would wait for the GPU every step.
+            epoch_loss = torch.zeros((), device=device)
             order = torch.randperm(len(train), generator=sampler, device=device)
             negatives = self.draw_negatives(users[order], trained_keys, sampler)
             for start in range(0, len(order), args.batch_size):
@@ -217,8 +217,20 @@ class BPR(Scorer):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                epoch_loss += loss.detach()
+            self.check_finite(epoch, float(epoch_loss) / math.ceil(len(order) / args.batch_size),
+                              args)
         self.user_vectors = self.user_vectors.detach()
         self.item_vectors = self.item_vectors.detach()
+
+    def check_finite(self, epoch, loss, args):
+        """Stop a run whose loss or vectors are no longer finite: NaN scores would be ranked
+        last and reported as a model that learnt nothing."""
+        if not (math.isfinite(loss) and bool(torch.isfinite(self.user_vectors).all())
+                and bool(torch.isfinite(self.item_vectors).all())):
+            raise BaselineError(f"--learning_rate {args.learning_rate} --regularisation "
+                                f"{args.regularisation}: epoch {epoch}: training diverged "
+                                f"(loss {loss}); lower -l/--learning_rate (or --regularisation)")
 
     def draw_negatives(self, users, trained_keys, generator):
         """A uniform item per user, redrawn until it is none of the user's training items."""
@@ -311,6 +323,15 @@ def open_logger(args, dataset, device):
     return logger
 
 
+def log_summary(logger, results, log_path):
+    try:
+        logger.log((), results)
+    except OSError as error:
+        raise BaselineError(f"--log_path {log_path}: writing failed ({error.strerror}); it "
+                            f"holds the settings, not the results; free space or pass "
+                            f"--log_path elsewhere") from None
+
+
 def main(argv=None):
     """Returns the metrics and timings it prints."""
     args = parse_args(argv)
@@ -320,12 +341,16 @@ def main(argv=None):
         device = torch.device(args.device)
         logger = open_logger(args, dataset, device)
         results = evaluate(args, dataset, device)
-        for name, value in results.items():
-            unit = " s" if name.endswith("_time") else ""
-            print(f"{name} = {value:.4f}{unit}")
-        sys.stdout.flush()
+        try:
+            for name, value in results.items():
+                unit = " s" if name.endswith("_time") else ""
+                print(f"{name} = {value:.4f}{unit}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader went away (`| head -1`); the log still gets the whole summary.
+            cli.discard_stdout()
         if logger is not None:
-            logger.log((), results)
+            log_summary(logger, results, args.log_path)
         return results
     except (BaselineError, dataloading.DataError) as error:
         fail(error)

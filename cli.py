@@ -1,5 +1,6 @@
-"""What the command-line tools share: the project's one-line errors, the memory to plan for
-and how it is reused, the exit of a multi-process run."""
+"""What the command-line tools share: the project's one-line errors, the seeds they take, what
+they do when stdout's reader goes away, the memory to plan for and how it is reused, the exit
+of a multi-process run."""
 import argparse
 import ctypes
 import os
@@ -12,6 +13,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def check_seed(parser, seed):
+    """Refuse a --seed outside [0, 2^63): one range for every tool, so that a seed one of them
+    took the others take too; it fits torch's and numpy's 64-bit seeds, signed or not."""
+    if not 0 <= seed < 2 ** 63:
+        parser.error(f"--seed must be in [0, 2^63), got {seed}")
+
+
+def discard_stdout():
+    """Send the rest of stdout to /dev/null: the reader of its pipe went away (`| head -1`), and
+    what is still buffered would otherwise fail again at exit, with a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def physical_memory():

@@ -38,8 +38,11 @@ Output in DIR (int64 tensors, loadable with torch.load(..., weights_only=True)):
     validation_ratings.pt, validation_negatives.pt   with --validation: as the test ones
     metadata.json      source, reader, settings, counts and the tensors' fingerprint; written
                        last, so a directory without it holds no finished conversion
-    .converting        present only while a conversion writes (or after one was killed); ncf.py
-                       and recommend.py refuse the directory while it is there
+    .converting        present only while a conversion renames its files into place (or after
+                       one was killed then); ncf.py and recommend.py refuse the directory while
+                       it is there
+Every file is written in full before any is renamed, so a conversion that fails while writing
+(a full disk) leaves the earlier one in DIR as it was.
 """
 import contextlib
 import json
@@ -53,7 +56,7 @@ from tqdm import tqdm
 
 import cli
 from dataloading import CONVERTING, METADATA, tensors_fingerprint
-from fileio import atomic_output, make_writable_dir
+from fileio import fsync_path, make_writable_dir, remove_stale_temporaries
 from load import (NO_TIME, TIME_FORMATS, DataError, first_line, load_negatives, load_paper_ratings,
                   load_ratings)
 
@@ -259,8 +262,7 @@ def _refuse_first(bad, path, first_line, problem):
 
 
 def _generator(seed):
-    # numpy takes no negative seed, the flag does; below 2**64 this maps seeds one to one
-    return np.random.default_rng(seed % 2**64)
+    return np.random.default_rng(seed)
 
 
 def _id_map(ids):
@@ -444,8 +446,8 @@ def _parser():
                         help="ratings file (u.data, ratings.dat, ratings.csv or a CSV read with "
                         "the column flags or --first_columns)")
     parser.add_argument("--output", default="/data", help="directory for the .pt files")
-    parser.add_argument("-s", "--seed", type=int, default=1, help="seed of the test negatives")
-    parser.add_argument("--valid_negative", type=int, default=100,
+    parser.add_argument("-s", "--seed", type=int, help="seed of the test negatives")
+    parser.add_argument("--valid_negative", type=int,
                         help="test negatives per user (and validation negatives)")
     parser.add_argument("--min_ratings", type=int,
                         help=f"drop users with fewer ratings (default {MIN_RATINGS}), after the "
@@ -453,7 +455,7 @@ def _parser():
     parser.add_argument("--min_rating", type=float, metavar="R",
                         help="keep only interactions rated R or more (the rating column is read "
                         "only then); applied first")
-    parser.add_argument("--rating_col", default="rating",
+    parser.add_argument("--rating_col",
                         help="rating column of a CSV with a header, for --min_rating")
     parser.add_argument("--min_item_ratings", type=int, metavar="N",
                         help="drop items with fewer than N ratings, after --min_rating and "
@@ -509,7 +511,7 @@ class _KeepWriteError:
     """A file handle for torch.save that keeps the OSError of a failed write.
 
     torch.save reports one as a RuntimeError without errno ("unexpected pos" on a full disk);
-    write_outputs re-raises the OSError so the user reads its reason.
+    _save_tensor re-raises the OSError so the user reads its reason.
     """
 
     def __init__(self, handle):
@@ -527,65 +529,105 @@ class _KeepWriteError:
         self.handle.flush()
 
 
-def _save_tensor(tensor, path):
+def _save_tensor(tensor, handle):
     # A handle, not the temporary name: torch.save names the zip archive after the file's
     # stem, which holds the pid, and the files of two runs would differ.
-    with atomic_output(path) as temporary, open(temporary, "wb") as handle:
-        writer = _KeepWriteError(handle)
-        try:
-            torch.save(tensor, writer)
-        except RuntimeError:
-            if writer.error is None:
-                raise
-            raise writer.error from None
+    writer = _KeepWriteError(handle)
+    try:
+        torch.save(tensor, writer)
+    except RuntimeError:
+        if writer.error is None:
+            raise
+        raise writer.error from None
+
+
+def _stage(directory, name, content):
+    """Write content (bytes, or a tensor to save) in full under a temporary name beside
+    directory/name, flushed to disk, and return that name; on an error none of it is left."""
+    # atomic_output's name, so that what a killed conversion left is known and removed by the
+    # next one
+    remove_stale_temporaries(directory, name)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            if isinstance(content, bytes):
+                handle.write(content)
+            else:
+                _save_tensor(content, handle)
+        fsync_path(temporary)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    return temporary
 
 
 def write_outputs(directory, tensors, metadata, disable=True):
-    """Write each tensor as NAME.pt, then metadata.json, so that no reader sees a partial result.
+    """Write each tensor as NAME.pt (NAME.json for an id map of text), then metadata.json, so
+    that no reader sees a partial result and a failed conversion leaves the earlier one usable.
 
-    The CONVERTING marker is created first and removed last: while it is there, readers refuse
-    the directory, which may hold an earlier conversion's files beside this one's. Each file is
-    written under a temporary name and renamed, so none is ever partial. On an error the files
-    this call renamed into place are removed, and the marker too when the directory is back to
-    a finished state (nothing renamed yet) or holds nothing of any conversion; a kill leaves
-    the marker. metadata.json also gets the tensors' fingerprint, which ncf.py saves with its
-    checkpoints to refuse resuming on other data.
+    Every file is first written in full under a temporary name; only once all of them are does
+    _replace_outputs rename them into place. An error before then removes the temporaries and
+    leaves the directory as it was (a full disk costs no earlier conversion). metadata.json also
+    gets the tensors' fingerprint, which ncf.py saves with its checkpoints to refuse resuming on
+    other data.
     """
-    marker = os.path.join(directory, CONVERTING)
-    unfinished_before = os.path.exists(marker)
-    open(marker, "wb").close()
-    written = []
+    staged = {}
     names = [name for name in TENSORS + VALIDATION_TENSORS if name in tensors]
     try:
         for name in tqdm(names, desc="write", unit="file", disable=disable, leave=False):
             if isinstance(tensors[name], list):
                 # text ids: plain JSON, which any tool reads and torch.load never runs
-                path = os.path.join(directory, f"{name}.json")
-                with atomic_output(path) as temporary, open(temporary, "wb") as f:
-                    f.write(json.dumps(tensors[name]).encode() + b"\n")
+                staged[f"{name}.json"] = _stage(directory, f"{name}.json",
+                                                json.dumps(tensors[name]).encode() + b"\n")
             else:
-                path = os.path.join(directory, f"{name}.pt")
-                _save_tensor(tensors[name], path)
-            written.append(path)
-        for name in OUTPUT_FILES:
-            # an earlier conversion's validation split or id map of the other kind
-            path = os.path.join(directory, name)
-            if path not in written and os.path.exists(path):
-                os.remove(path)
+                staged[f"{name}.pt"] = _stage(directory, f"{name}.pt", tensors[name])
         fingerprint = tensors_fingerprint(
             *(tensors[name] for name in ("train_ratings", "test_ratings", "test_negatives")
               + VALIDATION_TENSORS if name in tensors))
-        path = os.path.join(directory, METADATA)
-        with atomic_output(path) as temporary, open(temporary, "wb") as f:
-            f.write(json.dumps({**metadata, "fingerprint": fingerprint}, indent=1).encode()
-                    + b"\n")
+        staged[METADATA] = _stage(directory, METADATA, json.dumps(
+            {**metadata, "fingerprint": fingerprint}, indent=1).encode() + b"\n")
     except BaseException:
-        for path in written:
-            with contextlib.suppress(OSError):
+        for temporary in staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+        raise
+    _replace_outputs(directory, staged)
+
+
+def _replace_outputs(directory, staged):
+    """Rename the staged files (name: temporary) into place, metadata.json last, and remove
+    what an earlier conversion wrote that this one does not.
+
+    The CONVERTING marker is there only meanwhile, when the directory may hold this
+    conversion's files beside an earlier one's: readers refuse it, and a kill leaves it. On an
+    error the files renamed are removed, and the marker too when the directory was left as it
+    was or holds nothing of any conversion.
+    """
+    marker = os.path.join(directory, CONVERTING)
+    unfinished_before = os.path.exists(marker)
+    changed = []
+    try:
+        open(marker, "wb").close()
+        # on the disk before any rename, or a power loss could leave a mix without it
+        fsync_path(directory)
+        for name in OUTPUT_FILES:
+            # an earlier conversion's validation split or id map of the other kind
+            path = os.path.join(directory, name)
+            if name not in staged and os.path.exists(path):
                 os.remove(path)
-        unchanged = not written and not unfinished_before
-        if unchanged or not any(os.path.exists(os.path.join(directory, name))
-                                for name in OUTPUT_FILES + [METADATA]):
+                changed.append(name)
+        for name, temporary in staged.items():
+            os.replace(temporary, os.path.join(directory, name))
+            changed.append(name)
+        fsync_path(directory)
+    except BaseException:
+        for name, temporary in staged.items():
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name) if name in changed else temporary)
+        if (not changed and not unfinished_before) or not any(
+                os.path.exists(os.path.join(directory, name))
+                for name in OUTPUT_FILES + [METADATA]):
             with contextlib.suppress(OSError):
                 os.remove(marker)
         raise
@@ -609,8 +651,7 @@ def _one_line_errors(source, output, memory_hint=""):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
-    _check_flags(args)
+    args = _arguments(argv)
     columns = (args.user_col, args.item_col, args.time_col)
     split = args.test_path or args.paper
     if split:
@@ -649,21 +690,48 @@ def main(argv=None):
                                             "test", "validation") if key in result},
         }
         write_outputs(args.output, result, metadata, disable=not progress)
-    print(f"{PROG}: read {result['ratings_read']} ratings; kept {result['users']} users "
-          f"({result['users_dropped']} dropped), {result['items']} items; "
-          f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
-          f"test {result['test']}, test negatives {result['test']}x{args.valid_negative}"
-          + (f", validation {result['validation']}" if args.validation else "")
-          + f" -> {args.output}")
+    _report(f"{PROG}: read {result['ratings_read']} ratings; kept {result['users']} users "
+            f"({result['users_dropped']} dropped), {result['items']} items; "
+            f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
+            f"test {result['test']}, test negatives {result['test']}x{args.valid_negative}"
+            + (f", validation {result['validation']}" if args.validation else "")
+            + f" -> {args.output}")
     return 0
 
 
+def _report(summary):
+    """Print the summary of a conversion, complete by then: a reader that went away before
+    reading it (`convert.py ... | true`) is no error."""
+    try:
+        print(summary)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        cli.discard_stdout()
+
+
 # (flag, what it goes with): each is refused without it
-_NEEDS = (("test_negatives_path", "test_path"),)
+_NEEDS = (("test_negatives_path", "test_path"), ("rating_col", "min_rating"))
 # flags that make no sense with a split given by the user: it is taken as it is
 _NOT_WITH_SPLIT = ("min_ratings", "min_rating", "min_item_ratings", "validation")
 _PAPER_FORMAT = ("user_col", "item_col", "time_col", "first_columns", "string_ids",
                  "test_path", "test_negatives_path")
+
+
+# Defaults filled in only after _check_flags, which tells these flags given from not given.
+_DEFAULTS = {"seed": 1, "valid_negative": 100, "rating_col": "rating"}
+
+
+def _arguments(argv):
+    """The flags, checked, with _DEFAULTS for those not given."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.seed is not None:
+        cli.check_seed(parser, args.seed)
+    _check_flags(args)
+    for name, default in _DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
 
 
 def _check_flags(args):
@@ -678,7 +746,8 @@ def _check_flags(args):
         _fail("--first_columns reads the first three columns; drop it or drop --user_col, "
               "--item_col, --time_col")
     for name, needed in _NEEDS:
-        if getattr(args, name) and not getattr(args, needed):
+        # an empty --test_path makes no split (see main); --min_rating 0 is a threshold given
+        if getattr(args, name) is not None and getattr(args, needed) in (None, ""):
             _fail(f"{flag(name)} goes with {flag(needed)}; add it or drop {flag(name)}")
     if args.paper:
         given = [name for name in _PAPER_FORMAT if getattr(args, name)]
@@ -686,10 +755,18 @@ def _check_flags(args):
             _fail(f"{flag(given[0])}: --paper reads the paper's own format and split; drop "
                   f"{flag(given[0])}")
     if args.test_path or args.paper:
-        given = [name for name in _NOT_WITH_SPLIT if getattr(args, name) not in (None, False)]
+        # `is`: --min_rating 0 is given, and 0 == False
+        given = [name for name in _NOT_WITH_SPLIT
+                 if getattr(args, name) is not None and getattr(args, name) is not False]
         if given:
             _fail(f"{flag(given[0])}: a split given with --test_path or --paper is used as it "
                   f"is; filter or split the files yourself, or drop {flag(given[0])}")
+    negatives = f"{args.paper}.test.negative" if args.paper else args.test_negatives_path
+    if negatives:
+        given = [name for name in ("valid_negative", "seed") if getattr(args, name) is not None]
+        if given:
+            _fail(f"{flag(given[0])}: the test negatives come from {negatives}, not drawn; drop "
+                  f"{flag(given[0])}")
 
 
 def _new_settings(args):
@@ -737,10 +814,10 @@ def _convert_given_split(args, columns):
                                             "items", "train", "test")},
         }
         write_outputs(args.output, result, metadata)
-    print(f"{PROG}: given split: {result['users']} users, {result['items']} items; "
-          f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
-          f"test {result['test']}, test negatives {result['test']}x{valid_negative} "
-          f"-> {args.output}")
+    _report(f"{PROG}: given split: {result['users']} users, {result['items']} items; "
+            f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
+            f"test {result['test']}, test negatives {result['test']}x{valid_negative} "
+            f"-> {args.output}")
     return 0
 
 

@@ -33,6 +33,8 @@ AUTOCAST_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 SHORT_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 OPT_LEVEL_PRECISION = {"O0": "fp32", "O2": "amp"}
 PERCENTILES = (90, 95, 99)
+# The shape flag each model kind has no use for, and the part it would size.
+UNUSED_SHAPE_FLAGS = {"gmf": ("--layers", "MLP layers"), "mlp": ("--factors", "MF embeddings")}
 # float32 values a forward pass keeps per sample, times this, bounds its activations: autocast
 # adds half-precision copies and ReLU's outputs sit beside their inputs.
 ACTIVATION_COPIES = 3
@@ -113,6 +115,11 @@ def check_args(args, parser):
     if args.layers is not None and (any(size < 1 for size in args.layers) or args.layers[0] % 2):
         parser.error(f"--layers must be positive and the first even (it is split between "
                      f"user and item embeddings), got {' '.join(map(str, args.layers))}")
+    unused, part = UNUSED_SHAPE_FLAGS.get(args.model, (None, None))
+    # Shape flags default to None: a value means the flag was given.
+    if unused and getattr(args, unused.removeprefix("--")) is not None:
+        parser.error(f"{unused}: --model {args.model} has no {part}; drop {unused}")
+    cli.check_seed(parser, args.seed)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
 
@@ -238,7 +245,11 @@ def build_model(args, device):
              "--factors": model.mf_dim, "--layers": model.mlp_layer_sizes}
     asked = {"--model": args.model, "--n_users": args.n_users, "--n_items": args.n_items,
              "--factors": args.factors, "--layers": args.layers}
+    unused, part = UNUSED_SHAPE_FLAGS.get(model.kind, (None, None))
     for flag, value in asked.items():
+        if value is not None and flag == unused:
+            raise CheckpointError(f"{path}: checkpoint holds a {model.kind} model, which has no "
+                                  f"{part}; drop {flag}")
         if value is not None and value != saved[flag]:
             raise CheckpointError(f"{path}: checkpoint has {flag} {_flag_text(saved[flag])}, "
                                   f"run asks for {_flag_text(value)}; drop {flag}")
@@ -299,21 +310,29 @@ def run(args):
         raise BenchmarkError(f"--log_path {args.log_path}: cannot write there "
                              f"({error.strerror}); pass --log_path with a writable file"
                              ) from None
-    logger.log(PARAMETER, vars(args))
-    print_header(name, model)
-    results = []
-    for precision in args.precision:
-        for batch_size in args.batch_sizes:
-            with refusing_out_of_memory(batch_flags(batch_size), name, advice):
-                result = benchmark(model, batch_size, args.num_batches, precision, device,
-                                   args.warmup_batches, args.seed)
-            result.update(device=str(device), device_name=name, model=model.kind,
-                          n_users=model.nb_users,
-                          n_items=model.nb_items, factors=model.mf_dim,
-                          layers=model.mlp_layer_sizes)
-            print_row(result)
-            logger.log((), result)
-            results.append(result)
+    try:
+        logger.log(PARAMETER, vars(args))
+        print_header(name, model)
+        results = []
+        for precision in args.precision:
+            for batch_size in args.batch_sizes:
+                with refusing_out_of_memory(batch_flags(batch_size), name, advice):
+                    result = benchmark(model, batch_size, args.num_batches, precision, device,
+                                       args.warmup_batches, args.seed)
+                result.update(device=str(device), device_name=name, model=model.kind,
+                              n_users=model.nb_users,
+                              n_items=model.nb_items, factors=model.mf_dim,
+                              layers=model.mlp_layer_sizes)
+                # Logged first: should stdout's reader go away, the log keeps every result.
+                logger.log((), result)
+                print_row(result)
+                results.append(result)
+    except OSError as error:
+        if error.filename != logger.path:
+            raise
+        raise BenchmarkError(f"--log_path {args.log_path}: writing failed ({error.strerror}); "
+                             f"it holds the rows printed above; free space or pass --log_path "
+                             f"elsewhere") from None
     return results
 
 
@@ -325,6 +344,10 @@ def main(argv=None):
     except (BenchmarkError, CheckpointError) as error:
         print(f"inference.py: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): no one is left to see the rows still to come.
+        cli.discard_stdout()
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -306,7 +306,8 @@ def _columns(frame, path, first_line, options, positions, kinds):
     integer literal that fits. Anything else (float, uint64, text) may hold rounded or wrapped
     values, so that field is read again as text and each value parsed exactly, and the first that
     is not an int64 refuses the file. Text ids, ISO-8601 times and numbers pandas did not read
-    as such are read again as text too, and the first value that is not one names its line.
+    as finite ones are read again as text too, and the first value that is not one names its
+    line.
     """
     names = (COLUMNS + ("rating",))[:len(positions)]
     result = pd.DataFrame(index=frame.index)
@@ -318,7 +319,8 @@ def _columns(frame, path, first_line, options, positions, kinds):
         values = frame.iloc[:, position]
         if kind == "integer" and values.dtype == np.int64:
             result[column] = values
-        elif kind == "number" and values.dtype.kind in "iuf" and not values.isna().any():
+        elif kind == "number" and values.dtype.kind in "iuf" and np.isfinite(values).all():
+            # pandas reads inf and 1e400 as numbers: the text pass refuses them, naming the line
             result[column] = values.astype(np.float64)
         elif kind == "text":
             # read as str with no missing-value markers: "" is the only missing id

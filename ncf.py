@@ -120,9 +120,7 @@ def check_args(args, parser):
     if any(not 1 <= cutoff <= MAX_COUNT for cutoff in args.report_topk):
         parser.error(f"--report_topk cut-offs must be in [1, {MAX_COUNT}], got "
                      f"{' '.join(map(str, args.report_topk))}")
-    # numpy's SeedSequence and torch.manual_seed both take the seed as an unsigned 64-bit value.
-    if not 0 <= args.seed < 2 ** 63:
-        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    cli.check_seed(parser, args.seed)
     for flag in ("learning_rate", "threshold", "beta1", "beta2", "eps", "dropout", "alpha"):
         if not math.isfinite(getattr(args, flag)):
             parser.error(f"--{flag} must be a finite number, got {getattr(args, flag)}")
@@ -221,11 +219,8 @@ def log_line(ctx, message):
         try:
             print(message, flush=True)
         except BrokenPipeError:
-            # The reader went away (`| head -1`): the run goes on training and saving, and
-            # prints into /dev/null from now on (also its buffered rest at exit).
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            # The run goes on training and saving, and prints into /dev/null from now on.
+            cli.discard_stdout()
 
 
 def prepare_checkpoint_dir(path):

@@ -2,7 +2,10 @@
 
     python plot_curve.py --log log.json --output curve.png
 
-Reads the dllogger-format log ncf.py writes (--log_path). Needs matplotlib, an optional dependency:
+Reads the dllogger-format log ncf.py writes (--log_path). A star marks the best epoch of the
+HR ncf.py selected the model on: HR@k for its -k/--topk, read from the log's settings, on the
+validation split (val_hr@k) when the run had one. For a log without the settings, k is that of
+the log's only HR@k, else 10 (ncf.py's default). Needs matplotlib, an optional dependency:
 pip install -r requirements-optional.txt
 """
 import json
@@ -12,10 +15,14 @@ import sys
 
 import cli
 from fileio import atomic_output
-from logger import PREFIX
+from logger import PARAMETER, PREFIX
 
 # Epochs are whole numbers that a float holds exactly (matplotlib plots floats).
 LARGEST_EPOCH = 2 ** 53
+# ncf.py's -k/--topk when a log does not record it.
+DEFAULT_TOPK = 10
+# The series plotted: the test split's and, where the run had one, the validation split's.
+METRIC_PREFIXES = ("hr@", "ndcg@", "val_hr@", "val_ndcg@")
 
 
 class PlotError(Exception):
@@ -31,7 +38,9 @@ def parse_args(argv=None):
 
 
 def read_curve(path):
-    """{"epoch": [...], "train_loss": [...], "hr@k": [...], "ndcg@k": [...]} from a log.
+    """{"epoch": [...], "train_loss": [...], "hr@k": [...], "ndcg@k": [...]} from a log (and
+    val_hr@k, val_ndcg@k where it has them), and the -k/--topk of its last settings record
+    that has one (None without).
 
     A resumed run logs again the epoch it was killed in; the last record of an epoch is the
     one the finished run's weights come from, so it wins. A metric missing from a record
@@ -42,7 +51,7 @@ def read_curve(path):
     if not os.path.isfile(path):
         raise PlotError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
                         f"(its --log_path)")
-    by_epoch, warnings = {}, []
+    by_epoch, warnings, topk = {}, [], None
     try:
         # Undecodable bytes become U+FFFD, so a binary line is reported like any non-JSON line.
         with open(path, encoding="utf-8", errors="replace") as log_file:
@@ -60,8 +69,12 @@ def read_curve(path):
                 if not isinstance(record, dict):
                     continue
                 step = record.get("step")
+                if step == PARAMETER and record.get("type") == "LOG":
+                    # A resumed run logs its settings again; the last -k/--topk selects.
+                    topk = _topk(record.get("data"), topk)
+                    continue
                 if record.get("type") != "LOG" or not isinstance(step, list) or not step:
-                    continue  # the settings, the summary or metadata
+                    continue  # the summary or metadata
                 epoch = _epoch(step[0])
                 if epoch is None or not isinstance(record.get("data"), dict):
                     warnings.append(f"{path} line {number}: an epoch record needs a step "
@@ -81,11 +94,33 @@ def read_curve(path):
     epochs = sorted(by_epoch)
     records = [by_epoch[epoch] for epoch in epochs]
     metrics = sorted({key for record in records for key in record
-                      if key.startswith(("hr@", "ndcg@"))})
+                      if key.startswith(METRIC_PREFIXES)})
     curve = {"epoch": epochs}
     for key in ["train_loss"] + metrics:
         curve[key] = [_number(record.get(key)) for record in records]
-    return curve
+    return curve, topk
+
+
+def _topk(settings, previous):
+    """The -k/--topk a settings record holds; `previous` when it holds none (a resumed run's
+    second record, {"first_epoch": ..., "resumed": true}) or no whole number above 0."""
+    topk = settings.get("topk") if isinstance(settings, dict) else None
+    if isinstance(topk, int) and not isinstance(topk, bool) and topk >= 1:
+        return topk
+    return previous
+
+
+def selected_key(curve, topk):
+    """The HR series ncf.py selected the model on: val_hr@k with a validation split, hr@k
+    without; k is `topk` or, for a log that does not record it, the k of its only hr@ series,
+    else ncf.py's default. None when the log has no such series."""
+    if topk is None:
+        test_keys = [key for key in curve if key.startswith("hr@")]
+        topk = test_keys[0].removeprefix("hr@") if len(test_keys) == 1 else DEFAULT_TOPK
+    for key in (f"val_hr@{topk}", f"hr@{topk}"):
+        if key in curve:
+            return key
+    return None
 
 
 def _epoch(value):
@@ -108,7 +143,7 @@ def _number(value):
     return value if math.isfinite(value) else math.nan
 
 
-def draw(curve, title, output):
+def draw(curve, topk, title, output):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -121,11 +156,10 @@ def draw(curve, title, output):
     accuracy, loss = figure.subplots(2, 1, sharex=True)
     epochs = curve["epoch"]
     for key in curve:
-        if key.startswith(("hr@", "ndcg@")):
+        if key.startswith(METRIC_PREFIXES):
             accuracy.plot(epochs, curve[key], marker="o", markersize=3, label=key.upper())
-    hr_keys = [key for key in curve if key.startswith("hr@")]
-    if hr_keys:
-        key = hr_keys[0]
+    key = selected_key(curve, topk)
+    if key is not None:
         finite = [(value, epoch) for epoch, value in zip(epochs, curve[key])
                   if not math.isnan(value)]
         if finite:
@@ -155,8 +189,8 @@ def draw(curve, title, output):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        curve = read_curve(args.log)
-        draw(curve, f"Learning curve: {args.log}", args.output)
+        curve, topk = read_curve(args.log)
+        draw(curve, topk, f"Learning curve: {args.log}", args.output)
     except PlotError as error:
         print(f"plot_curve.py: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -129,9 +129,8 @@ def main(argv=None):
         print(f"{PROG}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:
-        # The reader (head, a pager) went away having read what it wanted. What is still
-        # buffered goes to /dev/null, or the flush at exit would fail again with a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader (head, a pager) went away having read what it wanted.
+        cli.discard_stdout()
         sys.exit(0)
 
 

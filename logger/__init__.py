@@ -9,6 +9,7 @@ and "metadata" instead of "step" and "data". The strings for timestamp and elaps
 dllogger's own choice, kept so NVIDIA's log consumers read these files unchanged. The
 dllogger package is not on PyPI, so this writes the format itself.
 """
+import contextlib
 import datetime
 import json
 import math
@@ -58,11 +59,22 @@ class JsonLogger:
         record = {"timestamp": str(now),
                   "datetime": str(datetime.datetime.fromtimestamp(now)),
                   "elapsedtime": str(now - self.start), **fields}
-        # Flushed and closed per record so a killed run keeps every epoch it finished.
+        line = (PREFIX + json.dumps(record) + "\n").encode()
+        size = None
+        # Closed per record so a killed run keeps every epoch it finished. Unbuffered, so that
+        # a failed write leaves nothing behind to be flushed at close; a raw write may take
+        # only part of the line, and the rest follows.
         try:
-            with open(self.path, "a") as log_file:
-                log_file.write(PREFIX + json.dumps(record) + "\n")
+            with open(self.path, "ab", buffering=0) as log_file:
+                size = log_file.seek(0, os.SEEK_END)
+                while line:
+                    line = line[log_file.write(line):]
         except OSError as error:
+            if size is not None:
+                # A write cut short by a full disk or a file size limit leaves part of the line,
+                # which read_log could not parse: the log keeps whole records only.
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)
             # A full disk fails in write or close, whose errors name no file; name the log's.
             raise OSError(error.errno, error.strerror, self.path) from None
 

@@ -1,5 +1,8 @@
+import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import torch
 import checkpoint
 import convert
 import dataloading
-from conftest import REAL_DATA
+from conftest import REAL_DATA, ROOT
 from neumf import NeuMF
 
 HEADER = "userId,movieId,rating,timestamp\n"
@@ -178,9 +181,11 @@ def test_same_seed_same_files_other_seed_other_negatives(tmp_path, tiny):
     assert not torch.equal(a["test_negatives"], c["test_negatives"])
 
 
-def test_negative_seed_is_fine(tmp_path, tiny):
-    assert run("--path", tiny, "--output", tmp_path / "out", "--seed", -3,
-               "--min_ratings", 1) == 0
+def test_seeds_up_to_the_range_every_tool_takes_are_fine(tmp_path, tiny):
+    # [0, 2^63), as ncf.py's; below and above it is refused (test_tools_errors.py)
+    for seed in (0, 2 ** 63 - 1):
+        assert run("--path", tiny, "--output", tmp_path / "out", "--seed", seed,
+                   "--min_ratings", 1) == 0
 
 
 def failure(capsys, *argv):
@@ -315,6 +320,132 @@ def test_interrupted_rerun_leaves_a_refused_directory(tmp_path, tiny, finished, 
         dataloading.open_dataset(str(output))
 
 
+def full_disk_on_save(number):
+    """torch.save that writes half a tensor, then finds the disk full, on its number-th call."""
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f):
+        calls.append(obj)
+        if len(calls) == number:
+            f.write(b"half a tensor")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
+    return save
+
+
+def listing(directory):
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+# (what fails, on which call): the tensors are saved five times, then each of the six files
+# is flushed to disk, metadata.json last
+@pytest.mark.parametrize("target,number", [("save", 1), ("save", 3), ("save", 5), ("fsync", 6)])
+def test_a_failed_conversion_leaves_the_earlier_one_usable(tmp_path, tiny, monkeypatch, capsys,
+                                                           target, number):
+    output = tmp_path / "out"
+    # with a validation split, which the new conversion, without one, would remove
+    assert run("--path", tiny, "--output", output, "--min_ratings", 3, "--validation") == 0
+    earlier = listing(output)
+    if target == "save":
+        monkeypatch.setattr(convert.torch, "save", full_disk_on_save(number))
+    else:
+        monkeypatch.setattr(convert, "fsync_path", fail_on_call(
+            number, convert.fsync_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    capsys.readouterr()
+    line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
+    assert line == (f"convert.py: error: {output}: cannot write the output (No space left on "
+                    "device); check free space and permissions")
+    assert listing(output) == earlier
+    assert len(dataloading.open_dataset(str(output)).validation) == 2
+
+
+def given_split(tmp_path):
+    """Flags of a split given with --test_path and --test_negatives_path: users 1 and 2."""
+    header = "userId,movieId,rating,timestamp\n"
+    files = {"train.csv": header + "1,10,3,1\n1,11,3,2\n2,10,3,1\n",
+             "test.csv": header + "1,12,3,5\n2,11,3,5\n",
+             "test.negative": "(1,12)\t10\t13\n(2,11)\t12\t13\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return ["--path", tmp_path / "train.csv", "--test_path", tmp_path / "test.csv",
+            "--test_negatives_path", tmp_path / "test.negative"]
+
+
+def paper(tmp_path):
+    """Flags of the NCF paper's files, PREFIX.train.rating and the others: users 0 and 1."""
+    files = {".train.rating": "0\t5\t5\t1\n1\t5\t4\t2\n1\t6\t4\t3\n",
+             ".test.rating": "0\t6\t4\t9\n1\t7\t5\t9\n",
+             ".test.negative": "(0,6)\t8\t9\n(1,7)\t9\t8\n"}
+    for suffix, text in files.items():
+        (tmp_path / f"ml-1m{suffix}").write_text(text)
+    return ["--paper", tmp_path / "ml-1m"]
+
+
+@pytest.mark.parametrize("split,negatives", [(given_split, "test.negative"),
+                                             (paper, "ml-1m.test.negative")])
+@pytest.mark.parametrize("flag,value", [("--valid_negative", 50), ("--seed", 7), ("-s", 0),
+                                        ("--valid_negative", 100)])
+def test_given_negatives_refuse_the_flags_that_draw_them(tmp_path, capsys, split, negatives,
+                                                         flag, value):
+    output = tmp_path / "out"
+    line = failure(capsys, *split(tmp_path), "--output", output, flag, value)
+    name = "--seed" if flag == "-s" else flag
+    assert line == (f"convert.py: error: {name}: the test negatives come from "
+                    f"{tmp_path / negatives}, not drawn; drop {name}")
+    assert no_results(output)
+
+
+def test_drawn_negatives_of_a_given_split_take_the_seed(tmp_path):
+    output = tmp_path / "out"
+    flags = given_split(tmp_path)[:-2]
+    assert run(*flags, "--output", output, "--seed", 7, "--valid_negative", 3) == 0
+    metadata = json.loads((output / "metadata.json").read_text())
+    assert (metadata["seed"], metadata["valid_negative"]) == (7, 3)
+
+
+@pytest.mark.parametrize("column", ["nosuchcol", "rating"])
+def test_a_rating_column_without_min_rating_is_refused(tmp_path, tiny, capsys, column):
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", "--min_ratings", 1,
+                   "--rating_col", column)
+    assert line == "convert.py: error: --rating_col goes with --min_rating; add it or drop " \
+                   "--rating_col"
+    assert no_results(tmp_path / "out")
+
+
+def test_a_min_rating_of_0_is_refused_with_a_given_split(tmp_path, capsys):
+    output = tmp_path / "out"
+    # drawn negatives: only the filter is refused
+    line = failure(capsys, *given_split(tmp_path)[:-2], "--output", output, "--min_rating", 0)
+    assert line.startswith("convert.py: error: --min_rating: a split given with --test_path or "
+                           "--paper is used as it is")
+    assert no_results(output)
+
+
+def test_the_rating_column_is_named_for_min_rating(tmp_path, tiny, capsys):
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", "--min_rating", 0,
+                   "--rating_col", "nosuchcol")
+    assert "lacks nosuchcol; name the rating column with --rating_col" in line
+    assert run("--path", tiny, "--output", tmp_path / "out", "--min_ratings", 1,
+               "--min_rating", 3, "--rating_col", "rating") == 0
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())[
+        "rows_below_min_rating"] == 4
+
+
+@pytest.mark.parametrize("split", [None, given_split])
+def test_a_reader_that_goes_away_after_the_conversion_ends_it_quietly(tmp_path, tiny, split):
+    output = tmp_path / "out"
+    flags = split(tmp_path) if split else ["--path", tiny, "--min_ratings", 1]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the summary is printed
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--output", output,
+                           *map(str, flags)], stdout=write_end, stderr=subprocess.PIPE,
+                          text=True)
+    os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
+    dataloading.open_dataset(str(output))
+
+
 def test_atomic_save_gives_the_same_bytes_every_time(tmp_path):
     state = {"weight": torch.arange(6.0).reshape(2, 3), "step": 4}
     checkpoint.atomic_save(state, tmp_path / "first.pth")
@@ -420,9 +551,10 @@ def test_first_columns_excludes_the_column_flags(tmp_path, tiny, capsys, flag):
 
 
 def test_defaults_of_the_original():
-    args = convert._parser().parse_args([])
-    assert (args.path, args.output, args.seed) == ("/data/ml-20m/ratings.csv", "/data", 1)
-    assert convert._parser().parse_args(["-s", "7"]).seed == 7
+    args = convert._arguments([])
+    assert (args.path, args.output, args.seed, args.valid_negative) == (
+        "/data/ml-20m/ratings.csv", "/data", 1, 100)
+    assert convert._arguments(["-s", "7"]).seed == 7
 
 
 def test_test_negatives_too_large_for_any_machine_are_refused_before_reading(tmp_path, capsys):

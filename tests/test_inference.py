@@ -3,7 +3,7 @@ import torch
 
 import inference
 from logger import log_records, read_log
-from neumf import NeuMF
+from neumf import NeuMF, build
 
 TINY = ["--device", "cpu", "--n_users", "30", "--n_items", "20", "-f", "4", "--layers", "8", "4",
         "--num_batches", "5", "--warmup_batches", "1"]
@@ -184,3 +184,32 @@ def test_an_allocation_failure_is_one_line_and_other_errors_are_not_hidden(tmp_p
     monkeypatch.setattr(inference, "benchmark", fail("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
         inference.main(argv)
+
+
+@pytest.mark.parametrize("kind, flags, refused", [
+    ("gmf", ["--layers", "999998", "2"], "--layers: --model gmf has no MLP layers; drop --layers"),
+    ("mlp", ["--factors", "64"], "--factors: --model mlp has no MF embeddings; drop --factors"),
+])
+def test_a_shape_flag_the_model_has_no_use_for_is_refused_only_when_given(
+        kind, flags, refused, tmp_path, capsys):
+    shape = ["--device", "cpu", "--model", kind, "--n_users", "30", "--n_items", "20"]
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(shape + flags)
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys) == f"inference.py: error: {refused}; see --help"
+    results = inference.main(shape + ["--batch_sizes", "2", "--num_batches", "1",
+                                      "--precision", "fp32", "--log_path",
+                                      str(tmp_path / "log.json")])
+    assert [result["model"] for result in results] == [kind]
+
+
+def test_a_shape_flag_the_checkpoints_model_has_no_use_for_is_refused(tmp_path, capsys):
+    path = tmp_path / "gmf.pth"
+    torch.save(build("gmf", 40, 25, 6, [12, 6]).state_dict(), path)
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--device", "cpu", "--load_checkpoint_path", str(path),
+                        "--layers", "12", "6", "--log_path", str(tmp_path / "log.json")])
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys) == (f"inference.py: error: {path}: checkpoint holds a gmf "
+                                      f"model, which has no MLP layers; drop --layers")
+    assert not (tmp_path / "log.json").exists()

@@ -357,3 +357,16 @@ def test_the_rating_is_read_only_when_asked(tmp_path):
     assert list(frame.columns) == ["user_id", "item_id", "timestamp"]
     assert "line 1: rating 'not a number' is not a finite number" in error(path,
                                                                            rating_col="rating")
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "1e400"])
+def test_number_times_that_are_not_finite_are_refused_on_either_path(tmp_path, text):
+    header = "userId,movieId,rating,timestamp\n"
+    # pandas reads the first file's times as float64; the empty field of the second sends its
+    # times through the field-by-field parse
+    fast = write(tmp_path, "fast.csv", f"{header}1,2,3,{text}\n1,3,3,5\n")
+    slow = write(tmp_path, "slow.csv", f"{header}1,2,3,{text}\n1,3,3,\n")
+    expected = (f"line 2: timestamp '{text}' is not a finite number; timestamps must be "
+                "numbers: fix or remove that line")
+    assert error(fast, time_format="number") == f"{fast}: {expected}"
+    assert error(slow, time_format="number") == f"{slow}: {expected}"

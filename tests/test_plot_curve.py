@@ -32,7 +32,7 @@ def test_last_record_of_an_epoch_wins_and_epochs_are_sorted(tmp_path, capsys):
         epoch(2, 0.60, 0.35, None),
         {"type": "LOG", "step": [], "data": {"best_accuracy": 0.6}},
     ], extra_lines=['DLLL {"type": "LOG", "step": [3'])
-    curve = plot_curve.read_curve(str(log))
+    curve, _ = plot_curve.read_curve(str(log))
     assert curve["epoch"] == [0, 1, 2]
     assert curve["hr@10"] == [0.40, 0.47, 0.60]
     assert curve["ndcg@10"] == [0.20, 0.23, 0.35]
@@ -44,7 +44,7 @@ def test_last_record_of_an_epoch_wins_and_epochs_are_sorted(tmp_path, capsys):
 def test_a_changed_topk_gives_one_series_per_k(tmp_path):
     log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5, k=10),
                                             epoch(1, 0.3, 0.1, 0.4, k=5)])
-    curve = plot_curve.read_curve(str(log))
+    curve, _ = plot_curve.read_curve(str(log))
     assert curve["hr@10"][0] == 0.4 and math.isnan(curve["hr@10"][1])
     assert math.isnan(curve["hr@5"][0]) and curve["hr@5"][1] == 0.3
 
@@ -126,7 +126,7 @@ def record(step, data):
 def test_an_odd_epoch_record_is_skipped_with_a_warning(tmp_path, capsys, junk):
     log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5), junk,
                                             epoch(2, 0.6, 0.3, 0.4)])
-    curve = plot_curve.read_curve(str(log))
+    curve, _ = plot_curve.read_curve(str(log))
     assert curve == {"epoch": [0, 2], "train_loss": [0.5, 0.4], "hr@10": [0.4, 0.6],
                      "ndcg@10": [0.2, 0.3]}
     assert capsys.readouterr().err == (f"plot_curve.py: warning: {log} line 2: an epoch record "
@@ -139,7 +139,7 @@ def test_an_odd_epoch_record_is_skipped_with_a_warning(tmp_path, capsys, junk):
 def test_a_metric_that_is_not_a_number_is_a_gap(tmp_path, value):
     log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5), epoch(1, value, 0.3, value),
                                             epoch(2, 0.6, 0.35, 0.3)])
-    curve = plot_curve.read_curve(str(log))
+    curve, _ = plot_curve.read_curve(str(log))
     assert curve["hr@10"][::2] == [0.4, 0.6] and math.isnan(curve["hr@10"][1])
     assert math.isnan(curve["train_loss"][1]) and curve["ndcg@10"] == [0.2, 0.3, 0.35]
 
@@ -149,7 +149,7 @@ def test_whole_float_epochs_and_non_finite_metrics(tmp_path):
     log.write_text('DLLL {"type": "LOG", "step": [1.0], "data": {"hr@10": Infinity}}\n'
                    'DLLL {"type": "LOG", "step": [0], "data": {"hr@10": NaN}}\n'
                    'DLLL {"type": "LOG", "step": [2.0], "data": {"hr@10": 0.5}}\n')
-    curve = plot_curve.read_curve(str(log))
+    curve, _ = plot_curve.read_curve(str(log))
     assert curve["epoch"] == [0, 1, 2] and all(isinstance(e, int) for e in curve["epoch"])
     assert [math.isnan(value) for value in curve["hr@10"]] == [True, True, False]
 
@@ -168,3 +168,54 @@ def test_a_log_of_junk_still_draws_its_good_epochs(tmp_path, capsys):
     warnings = capsys.readouterr().err.splitlines()
     assert [line.split(" line ")[1].split()[0] for line in warnings] == ["2:", "3:", "10",
                                                                          "11"]
+
+
+def epoch_of(number, metrics):
+    return {"type": "LOG", "step": [number], "data": {"epoch": number, "train_loss": 0.5,
+                                                       **metrics}}
+
+
+def settings(**data):
+    return {"type": "LOG", "step": "PARAMETER", "data": data}
+
+
+# Each series peaks at a different epoch, so the star's epoch tells which one it marks.
+REPORTED = [epoch_of(0, {"hr@1": 0.30, "hr@5": 0.50, "hr@10": 0.60, "hr@20": 0.70}),
+            epoch_of(1, {"hr@1": 0.20, "hr@5": 0.55, "hr@10": 0.61, "hr@20": 0.69}),
+            epoch_of(2, {"hr@1": 0.10, "hr@5": 0.52, "hr@10": 0.65, "hr@20": 0.68})]
+VALIDATED = [epoch_of(0, {"hr@5": 0.50, "val_hr@5": 0.40}),
+             epoch_of(1, {"hr@5": 0.45, "val_hr@5": 0.48})]
+
+
+@pytest.mark.parametrize("records, star", [
+    # ncf.py --report_topk 1 5 20 (-k 10): the settings say 10, though hr@1 sorts first.
+    ([settings(topk=10, report_topk=[1, 5, 20])] + REPORTED, "best HR@10 0.6500 (epoch 2)"),
+    ([settings(topk=5, report_topk=[1, 10, 20])] + REPORTED, "best HR@5 0.5500 (epoch 1)"),
+    # With a validation split ncf.py selects on it, not on the test split.
+    ([settings(topk=5)] + VALIDATED, "best VAL_HR@5 0.4800 (epoch 1)"),
+    # Resumed with another -k: the last settings record holding one counts, not the resumed
+    # run's {"first_epoch", "resumed"} record after it.
+    ([settings(topk=20), settings(first_epoch=0, resumed=False), settings(topk=5),
+      settings(first_epoch=1, resumed=True)] + REPORTED, "best HR@5 0.5500 (epoch 1)"),
+    # No settings: ncf.py's default -k, or the log's only HR@k.
+    (REPORTED, "best HR@10 0.6500 (epoch 2)"),
+    (VALIDATED, "best VAL_HR@5 0.4800 (epoch 1)"),
+    # true is no -k (Python would count it as 1): the default holds, not HR@1.
+    ([settings(topk=True)] + REPORTED, "best HR@10 0.6500 (epoch 2)"),
+    ([epoch_of(0, {"hr@1": 0.3, "hr@5": 0.5})], None),
+])
+def test_the_star_marks_the_hr_ncf_py_selected_on(tmp_path, monkeypatch, records, star):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    figures = []
+    savefig = Figure.savefig
+
+    def keep_figure(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_figure)
+    log = write_log(tmp_path / "log.json", records)
+    plot_curve.main(["--log", str(log), "--output", str(tmp_path / "curve.png")])
+    labels = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    assert [label for label in labels if label.startswith("best ")] == ([star] if star else [])

@@ -2,18 +2,23 @@
 `PROG: error: ...`, that names the flag or file at fault, and writes nothing."""
 import json
 import os
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import convert
 import generate
 import inference
 import plot_curve
 import recommend
-from conftest import write_clustered_dataset
+from conftest import ROOT, write_clustered_dataset
+from logger import log_records, read_log
 from neumf import NeuMF
 
-TOOLS = {"generate.py": generate.main, "inference.py": inference.main,
+TOOLS = {"convert.py": convert.main, "generate.py": generate.main, "inference.py": inference.main,
          "recommend.py": recommend.main, "plot_curve.py": plot_curve.main}
 TINY_INFERENCE = ["--device", "cpu", "--n_users", "30", "--n_items", "20", "-f", "4",
                   "--layers", "8", "4", "--num_batches", "1", "--warmup_batches", "0",
@@ -49,6 +54,15 @@ CASES = [
     ("inference.py", TINY_INFERENCE + ["--warmup_batches", "-1"], "--warmup_batches"),
     ("inference.py", TINY_INFERENCE + ["--layers", "7", "4"], "--layers"),
     ("inference.py", TINY_INFERENCE + ["--log_path", "{tmp}/a_file/log.json"], "--log_path"),
+    ("inference.py", TINY_INFERENCE + ["-s", str(2 ** 64)], f"--seed must be in [0, 2^63), "
+                                                             f"got {2 ** 64}"),
+    ("inference.py", TINY_INFERENCE + ["--seed", "-1"], "--seed must be in [0, 2^63), got -1"),
+    ("convert.py", ["--path", "{tmp}/a_file", "--output", "{tmp}/out", "--seed", "-1"],
+     "--seed must be in [0, 2^63), got -1"),
+    ("convert.py", ["--path", "{tmp}/a_file", "--output", "{tmp}/out", "-s", str(2 ** 64 - 1)],
+     f"--seed must be in [0, 2^63), got {2 ** 64 - 1}"),
+    ("inference.py", TINY_INFERENCE + ["--model", "gmf"], "--layers: --model gmf has no MLP"),
+    ("inference.py", TINY_INFERENCE + ["--model", "mlp"], "--factors: --model mlp has no MF"),
     ("inference.py", ["--device", "cpu", "--load_checkpoint_path", "{tmp}/none.pth"],
      "{tmp}/none.pth"),
     ("recommend.py", ["--users", "1"], "--data"),
@@ -112,3 +126,60 @@ def test_bad_input_is_one_line_exit_2_naming_it(tool, argv, named, inputs, capsy
     assert "; " in lines[0]  # the problem, then what to do
     assert captured.out == ""
     assert listing(inputs["tmp"]) == before
+
+
+# Run as programs: a closed stdout or a file size limit in pytest's own process would hit pytest.
+BASELINES = ["baselines.py", "--data", "{data}", "--method", "pop", "--device", "cpu",
+             "--log_path", "{tmp}/log.json"]
+INFERENCE = ["inference.py"] + TINY_INFERENCE + ["--precision", "fp32"]
+
+
+def run_script(argv, inputs, **options):
+    return subprocess.run([sys.executable] + [word.format(**inputs) for word in argv], cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True, timeout=300, **options)
+
+
+@pytest.mark.parametrize("argv, logged", [
+    (BASELINES, ["parameter", "summary"]),
+    # Its header is the first thing it prints: nothing has been measured when the pipe fails.
+    (INFERENCE + ["--batch_sizes", "1", "2"], ["parameter"]),
+])
+def test_a_closed_stdout_stops_quietly_with_whole_log_records(argv, logged, tmp_path, inputs):
+    inputs = {**inputs, "tmp": str(tmp_path)}
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        finished = run_script(argv, inputs, stdout=writer)
+    finally:
+        os.close(writer)
+    assert (finished.returncode, finished.stderr) == (0, "")
+    records = read_log(tmp_path / "log.json")
+    assert [kind for kind in ("parameter", "summary") if log_records(records, kind)] == logged
+    if "summary" in logged:
+        assert "hr@10" in log_records(records, "summary")[0]
+
+
+def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+@pytest.mark.parametrize("argv, kept", [
+    (BASELINES + ["--report_topk", *map(str, range(1, 101))], "it holds the settings, not the "
+                                                               "results"),
+    (INFERENCE + ["--batch_sizes", *map(str, range(1, 21))], "it holds the rows printed above"),
+])
+def test_a_failing_log_write_is_one_line_and_leaves_whole_records(argv, kept, tmp_path,
+                                                                  inputs):
+    inputs = {**inputs, "tmp": str(tmp_path)}
+    finished = run_script(argv, inputs, stdout=subprocess.PIPE, preexec_fn=limit_file_size)
+    log = tmp_path / "log.json"
+    assert finished.returncode == 2
+    assert finished.stderr == (f"{argv[0]}: error: --log_path {log}: writing failed (File too "
+                               f"large); {kept}; free space or pass --log_path elsewhere\n")
+    records = read_log(log)
+    assert len(log_records(records, "parameter")) == 1
+    if argv[0] == "inference.py":
+        rows = [line for line in finished.stdout.splitlines() if line.startswith("fp32 ")]
+        assert 0 < len(rows) == len(log_records(records, "summary")) < 20
+    else:
+        assert finished.stdout.startswith("fit_time = ") and not log_records(records, "summary")
