@@ -323,15 +323,6 @@ def open_logger(args, dataset, device):
     return logger
 
 
-def log_summary(logger, results, log_path):
-    try:
-        logger.log((), results)
-    except OSError as error:
-        raise BaselineError(f"--log_path {log_path}: writing failed ({error.strerror}); it "
-                            f"holds the settings, not the results; free space or pass "
-                            f"--log_path elsewhere") from None
-
-
 def main(argv=None):
     """Returns the metrics and timings it prints."""
     args = parse_args(argv)
@@ -350,7 +341,8 @@ def main(argv=None):
             # The reader went away (`| head -1`); the log still gets the whole summary.
             cli.discard_stdout()
         if logger is not None:
-            log_summary(logger, results, args.log_path)
+            with logger.write_failures_as(BaselineError, "it holds the settings, not the results"):
+                logger.log((), results)
         return results
     except (BaselineError, dataloading.DataError) as error:
         fail(error)

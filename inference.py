@@ -310,7 +310,7 @@ def run(args):
         raise BenchmarkError(f"--log_path {args.log_path}: cannot write there "
                              f"({error.strerror}); pass --log_path with a writable file"
                              ) from None
-    try:
+    with logger.write_failures_as(BenchmarkError, "it holds the rows printed above"):
         logger.log(PARAMETER, vars(args))
         print_header(name, model)
         results = []
@@ -327,12 +327,6 @@ def run(args):
                 logger.log((), result)
                 print_row(result)
                 results.append(result)
-    except OSError as error:
-        if error.filename != logger.path:
-            raise
-        raise BenchmarkError(f"--log_path {args.log_path}: writing failed ({error.strerror}); "
-                             f"it holds the rows printed above; free space or pass --log_path "
-                             f"elsewhere") from None
     return results
 
 

@@ -776,7 +776,7 @@ def run(args):
             # Before the log is opened, which would empty an existing one.
             check_epoch_holds_a_step(len(data[2]), args, ctx)
         logger = open_logger(args, ctx)
-        try:
+        with logger.write_failures_as(RunError, "the checkpoints saved so far are complete"):
             logger.log(PARAMETER, {**vars(args), "world_size": ctx.world_size,
                                    "device": str(ctx.device), "precision": ctx.precision,
                                    "nb_users": nb_users, "nb_items": nb_items})
@@ -786,12 +786,6 @@ def run(args):
             # Saved with the training state so --resume can refuse a different world size.
             args.world_size = ctx.world_size
             return train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
-        except OSError as error:
-            if error.filename != logger.path:
-                raise
-            raise RunError(f"--log_path {args.log_path}: writing failed ({error.strerror}); the "
-                           f"checkpoints saved so far are complete; free space or pass "
-                           f"--log_path elsewhere") from None
     finally:
         if checkpoint_lock is not None:
             checkpoint_lock.close()
