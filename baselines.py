@@ -50,6 +50,10 @@ from logger import PARAMETER, JsonLogger
 PROG = "baselines.py"
 METHODS = ("pop", "random", "itemknn", "bpr")
 MAX_COUNT = 2 ** 31 - 1
+# flag: (the method it sets, its default)
+METHOD_FLAGS = {"neighbours": ("itemknn", 100), "shrinkage": ("itemknn", 10.0),
+                "factors": ("bpr", 128), "epochs": ("bpr", 30), "learning_rate": ("bpr", 0.005),
+                "regularisation": ("bpr", 0.0005), "batch_size": ("bpr", 4096)}
 # Score-matrix entries per user batch, as scoring.users_per_batch counts them (16 chunks).
 CHUNK_PAIRS = 2 ** 16
 # Entries of the dense blocks itemknn multiplies at once: [users, items] of one chunk of
@@ -76,14 +80,21 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
-    parser.add_argument("--neighbours", type=int, default=100, help="itemknn")
-    parser.add_argument("--shrinkage", type=float, default=10.0, help="itemknn")
-    parser.add_argument("-f", "--factors", type=int, default=128, help="bpr")
-    parser.add_argument("-e", "--epochs", type=int, default=30, help="bpr")
-    parser.add_argument("-l", "--learning_rate", type=float, default=0.005, help="bpr")
-    parser.add_argument("--regularisation", type=float, default=0.0005, help="bpr")
-    parser.add_argument("-b", "--batch_size", type=int, default=4096, help="bpr")
+    for flags, kind in ((("--neighbours",), int), (("--shrinkage",), float),
+                        (("-f", "--factors"), int), (("-e", "--epochs"), int),
+                        (("-l", "--learning_rate"), float), (("--regularisation",), float),
+                        (("-b", "--batch_size"), int)):
+        name = flags[-1].removeprefix("--")
+        method, default = METHOD_FLAGS[name]
+        parser.add_argument(*flags, type=kind, help=f"{method} (default {default})")
     args = parser.parse_args(argv)
+    # Defaults only after this check, which tells a flag given from one not given.
+    for name, (method, default) in METHOD_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.method != method:
+            parser.error(f"--{name} is a setting of --method {method}, not {args.method}; "
+                         f"drop --{name}")
     counts = {"--topk": [args.topk], "--report_topk": args.report_topk,
               "--neighbours": [args.neighbours], "--factors": [args.factors],
               "--epochs": [args.epochs], "--batch_size": [args.batch_size]}

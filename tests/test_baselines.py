@@ -142,14 +142,15 @@ def plain_ranks(scores, train, test, negatives):
 @pytest.mark.parametrize("method", ["pop", "itemknn", "bpr"])
 def test_protocols_equal_a_plain_recomputation(small_clustered, method):
     dataset = dataloading.open_dataset(small_clustered)
+    epochs = ["--epochs", "3"] if method == "bpr" else []
     args = baselines.parse_args(["--data", small_clustered, "--method", method, "--device", "cpu",
-                                 "--epochs", "3"])
+                                 *epochs])
     scorer = baselines.fit(args, dataset, torch.device("cpu"))
     scores = scorer(torch.arange(dataset.nb_users))
     sampled, full = plain_ranks(scores, dataset.train, dataset.test, dataset.negatives)
     assert baselines.sampled_ranks(scorer, dataset.test, dataset.negatives).tolist() == sampled
     assert baselines.full_ranks(scorer, dataset.train, dataset.test).tolist() == full
-    results = run(small_clustered, "--method", method, "--epochs", "3", "--full_ranking",
+    results = run(small_clustered, "--method", method, *epochs, "--full_ranking",
                   "--report_topk", "1", "5")
     assert metrics_of(results) == pytest.approx(
         {**expected_metrics(sampled, [10, 1, 5]), **expected_metrics(full, [10, 1, 5], "full_")},
@@ -210,6 +211,12 @@ CASES = [
      "lower -l/--learning_rate"),
     (["--data", "{data}", "--method", "bpr", "--regularisation", "1e38"],
      "--learning_rate 0.005 --regularisation 1e+38: epoch 0: training diverged (loss inf)"),
+    (["--data", "{data}", "--method", "pop", "--neighbours", "5"],
+     "--neighbours is a setting of --method itemknn, not pop; drop --neighbours"),
+    (["--data", "{data}", "--method", "itemknn", "-f", "3"],
+     "--factors is a setting of --method bpr, not itemknn; drop --factors"),
+    (["--data", "{data}", "--method", "bpr", "--shrinkage", "10"],
+     "--shrinkage is a setting of --method itemknn, not bpr"),
     (["--data", "{data}", "--method", "random", "--seed", "-1"], "--seed"),
     (["--data", "{data}", "--method", "random", "--seed", str(2 ** 63)], "--seed"),
     (["--data", "{tmp}/none", "--method", "pop"], "{tmp}/none/train_ratings.pt"),
