@@ -37,6 +37,9 @@ RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "va
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 # Counts above this are typing mistakes that would otherwise fail deep inside torch.
 MAX_COUNT = 2 ** 31 - 1
+# Flags that only some runs use: their defaults are set after check_args has seen whether they
+# were given, so that a run with no use for one refuses it.
+DEFAULTS_AFTER_CHECKS = {"beta1": 0.25, "beta2": 0.5, "eps": 1e-8, "alpha": 0.5}
 
 
 class RunError(Exception):
@@ -60,9 +63,9 @@ def parse_args(argv=None):
                         help="with --pretrained_mlp: start NeuMF from the model.pth of a "
                              "--model gmf run and one of a --model mlp run, as the paper does")
     parser.add_argument("--pretrained_mlp", type=str, default=None)
-    parser.add_argument("--alpha", type=float, default=0.5,
+    parser.add_argument("--alpha", type=float,
                         help="weight of the GMF output layer in the pretrained NeuMF's final "
-                             "layer, 1 - alpha that of the MLP's")
+                             "layer, 1 - alpha that of the MLP's (default 0.5)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                         help="adam: the original's; sgd: plain SGD at --learning_rate (the "
                              "paper's for fine-tuning a pretrained NeuMF)")
@@ -78,9 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("-s", "--seed", type=int, default=1)
     parser.add_argument("-t", "--threshold", type=float, default=1.0,
                         help="stop once HR@k reaches this")
-    parser.add_argument("-b1", "--beta1", type=float, default=0.25)
-    parser.add_argument("-b2", "--beta2", type=float, default=0.5)
-    parser.add_argument("--eps", type=float, default=1e-8)
+    parser.add_argument("-b1", "--beta1", type=float, help="Adam's (default 0.25)")
+    parser.add_argument("-b2", "--beta2", type=float, help="Adam's (default 0.5)")
+    parser.add_argument("--eps", type=float, help="Adam's (default 1e-8)")
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--checkpoint_dir", type=str, default="/data/checkpoints/",
                         help="where model.pth (best weights) and last.pth (the training state, "
@@ -109,6 +112,18 @@ def parse_args(argv=None):
 
 
 def check_args(args, parser):
+    # Before the defaults are filled in, which would hide whether these were given.
+    if args.optimizer == "sgd":
+        adams = [flag for flag in ("beta1", "beta2", "eps") if getattr(args, flag) is not None]
+        if adams:
+            parser.error(f"--{adams[0]} is a setting of Adam; --optimizer sgd has none, drop "
+                         f"--{adams[0]}")
+    if args.alpha is not None and not args.pretrained_gmf:
+        parser.error("--alpha weighs the two halves of --pretrained_gmf and --pretrained_mlp; "
+                     "pass both, or drop --alpha")
+    for flag, default in DEFAULTS_AFTER_CHECKS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     counts = {"--epochs": (args.epochs, 1), "--batch_size": (args.batch_size, 1),
               "--valid_batch_size": (args.valid_batch_size, 1), "--factors": (args.factors, 1),
               "--topk": (args.topk, 1), "--grads_accumulated": (args.grads_accumulated, 1),

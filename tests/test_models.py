@@ -213,12 +213,25 @@ def test_inference_refuses_a_model_flag_the_checkpoint_contradicts(halves, tmp_p
                      f"asks for mlp; drop --model"]
 
 
+def pretrained(halves):
+    return ["--pretrained_gmf", str(halves["gmf"]), "--pretrained_mlp", str(halves["mlp"])]
+
+
 # (flags after the tiny data's, given {kind: model.pth}; what the one stderr line says after
 # "ncf.py: error: ")
 REFUSALS = [
-    ("alpha above 1", lambda h: ["--alpha", "1.5"], "--alpha must be in [0, 1], got 1.5"),
-    ("alpha below 0", lambda h: ["--alpha", "-0.1"], "--alpha must be in [0, 1], got -0.1"),
-    ("alpha nan", lambda h: ["--alpha", "nan"], "--alpha must be a finite number"),
+    ("alpha above 1", lambda h: pretrained(h) + ["--alpha", "1.5"],
+     "--alpha must be in [0, 1], got 1.5"),
+    ("alpha below 0", lambda h: pretrained(h) + ["--alpha", "-0.1"],
+     "--alpha must be in [0, 1], got -0.1"),
+    ("alpha nan", lambda h: pretrained(h) + ["--alpha", "nan"], "--alpha must be a finite number"),
+    ("alpha without the halves", lambda h: ["--alpha", "0.5"],
+     "--alpha weighs the two halves of --pretrained_gmf and --pretrained_mlp; pass both, or drop "
+     "--alpha"),
+    ("adam's setting with sgd", lambda h: ["--optimizer", "sgd", "-b1", "0.25"],
+     "--beta1 is a setting of Adam; --optimizer sgd has none, drop --beta1"),
+    ("adam's eps with sgd", lambda h: ["--optimizer", "sgd", "--eps", "1e-8"],
+     "--eps is a setting of Adam"),
     ("pretrained with gmf", lambda h: ["--model", "gmf", "--pretrained_gmf", str(h["gmf"]),
                                        "--pretrained_mlp", str(h["mlp"])],
      "--pretrained_gmf starts a NeuMF, not --model gmf"),
