@@ -738,6 +738,11 @@ def _check_flags(args):
     """Refuse, in one line, flag values and combinations that cannot be converted with."""
     def flag(name):
         return "--" + name
+    for name in ("user_col", "item_col", "time_col", "rating_col"):
+        # "" would quietly stand for the default column
+        if getattr(args, name) == "":
+            _fail(f"{flag(name)} is empty; name a column of the file's header, or drop "
+                  f"{flag(name)}")
     for name, low in (("valid_negative", 1), ("min_ratings", 1), ("min_item_ratings", 1)):
         value = getattr(args, name)
         if value is not None and value < low:

@@ -413,6 +413,16 @@ def test_a_rating_column_without_min_rating_is_refused(tmp_path, tiny, capsys, c
     assert no_results(tmp_path / "out")
 
 
+@pytest.mark.parametrize("flag", ["--user_col", "--item_col", "--time_col", "--rating_col"])
+def test_an_empty_column_name_is_refused(tmp_path, tiny, capsys, flag):
+    # "" once fell back to the default column, or ended in a KeyError traceback (--rating_col)
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", "--min_ratings", 1,
+                   "--min_rating", 3, flag, "")
+    assert line == (f"convert.py: error: {flag} is empty; name a column of the file's header, "
+                    f"or drop {flag}")
+    assert no_results(tmp_path / "out")
+
+
 def test_a_min_rating_of_0_is_refused_with_a_given_split(tmp_path, capsys):
     output = tmp_path / "out"
     # drawn negatives: only the filter is refused
