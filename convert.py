@@ -120,6 +120,10 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
         raise DataError(f"user {user_ids[user]} has fewer than 3 distinct items; --validation "
                         "holds out 2 of each user's items and trains on the rest: raise "
                         "--min_ratings to 3 or more, or remove that user's rows")
+    if not is_train.any():
+        raise DataError(f"no training pair is left: each of the {len(user_ids)} users kept has "
+                        f"only {held_out} distinct item(s), all held out; raise --min_ratings "
+                        f"above {held_out}, or add interactions")
     train = np.empty((int(is_train.sum()), 2), dtype=np.int64)
     train[:, 0] = user[is_train]
     train[:, 1] = item[is_train]
@@ -215,6 +219,9 @@ def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative
     else:
         negatives = _given_negatives(given_negatives, user_ids, item_ids, test, negatives_path,
                                      test_path)
+    negative_keys = test[:, :1] * nb_items + negatives
+    found = np.minimum(np.searchsorted(pairs, negative_keys), len(pairs) - 1)
+    given = given_negatives is not None
     return {
         "train_ratings": torch.from_numpy(train),
         "test_ratings": torch.from_numpy(test),
@@ -227,6 +234,10 @@ def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative
         "items": nb_items,
         "train": len(train),
         "test": len(test),
+        # Given negatives are kept as they are, and said to be so; drawn ones follow the
+        # protocol (never a training item, the test positive as often as chance has it).
+        "negatives_trained": int((pairs[found] == negative_keys).sum()) if given else 0,
+        "negatives_positive": int((negatives == test[:, 1:]).sum()) if given else 0,
     }
 
 
@@ -794,18 +805,23 @@ def _convert_given_split(args, columns):
         _check_negatives_fit(1, args.valid_negative)
         _prepare_output(args.output)
         if args.paper:
-            (train, _), (test, reader) = ((load_paper_ratings(path), "paper") for path in paths[:2])
+            (train, _), (test, test_reader) = ((load_paper_ratings(path), "paper")
+                                               for path in paths[:2])
+            reader = test_reader
         else:
             train, reader = load_ratings(paths[0], *columns, first_columns=args.first_columns,
                                          string_ids=args.string_ids,
                                          time_format=args.time_format)
-            test, _ = load_ratings(paths[1], *columns, first_columns=args.first_columns,
-                                   string_ids=args.string_ids, time_format=args.time_format)
+            test, test_reader = load_ratings(paths[1], *columns,
+                                             first_columns=args.first_columns,
+                                             string_ids=args.string_ids,
+                                             time_format=args.time_format)
         negatives = None if paths[2] is None else load_negatives(paths[2], args.string_ids)
         valid_negative = args.valid_negative if negatives is None else negatives[2].shape[1]
         _check_negatives_fit(len(test), valid_negative)
         result = convert_split(train, test, negatives, args.seed, valid_negative,
-                               (paths[1], first_line(reader), paths[2]), sys.stderr.isatty())
+                               (paths[1], first_line(test_reader), paths[2]),
+                               sys.stderr.isatty())
         metadata = {
             "format_version": FORMAT_VERSION,
             "source": os.path.abspath(paths[0]),
@@ -823,6 +839,11 @@ def _convert_given_split(args, columns):
             f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
             f"test {result['test']}, test negatives {result['test']}x{valid_negative} "
             f"-> {args.output}")
+    if result["negatives_trained"] or result["negatives_positive"]:
+        print(f"{PROG}: note: {paths[2]}: {result['negatives_trained']} of the given test "
+              f"negatives are training items of their user and {result['negatives_positive']} "
+              f"the user's test positive; kept as given (drawn ones are never training items)",
+              file=sys.stderr)
     return 0
 
 

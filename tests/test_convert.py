@@ -360,12 +360,35 @@ def test_a_failed_conversion_leaves_the_earlier_one_usable(tmp_path, tiny, monke
     assert len(dataloading.open_dataset(str(output)).validation) == 2
 
 
+def test_a_conversion_that_leaves_nothing_to_train_on_is_refused(tmp_path, capsys):
+    ratings = tmp_path / "ratings.csv"
+    # each user's one distinct item is its test positive
+    ratings.write_text("userId,movieId,rating,timestamp\n1,10,5,100\n2,11,5,200\n1,10,4,300\n")
+    line = failure(capsys, "--path", ratings, "--output", tmp_path / "out", "--min_ratings", 1,
+                   "--valid_negative", 1)
+    assert line == (f"convert.py: error: {ratings}: no training pair is left: each of the 2 "
+                    f"users kept has only 1 distinct item(s), all held out; raise --min_ratings "
+                    f"above 1, or add interactions")
+    assert no_results(tmp_path / "out")
+
+
+def test_a_given_test_file_is_refused_at_its_own_line_whatever_the_training_reader(tmp_path,
+                                                                                   capsys):
+    (tmp_path / "train").mkdir()
+    train = tmp_path / "train" / "u.data"  # headerless: its rows start at line 1
+    train.write_text("1\t10\t5\t100\n1\t11\t5\t200\n2\t10\t4\t150\n")
+    test = tmp_path / "test.csv"  # a header: its rows start at line 2
+    test.write_text("userId,movieId,rating,timestamp\n1,12,5,500\n3,11,5,500\n")
+    line = failure(capsys, "--path", train, "--test_path", test, "--output", tmp_path / "out")
+    assert line.startswith(f"convert.py: error: {test}: line 3: user 3 has no training row")
+
+
 def given_split(tmp_path):
     """Flags of a split given with --test_path and --test_negatives_path: users 1 and 2."""
     header = "userId,movieId,rating,timestamp\n"
     files = {"train.csv": header + "1,10,3,1\n1,11,3,2\n2,10,3,1\n",
              "test.csv": header + "1,12,3,5\n2,11,3,5\n",
-             "test.negative": "(1,12)\t10\t13\n(2,11)\t12\t13\n"}
+             "test.negative": "(1,12)\t13\t14\n(2,11)\t12\t13\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     return ["--path", tmp_path / "train.csv", "--test_path", tmp_path / "test.csv",
@@ -525,7 +548,7 @@ def test_ids_and_times_that_would_be_corrupted_are_refused(tmp_path, capsys, tex
 
 def test_large_ids_are_not_merged_by_a_float_row(tmp_path):
     path = tmp_path / "ratings.csv"
-    path.write_text(HEADER + f"{2**53 + 1},1,3,1\n{2**53},1,3,2\n5.0,1,3,3\n")
+    path.write_text(HEADER + f"{2**53 + 1},1,3,1\n{2**53},1,3,2\n5.0,1,3,3\n{2**53 + 1},2,3,4\n")
     assert run("--path", path, "--output", tmp_path / "out", "--min_ratings", 1) == 0
     assert tensors(tmp_path / "out")["user_ids"].tolist() == [2**53 + 1, 2**53, 5]
 

@@ -119,7 +119,7 @@ def write(tmp_path, name, text):
 
 def test_float_looking_and_uuid_ids_stay_as_written(tmp_path):
     uuid = "0b7e8f3c-9d2a-4c1e-8f6b-2a3d4e5f6a7b"
-    path = write(tmp_path, "log.csv", f"u,i,t\n1.5,{uuid},1\n1.50,{uuid},2\n NA ,x,3\n")
+    path = write(tmp_path, "log.csv", f"u,i,t\n1.5,{uuid},1\n1.50,{uuid},2\n NA ,x,3\n1.5,x,4\n")
     out = tmp_path / "out"
     assert run("--path", path, "--output", out, "--user_col", "u", "--item_col", "i",
                "--time_col", "t", "--string_ids", "--min_ratings", 1, "--valid_negative", 1) == 0
@@ -270,6 +270,21 @@ def test_given_split_with_given_negatives(tmp_path):
     assert id_map(out, "item_ids") == ["x", "y", "z", "w"]
     assert load(out, "test_negatives") == [[3, 2], [0, 3]]
     assert json.loads((out / "metadata.json").read_text())["valid_negative"] == 2
+
+
+def test_given_negatives_that_are_positives_are_kept_with_a_note(tmp_path, capsys):
+    out = tmp_path / "out"
+    # x and y are a's and b's training items, z is a's test positive
+    assert run(*given_split(tmp_path, negatives="(a,z)\tx\tz\n(b,x)\ty\tw\n"),
+               "--output", out) == 0
+    assert load(out, "test_negatives") == [[0, 2], [1, 3]]
+    assert capsys.readouterr().err == (
+        f"convert.py: note: {tmp_path / 'test.negative'}: 2 of the given test negatives are "
+        f"training items of their user and 1 the user's test positive; kept as given (drawn "
+        f"ones are never training items)\n")
+    assert run(*given_split(tmp_path), "--output", tmp_path / "drawn",
+               "--valid_negative", 4) == 0
+    assert capsys.readouterr().err == ""
 
 
 PAPER_TRAIN = "0\t5\t5\t978300760\n0\t7\t3\t978300700\n1\t5\t4\t978300000\n1\t6\t4\t978300001\n"
