@@ -135,9 +135,16 @@ def load_validation(data_dir, metadata, nb_test_negatives):
 
 
 def check_one_row_per_user(path, pairs, kind):
-    if len(torch.unique(pairs[:, 0])) != len(pairs):
+    """convert.py writes one row per user, in user order; the negatives' rows follow that
+    order, so rows out of order would pair each user with another's negatives."""
+    users = pairs[:, 0]
+    if (users[1:] > users[:-1]).all():
+        return
+    if len(torch.unique(users)) != len(users):
         raise DataError(f"{path}: a user has more than one {kind} row; each user has exactly "
                         f"one, re-run convert.py")
+    raise DataError(f"{path}: the {kind} rows are not in user order, so they no longer line up "
+                    f"with their negatives' rows; re-run convert.py")
 
 
 def read_metadata(data_dir):

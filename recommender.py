@@ -47,6 +47,12 @@ class Recommender:
             if len(ids) != count:
                 raise RecommendError(f"{path}: has {len(ids)} ids but the "
                                      f"ratings have {count}; re-run convert.py on this directory")
+            repeated = pd.Index(ids).duplicated()
+            if repeated.any():
+                # Two dense ids under one original id: answers would go to the wrong one.
+                raise RecommendError(f"{path}: id {ids[repeated.argmax()]} appears twice; each "
+                                     f"original id maps to one dense id, re-run convert.py on "
+                                     f"this directory")
         self.user_ids, self.item_ids = self.user_ids[1], self.item_ids[1]
         self.text_ids = self.user_ids.dtype == object
         model = load_model(checkpoint_path, device).eval()

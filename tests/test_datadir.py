@@ -116,6 +116,10 @@ BAD_DIRECTORIES = [
     ("test user repeated", "original",
      lambda d: save(d, "test_ratings.pt", torch.tensor([[0, 2], [0, 0], [2, 1]])),
      "test_ratings.pt: a user has more than one test row"),
+    ("test rows out of user order", "original",
+     lambda d: save(d, "test_ratings.pt", torch.tensor(TEST).flip(0)),
+     "test_ratings.pt: the test rows are not in user order, so they no longer line up with "
+     "their negatives' rows; re-run convert.py"),
     ("three columns", "original",
      lambda d: save(d, "train_ratings.pt", torch.tensor([row + [5] for row in TRAIN])),
      "train_ratings.pt: has 3 columns, not 2"),

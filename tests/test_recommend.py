@@ -117,6 +117,17 @@ def test_unknown_user_is_a_one_line_error(data, capsys):
     assert error.count("\n") == 1 and "unknown user id 999" in error
 
 
+def test_an_id_map_naming_an_id_twice_is_refused(data, capsys):
+    path = os.path.join(data["dir"], "user_ids.pt")
+    torch.save(torch.tensor([101, 7, 101, 300]), path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(data, "--users", "101")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"recommend.py: error: {path}: id 101 appears twice; "
+                                       f"each original id maps to one dense id, re-run "
+                                       f"convert.py on this directory\n")
+
+
 def test_missing_id_map_says_to_rerun_convert(data, capsys):
     os.remove(os.path.join(data["dir"], "item_ids.pt"))
     with pytest.raises(SystemExit) as exit_info:
