@@ -21,6 +21,7 @@ timestamp is the row's position in the file.
 """
 import csv
 import decimal
+import itertools
 import os
 import re
 import warnings
@@ -32,12 +33,15 @@ MOVIELENS_CSV_COLUMNS = ("userId", "movieId", "timestamp")
 COLUMNS = ("user_id", "item_id", "timestamp")
 _WHAT = {"user_id": "user id", "item_id": "item id", "timestamp": "timestamp",
          "rating": "rating"}
+_FLAGS = {"user_id": "--user_col", "item_id": "--item_col", "timestamp": "--time_col",
+          "rating": "--rating_col"}
 NO_TIME = "none"
 TIME_FORMATS = ("integer", "number", "iso8601")
 
 # name -> (reader name, separator, positions of user, item, timestamp, fields per line). `::` is
 # read as ':' with the empty fields in between skipped, because pandas' C engine only takes
-# 1-character separators and the python engine is many times slower.
+# 1-character separators and the python engine is many times slower. Neither format quotes its
+# fields: a '"' is part of the field it is in.
 _HEADERLESS = {
     "u.data": ("movielens-tab", "\t", [0, 1, 3], 4),
     "ratings.dat": ("movielens-dat", ":", [0, 2, 6], 7),
@@ -62,6 +66,10 @@ _OTHER_KINDS = {"user_id": " (or read ids as text with --string_ids)",
 # parser accepts as an integer matches too, so a file reads the same on either path.
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _PLAIN_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
+# a ratings.dat line whose fields are separated by '::' and nothing else
+_DAT_LINE = re.compile(r"[^:]*(?:::[^:]*)*")
+_DAT_SEPARATORS = ("fields must be separated by '::', as in user::item::rating::timestamp; fix or "
+                   "remove that line")
 
 
 class DataError(Exception):
@@ -87,12 +95,20 @@ def load_ratings(path, user_col=None, item_col=None, time_col=None, first_column
         if len(header) < 3:
             raise DataError(f"{path}: header {','.join(header)!r} has {len(header)} columns; "
                             "--first_columns reads user, item, timestamp from the first three")
-        positions = [0, 1, 2] + ([_position(path, header, rating_col)] if rating_col else [])
+        positions = [0, 1, 2]
+        if rating_col:
+            positions.append(_position(path, header, rating_col))
+            _check_named_once(path, header, rating_col, "rating")
+            if positions[-1] < 3:
+                raise DataError(f"{path}: --rating_col names {rating_col!r}, which --first_columns "
+                                f"reads as the {_WHAT[COLUMNS[positions[-1]]]}; name another "
+                                "column")
         return _read_with_header(path, header, positions, kinds), "csv-first-columns"
     if (user_col, item_col, time_col) != (None, None, None):
         wanted = (user_col or "userId", item_col or "movieId", time_col or "timestamp")
         wanted += (rating_col,) if rating_col else ()
-        return _read_named(path, wanted, "csv-columns", kinds), "csv-columns"
+        named = (user_col, item_col, time_col, rating_col)
+        return _read_named(path, wanted, named, "csv-columns", kinds), "csv-columns"
     name = os.path.basename(path)
     if name in _HEADERLESS:
         reader, separator, positions, fields = _HEADERLESS[name]
@@ -100,7 +116,8 @@ def load_ratings(path, user_col=None, item_col=None, time_col=None, first_column
         return _read_headerless(path, separator, positions, fields, kinds), reader
     if name == "ratings.csv" or set(MOVIELENS_CSV_COLUMNS) <= set(_header(path)):
         wanted = MOVIELENS_CSV_COLUMNS + ((rating_col,) if rating_col else ())
-        return _read_named(path, wanted, "movielens-csv", kinds), "movielens-csv"
+        return _read_named(path, wanted, (None, None, None, rating_col), "movielens-csv",
+                           kinds), "movielens-csv"
     raise DataError(f"{path}: unknown ratings format; {_KNOWN_FORMATS}")
 
 
@@ -214,20 +231,44 @@ def _position(path, header, column):
 
 
 def _read_headerless(path, separator, positions, fields, kinds):
-    options = dict(sep=separator, header=None, **kinds.read_options)
+    options = dict(sep=separator, header=None, quoting=csv.QUOTE_NONE, **kinds.read_options)
     frame = _read(path, options, {**_unused_as_category(fields, positions),
                                   **kinds.text_dtypes(positions)}, fields)
     if len(frame.columns) != fields:
         # the C parser takes the field count from the first line and refuses longer lines
         # after it, so only the first line can have the wrong count here
-        raise DataError(f"{path}: line 1: {_fields(len(frame.columns), options)} fields, "
-                        f"expected {_fields(fields, options)}; fix or remove that line")
+        problem = _field_count(path, 1, len(frame.columns), fields, options)
+        raise DataError(f"{path}: line 1: {problem}")
+    if separator == ":":
+        _check_dat_separators(frame, path)
     return _columns(frame, path, 1, options, positions, kinds)
 
 
-def _read_named(path, wanted, reader, kinds):
+def _check_dat_separators(frame, path):
+    """Refuse the first line whose separators are not all '::'. Read as ':'-separated, a line of
+    7 fields is '::'-separated exactly when fields 1, 3 and 5 are empty (a shorter line lacks a
+    value, refused later). Their categories are looked at first: a well-formed file has none but
+    "", and then no row need be."""
+    between = frame.iloc[:, 1:6:2]
+    if any((column.cat.categories != "").any() for _, column in between.items()):
+        filled = (between.notna() & between.ne("")).any(axis=1).to_numpy()
+        raise DataError(f"{path}: line {int(np.flatnonzero(filled)[0]) + 1}: {_DAT_SEPARATORS}")
+
+
+def _read_named(path, wanted, named, reader, kinds):
     """wanted: the names of the user, item and time columns (time NO_TIME: none), then rating's
-    when it is read."""
+    when it is read; named: the user_col, item_col, time_col and rating_col given (None: left at
+    its default), to say which flags name a column twice."""
+    read = [(role, column, given)
+            for role, column, given in zip(COLUMNS + ("rating",), wanted, named)
+            if column != NO_TIME]
+    for _, column, _ in read:
+        # one column read as two things, e.g. user ids as items, gives no error later
+        flags = [_FLAGS[role] + ("" if given else " (by default)")
+                 for role, other, given in read if other == column]
+        if len(flags) > 1:
+            raise DataError(f"{path}: {', '.join(flags[:-1])} and {flags[-1]} name the same "
+                            f"column {column!r}; name a different column for each")
     header = _header(path)
     missing = [column for column in wanted if column not in header and column != NO_TIME]
     if missing:
@@ -238,8 +279,18 @@ def _read_named(path, wanted, reader, kinds):
         if missing == list(wanted[3:]):
             hint = "name the rating column with --rating_col"
         raise DataError(f"{path}: header {','.join(header)!r} lacks {', '.join(missing)}; {hint}")
+    for role, column, _ in read:
+        _check_named_once(path, header, column, role)
     positions = [None if column == NO_TIME else header.index(column) for column in wanted]
     return _read_with_header(path, header, positions, kinds)
+
+
+def _check_named_once(path, header, column, role):
+    # which of the columns of that name holds the values cannot be told; the first is no better
+    # a guess than the others
+    if header.count(column) > 1:
+        raise DataError(f"{path}: line 1: the header repeats {column!r}, the {_WHAT[role]} "
+                        f"column; rename all but one of them, or name another with {_FLAGS[role]}")
 
 
 def _read_with_header(path, header, positions, kinds):
@@ -282,8 +333,8 @@ def _read(path, options, dtype, fields=None):
             if fields is not None and expected != fields:
                 # pandas expects the first line's count: there, not here, is the wrong one
                 expected, line, saw = fields, 1, expected
-            raise DataError(f"{path}: line {line}: {_fields(saw, options)} fields, expected "
-                            f"{_fields(expected, options)}; fix or remove that line") from None
+            raise DataError(f"{path}: line {line}: "
+                            f"{_field_count(path, line, saw, expected, options)}") from None
         raise DataError(f"{path}: cannot parse ({problem}); check that the file is complete and "
                         f"in a known format ({_KNOWN_FORMATS})") from None
     except OSError as e:
@@ -293,9 +344,21 @@ def _read(path, options, dtype, fields=None):
     return frame
 
 
-def _fields(count, options):
-    """A field count as the file's reader sees it: `::` files are read as ':' (_HEADERLESS)."""
-    return (count + 1) // 2 if options.get("sep") == ":" else count
+def _field_count(path, line, saw, expected, options):
+    """What is wrong with a line of saw fields where expected were: counted as the file's reader
+    sees them, for `::` files are read as ':' (_HEADERLESS). That count is only true of a line
+    whose separators are all '::', so such a file's line is looked at first."""
+    if options.get("sep") != ":":
+        return f"{saw} fields, expected {expected}; fix or remove that line"
+    if not _DAT_LINE.fullmatch(_line_text(path, line)):
+        return _DAT_SEPARATORS
+    return f"{(saw + 1) // 2} fields, expected {(expected + 1) // 2}; fix or remove that line"
+
+
+def _line_text(path, number):
+    """Line `number` (from 1) of the file, without its line end; read only to describe an error."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return next(itertools.islice(f, number - 1, None), "").rstrip("\r\n")
 
 
 def _columns(frame, path, first_line, options, positions, kinds):

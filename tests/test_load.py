@@ -370,3 +370,66 @@ def test_number_times_that_are_not_finite_are_refused_on_either_path(tmp_path, t
                 "numbers: fix or remove that line")
     assert error(fast, time_format="number") == f"{fast}: {expected}"
     assert error(slow, time_format="number") == f"{slow}: {expected}"
+
+
+@pytest.mark.parametrize("columns,expected", [
+    (dict(user_col="u", item_col="u", time_col="t"), "--user_col and --item_col name the same "
+     "column 'u'"),
+    (dict(user_col="u", item_col="i", time_col="u"), "--user_col and --time_col name the same "
+     "column 'u'"),
+    (dict(user_col="t", item_col="t", time_col="t"), "--user_col, --item_col and --time_col name "
+     "the same column 't'"),
+    (dict(item_col="userId"), "--user_col (by default) and --item_col name the same column "
+     "'userId'"),
+    (dict(user_col="u", item_col="i", time_col="none", rating_col="i"), "--item_col and "
+     "--rating_col name the same column 'i'"),
+    (dict(first_columns=True, rating_col="i"), "--rating_col names 'i', which --first_columns "
+     "reads as the item id"),
+])
+def test_one_column_read_for_two_roles_is_refused(tmp_path, columns, expected):
+    path = write(tmp_path, "log.csv", "u,i,t,userId,r\n1,10,300,1,5\n1,11,100,1,5\n")
+    assert f"{path}: {expected}; name " in error(path, **columns)
+
+
+@pytest.mark.parametrize("header,columns,repeated", [
+    ("userId,movieId,timestamp,timestamp", {}, "'timestamp', the timestamp column"),
+    ("u,u,i,t", dict(user_col="u", item_col="i", time_col="t"), "'u', the user id column"),
+    ("userId,movieId,timestamp,rating,rating", dict(rating_col="rating"),
+     "'rating', the rating column"),
+    ("a,b,c,r,r", dict(first_columns=True, rating_col="r"), "'r', the rating column"),
+])
+def test_a_column_the_header_repeats_is_refused_when_read(tmp_path, header, columns, repeated):
+    path = write(tmp_path, "log.csv", f"{header}\n1,10,300,4,5\n")
+    assert f"{path}: line 1: the header repeats {repeated}; rename all but one" in error(
+        path, **columns)
+    # a repeated name that is not read does not matter
+    path = write(tmp_path, "other.csv", "note,userId,movieId,note,timestamp\nx,1,10,y,300\n")
+    assert rows(load_ratings(path)[0]) == [[1, 10, 300]]
+
+
+@pytest.mark.parametrize("name,separator", [("u.data", "\t"), ("ratings.dat", "::")])
+def test_headerless_files_have_no_quotes(tmp_path, name, separator):
+    # read with CSV quotes, the first '"' would run on to the third: two lines read as one
+    lines = [("1", '"10', "100"), ("1", "11", "200"), ("2", '12"', "300"), ("2", "13", "400")]
+    path = write(tmp_path, name, "".join(separator.join((u, i, "5", t)) + "\n"
+                                         for u, i, t in lines))
+    frame, _ = load_ratings(path, string_ids=True)
+    assert frame[["user_id", "item_id"]].values.tolist() == [[u, i] for u, i, _ in lines]
+    assert frame["timestamp"].tolist() == [100, 200, 300, 400]
+    assert f"{path}: line 1: item id '\"10' is not an integer;" in error(path)
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("1:11:5:2:0:0:200", "fields must be separated by '::'"),
+    ("1::11::5:2::200", "fields must be separated by '::'"),
+    ("1:::11::5::200", "fields must be separated by '::'"),
+    ("1::11::5::200:", "fields must be separated by '::'"),
+    ("1:11::5", "fields must be separated by '::'"),
+])
+@pytest.mark.parametrize("string_ids", [False, True])
+@pytest.mark.parametrize("at", [1, 2])
+def test_ratings_dat_separators_are_checked(tmp_path, line, expected, string_ids, at):
+    lines = ["1::10::5::100", "2::10::4::150", "2::12::4::300"]
+    lines.insert(at - 1, line)
+    path = write(tmp_path, "ratings.dat", "".join(text + "\n" for text in lines))
+    assert f"{path}: line {at}: {expected}" in error(path, string_ids=string_ids)
