@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import cli
 from dataloading import CONVERTING, METADATA, tensors_fingerprint
-from fileio import fsync_path, make_writable_dir, remove_stale_temporaries
+from fileio import fsync_path, make_writable_dir, staged_output
 from load import (NO_TIME, TIME_FORMATS, DataError, first_line, load_negatives, load_paper_ratings,
                   load_ratings)
 
@@ -209,19 +209,22 @@ def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative
     pairs = pairs[first]
     train = np.stack([user[kept], train_items[kept]], axis=1).astype(np.int64)
     test_keys = test[test_users, 0] * nb_items + test[test_users, 1]
-    trained = pairs[np.minimum(np.searchsorted(pairs, test_keys), len(pairs) - 1)] == test_keys
+    trained = _among(pairs, test_keys)
     _refuse_first(trained, test_path, first_line, lambda row: (
         f"item {test_frame['item_id'].iloc[row]} is among user {test_frame['user_id'].iloc[row]}'s "
         "training rows; a held-out item must not be trained on: fix or remove that line"))
+    # Given negatives are kept as they are, and said to be so; drawn ones follow the protocol
+    # (never a training item, the test positive as often as chance has it).
+    positives_among_negatives = {"negatives_trained": 0, "negatives_positive": 0}
     if given_negatives is None:
         negatives = _negatives(pairs, [test[:, 1]], nb_items, valid_negative, _generator(seed),
                                None if progress else True)
     else:
         negatives = _given_negatives(given_negatives, user_ids, item_ids, test, negatives_path,
                                      test_path)
-    negative_keys = test[:, :1] * nb_items + negatives
-    found = np.minimum(np.searchsorted(pairs, negative_keys), len(pairs) - 1)
-    given = given_negatives is not None
+        positives_among_negatives = {
+            "negatives_trained": int(_among(pairs, test[:, :1] * nb_items + negatives).sum()),
+            "negatives_positive": int((negatives == test[:, 1:]).sum())}
     return {
         "train_ratings": torch.from_numpy(train),
         "test_ratings": torch.from_numpy(test),
@@ -234,10 +237,7 @@ def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative
         "items": nb_items,
         "train": len(train),
         "test": len(test),
-        # Given negatives are kept as they are, and said to be so; drawn ones follow the
-        # protocol (never a training item, the test positive as often as chance has it).
-        "negatives_trained": int((pairs[found] == negative_keys).sum()) if given else 0,
-        "negatives_positive": int((negatives == test[:, 1:]).sum()) if given else 0,
+        **positives_among_negatives,
     }
 
 
@@ -270,6 +270,14 @@ def _refuse_first(bad, path, first_line, problem):
     rows = np.flatnonzero(bad)
     if len(rows):
         raise DataError(f"{path}: line {first_line + int(rows[0])}: {problem(int(rows[0]))}")
+
+
+def _among(sorted_keys, keys):
+    """Bool, shaped as keys: whether each key is one of sorted_keys (sorted ascending)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(np.shape(keys), dtype=bool)
+    found = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[found] == keys
 
 
 def _generator(seed):
@@ -440,8 +448,7 @@ def _negatives(pairs, held_out_items, nb_items, valid_negative, rng, disable, wh
             users = first + pending // valid_negative
             candidates = drawn[pending]
             keys = users * nb_items + candidates
-            found = np.minimum(np.searchsorted(known, keys), len(known) - 1)
-            rejected = known[found] == keys
+            rejected = _among(known, keys)
             for items in held_out_items:
                 rejected &= candidates != items[users]
             pending = pending[rejected]
@@ -555,21 +562,12 @@ def _save_tensor(tensor, handle):
 def _stage(directory, name, content):
     """Write content (bytes, or a tensor to save) in full under a temporary name beside
     directory/name, flushed to disk, and return that name; on an error none of it is left."""
-    # atomic_output's name, so that what a killed conversion left is known and removed by the
-    # next one
-    remove_stale_temporaries(directory, name)
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            if isinstance(content, bytes):
-                handle.write(content)
-            else:
-                _save_tensor(content, handle)
-        fsync_path(temporary)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
+    with staged_output(os.path.join(directory, name)) as temporary, \
+            open(temporary, "wb") as handle:
+        if isinstance(content, bytes):
+            handle.write(content)
+        else:
+            _save_tensor(content, handle)
     return temporary
 
 
@@ -805,9 +803,8 @@ def _convert_given_split(args, columns):
         _check_negatives_fit(1, args.valid_negative)
         _prepare_output(args.output)
         if args.paper:
-            (train, _), (test, test_reader) = ((load_paper_ratings(path), "paper")
-                                               for path in paths[:2])
-            reader = test_reader
+            (train, reader), (test, test_reader) = ((load_paper_ratings(path), "paper")
+                                                    for path in paths[:2])
         else:
             train, reader = load_ratings(paths[0], *columns, first_columns=args.first_columns,
                                          string_ids=args.string_ids,

@@ -19,7 +19,25 @@ class DirectoryLocked(Exception):
 @contextlib.contextmanager
 def atomic_output(path):
     """Yields a temporary name beside `path`; renamed onto `path` when the block completes,
-    removed when it fails (a killed process leaves only a dot-file, never a partial `path`).
+    removed when it fails (a killed process leaves only a dot-file, never a partial `path`)."""
+    with staged_output(path) as temporary:
+        yield temporary
+    try:
+        os.replace(temporary, path)
+        # With the file's own fsync (staged_output): without the two, a power loss after the
+        # rename can leave `path` empty, for the rename may reach the disk before the data, and
+        # the rename itself may be lost.
+        fsync_path(os.path.dirname(os.path.abspath(path)))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+@contextlib.contextmanager
+def staged_output(path):
+    """Yields a temporary name beside `path`, flushed to the disk when the block completes and
+    left for the caller to rename onto `path` (os.replace), as atomic_output does; removed when
+    the block fails. Several files staged first and renamed after are all or nothing.
 
     The name is our own rather than mkstemp's, whose files are private (0600) whatever the umask,
     and it carries the pid, so the leftovers of a killed writer are recognised and removed by
@@ -30,14 +48,11 @@ def atomic_output(path):
     temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     try:
         yield temporary
-        # Without the two fsyncs a power loss after the rename can leave `path` empty: the
-        # rename may reach the disk before the data, and the rename itself may be lost.
         fsync_path(temporary)
-        os.replace(temporary, path)
-        fsync_path(directory)
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+        raise
 
 
 def fsync_path(path):

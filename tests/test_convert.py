@@ -13,6 +13,7 @@ import torch
 import checkpoint
 import convert
 import dataloading
+import fileio
 from conftest import REAL_DATA, ROOT
 from neumf import NeuMF
 
@@ -350,8 +351,8 @@ def test_a_failed_conversion_leaves_the_earlier_one_usable(tmp_path, tiny, monke
     if target == "save":
         monkeypatch.setattr(convert.torch, "save", full_disk_on_save(number))
     else:
-        monkeypatch.setattr(convert, "fsync_path", fail_on_call(
-            number, convert.fsync_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+        monkeypatch.setattr(fileio, "fsync_path", fail_on_call(
+            number, fileio.fsync_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
     capsys.readouterr()
     line = failure(capsys, "--path", tiny, "--output", output, "--min_ratings", 1)
     assert line == (f"convert.py: error: {output}: cannot write the output (No space left on "
