@@ -88,13 +88,11 @@ def parse_args(argv=None):
         method, default = METHOD_FLAGS[name]
         parser.add_argument(*flags, type=kind, help=f"{method} (default {default})")
     args = parser.parse_args(argv)
-    # Defaults only after this check, which tells a flag given from one not given.
-    for name, (method, default) in METHOD_FLAGS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-        elif args.method != method:
+    for name, (method, _) in METHOD_FLAGS.items():
+        if getattr(args, name) is not None and args.method != method:
             parser.error(f"--{name} is a setting of --method {method}, not {args.method}; "
                          f"drop --{name}")
+    cli.fill_defaults(args, {name: default for name, (_, default) in METHOD_FLAGS.items()})
     counts = {"--topk": [args.topk], "--report_topk": args.report_topk,
               "--neighbours": [args.neighbours], "--factors": [args.factors],
               "--epochs": [args.epochs], "--batch_size": [args.batch_size]}

@@ -22,6 +22,15 @@ def check_seed(parser, seed):
         parser.error(f"--seed must be in [0, 2^63), got {seed}")
 
 
+def fill_defaults(args, defaults):
+    """Give each flag of `defaults` (name: value) that was not given its default. Such flags are
+    declared without one, so that the checks run before this can tell a flag given from one
+    left out, and refuse one the run has no use for."""
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def discard_stdout():
     """Send the rest of stdout to /dev/null: the reader of its pipe went away (`| head -1`), and
     what is still buffered would otherwise fail again at exit, with a traceback."""

@@ -726,7 +726,7 @@ _PAPER_FORMAT = ("user_col", "item_col", "time_col", "first_columns", "string_id
                  "test_path", "test_negatives_path")
 
 
-# Defaults filled in only after _check_flags, which tells these flags given from not given.
+# Defaults filled in only after _check_flags (cli.fill_defaults), which refuses some when given.
 _DEFAULTS = {"seed": 1, "valid_negative": 100, "rating_col": "rating"}
 
 
@@ -737,9 +737,7 @@ def _arguments(argv):
     if args.seed is not None:
         cli.check_seed(parser, args.seed)
     _check_flags(args)
-    for name, default in _DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    cli.fill_defaults(args, _DEFAULTS)
     return args
 
 

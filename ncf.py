@@ -31,14 +31,14 @@ from neumf import MODELS, build, load_pretrained, parameter_count
 # the data an epoch is made of, so the run could not equal an uninterrupted one (a refusal).
 # --topk is not among them: the saved best HR is at the saved cut-off, and new epochs would be
 # compared with it.
-RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "valid_batch_size", "resume", "local_rank", "mode",
-                        "load_checkpoint_path", "data", "full_ranking", "report_topk",
-                        "pretrained_gmf", "pretrained_mlp", "alpha"}
+RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "valid_batch_size",
+                        "resume", "local_rank", "mode", "load_checkpoint_path", "data",
+                        "full_ranking", "report_topk", "pretrained_gmf", "pretrained_mlp",
+                        "alpha"}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 # Counts above this are typing mistakes that would otherwise fail deep inside torch.
 MAX_COUNT = 2 ** 31 - 1
-# Flags that only some runs use: their defaults are set after check_args has seen whether they
-# were given, so that a run with no use for one refuses it.
+# Flags that only some runs use, with the defaults cli.fill_defaults sets after check_args.
 DEFAULTS_AFTER_CHECKS = {"beta1": 0.25, "beta2": 0.5, "eps": 1e-8, "alpha": 0.5}
 
 
@@ -121,9 +121,7 @@ def check_args(args, parser):
     if args.alpha is not None and not args.pretrained_gmf:
         parser.error("--alpha weighs the two halves of --pretrained_gmf and --pretrained_mlp; "
                      "pass both, or drop --alpha")
-    for flag, default in DEFAULTS_AFTER_CHECKS.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, default)
+    cli.fill_defaults(args, DEFAULTS_AFTER_CHECKS)
     counts = {"--epochs": (args.epochs, 1), "--batch_size": (args.batch_size, 1),
               "--valid_batch_size": (args.valid_batch_size, 1), "--factors": (args.factors, 1),
               "--topk": (args.topk, 1), "--grads_accumulated": (args.grads_accumulated, 1),
@@ -470,8 +468,8 @@ def check_resume_args(saved_args, args, path):
     if refused:
         raise RunError(f"{path}: cannot resume: {', '.join(refused)} differ from the saved run, "
                        f"which would change the model, its data or how the best epoch is chosen; "
-                       f"start a new run in another "
-                       f"--checkpoint_dir, or resume with the saved values")
+                       f"start a new run in another --checkpoint_dir, or resume with the saved "
+                       f"values")
     return [f"--{key} {saved_args[key]} -> {current[key]}" for key in differing
             if key not in ("resume", "local_rank", "data")]
 
