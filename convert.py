@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import cli
 from dataloading import CONVERTING, METADATA, tensors_fingerprint
-from fileio import fsync_path, make_writable_dir, staged_output
+from fileio import fsync_path, make_writable_dir, removed_if_failed, staged_output
 from load import (NO_TIME, TIME_FORMATS, DataError, first_line, load_negatives, load_paper_ratings,
                   load_ratings)
 
@@ -516,13 +516,17 @@ def _fail(message):
     sys.exit(2)
 
 
-def _prepare_output(directory):
-    """Fail before the slow work when DIR cannot be created or written."""
+@contextlib.contextmanager
+def _output_directory(directory):
+    """Fail before the slow work when DIR cannot be created or written; a DIR created here is
+    removed again when the conversion fails before writing into it."""
     try:
-        make_writable_dir(directory)
+        created = make_writable_dir(directory)
     except OSError as e:
         raise DataError(f"{directory}: cannot write the output ({e.strerror or e}); choose a "
                         "writable --output") from None
+    with removed_if_failed(created):
+        yield
 
 
 class _KeepWriteError:
@@ -670,35 +674,35 @@ def main(argv=None):
     with _one_line_errors(args.path, args.output, ", or lower --valid_negative"):
         # one user is the fewest a conversion can keep: no need to read the file to refuse
         _check_negatives_fit(1, args.valid_negative)
-        _prepare_output(args.output)
-        if progress:
-            print(f"{PROG}: reading {args.path}", file=sys.stderr)
-        frame, reader = load_ratings(
-            args.path, *columns, first_columns=args.first_columns,
-            rating_col=args.rating_col if args.min_rating is not None else None,
-            string_ids=args.string_ids, time_format=args.time_format)
-        try:
-            result = convert(frame, args.seed, args.valid_negative, min_ratings, progress,
-                             args.min_rating, args.min_item_ratings or 1, args.validation)
-        except FlagError:
-            raise
-        except DataError as e:
-            raise DataError(f"{args.path}: {e}") from None
-        del frame
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "source": os.path.abspath(args.path),
-            "reader": reader,
-            "seed": args.seed,
-            "valid_negative": args.valid_negative,
-            "min_ratings": min_ratings,
-            **_new_settings(args),
-            **{key: result[key] for key in ("ratings_read", "rows_below_min_rating",
-                                            "items_dropped", "users_dropped",
-                                            "duplicates_dropped", "users", "items", "train",
-                                            "test", "validation") if key in result},
-        }
-        write_outputs(args.output, result, metadata, disable=not progress)
+        with _output_directory(args.output):
+            if progress:
+                print(f"{PROG}: reading {args.path}", file=sys.stderr)
+            frame, reader = load_ratings(
+                args.path, *columns, first_columns=args.first_columns,
+                rating_col=args.rating_col if args.min_rating is not None else None,
+                string_ids=args.string_ids, time_format=args.time_format)
+            try:
+                result = convert(frame, args.seed, args.valid_negative, min_ratings, progress,
+                                 args.min_rating, args.min_item_ratings or 1, args.validation)
+            except FlagError:
+                raise
+            except DataError as e:
+                raise DataError(f"{args.path}: {e}") from None
+            del frame
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "source": os.path.abspath(args.path),
+                "reader": reader,
+                "seed": args.seed,
+                "valid_negative": args.valid_negative,
+                "min_ratings": min_ratings,
+                **_new_settings(args),
+                **{key: result[key] for key in ("ratings_read", "rows_below_min_rating",
+                                                "items_dropped", "users_dropped",
+                                                "duplicates_dropped", "users", "items", "train",
+                                                "test", "validation") if key in result},
+            }
+            write_outputs(args.output, result, metadata, disable=not progress)
     _report(f"{PROG}: read {result['ratings_read']} ratings; kept {result['users']} users "
             f"({result['users_dropped']} dropped), {result['items']} items; "
             f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
@@ -799,37 +803,37 @@ def _convert_given_split(args, columns):
         paths = [args.path, args.test_path, args.test_negatives_path]
     with _one_line_errors(paths[0], args.output):
         _check_negatives_fit(1, args.valid_negative)
-        _prepare_output(args.output)
-        if args.paper:
-            (train, reader), (test, test_reader) = ((load_paper_ratings(path), "paper")
-                                                    for path in paths[:2])
-        else:
-            train, reader = load_ratings(paths[0], *columns, first_columns=args.first_columns,
-                                         string_ids=args.string_ids,
-                                         time_format=args.time_format)
-            test, test_reader = load_ratings(paths[1], *columns,
-                                             first_columns=args.first_columns,
+        with _output_directory(args.output):
+            if args.paper:
+                (train, reader), (test, test_reader) = ((load_paper_ratings(path), "paper")
+                                                        for path in paths[:2])
+            else:
+                train, reader = load_ratings(paths[0], *columns, first_columns=args.first_columns,
                                              string_ids=args.string_ids,
                                              time_format=args.time_format)
-        negatives = None if paths[2] is None else load_negatives(paths[2], args.string_ids)
-        valid_negative = args.valid_negative if negatives is None else negatives[2].shape[1]
-        _check_negatives_fit(len(test), valid_negative)
-        result = convert_split(train, test, negatives, args.seed, valid_negative,
-                               (paths[1], first_line(test_reader), paths[2]),
-                               sys.stderr.isatty())
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "source": os.path.abspath(paths[0]),
-            "test_source": os.path.abspath(paths[1]),
-            "reader": reader,
-            **({"seed": args.seed} if negatives is None else
-               {"negatives_source": os.path.abspath(paths[2])}),
-            "valid_negative": valid_negative,
-            **_new_settings(args),
-            **{key: result[key] for key in ("ratings_read", "duplicates_dropped", "users",
-                                            "items", "train", "test")},
-        }
-        write_outputs(args.output, result, metadata)
+                test, test_reader = load_ratings(paths[1], *columns,
+                                                 first_columns=args.first_columns,
+                                                 string_ids=args.string_ids,
+                                                 time_format=args.time_format)
+            negatives = None if paths[2] is None else load_negatives(paths[2], args.string_ids)
+            valid_negative = args.valid_negative if negatives is None else negatives[2].shape[1]
+            _check_negatives_fit(len(test), valid_negative)
+            result = convert_split(train, test, negatives, args.seed, valid_negative,
+                                   (paths[1], first_line(test_reader), paths[2]),
+                                   sys.stderr.isatty())
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "source": os.path.abspath(paths[0]),
+                "test_source": os.path.abspath(paths[1]),
+                "reader": reader,
+                **({"seed": args.seed} if negatives is None else
+                   {"negatives_source": os.path.abspath(paths[2])}),
+                "valid_negative": valid_negative,
+                **_new_settings(args),
+                **{key: result[key] for key in ("ratings_read", "duplicates_dropped", "users",
+                                                "items", "train", "test")},
+            }
+            write_outputs(args.output, result, metadata)
     _report(f"{PROG}: given split: {result['users']} users, {result['items']} items; "
             f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
             f"test {result['test']}, test negatives {result['test']}x{valid_negative} "

@@ -108,10 +108,30 @@ def lock_directory(directory):
 
 def make_writable_dir(path):
     """Create `path` if needed and prove a file can be written there; raises OSError if not.
+    Returns the directories it created, deepest first.
 
     Checked at start so a run fails in its first second, not after its first epoch.
     """
+    created = []
+    missing = os.path.abspath(path)
+    while not os.path.exists(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write-test-{os.getpid()}")
     open(probe, "w").close()
     os.remove(probe)
+    return created
+
+
+@contextlib.contextmanager
+def removed_if_failed(created):
+    """Directories make_writable_dir created are removed again, those still empty, when the
+    block fails: a refused input leaves no trace of the output it would have written."""
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise

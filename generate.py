@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 import cli
-from fileio import atomic_output, make_writable_dir
+from fileio import atomic_output, make_writable_dir, removed_if_failed
 
 PRESETS = {
     # users, items, mean ratings per user
@@ -306,16 +306,11 @@ def memory_needed(n_users, n_items, mean_ratings):
 
 def check_resources(output, n_users, n_items, mean_ratings):
     """Refuse up front an output that cannot be written or sizes that cannot fit in memory,
-    rather than after minutes of generating (or at the out-of-memory killer's hands)."""
+    rather than after minutes of generating (or at the out-of-memory killer's hands).
+    Returns the directories it created for the output (make_writable_dir)."""
     if os.path.isdir(output):
         raise GenerateError(f"--output {output}: is a directory; pass a file name such as "
                             f"{os.path.join(output, 'ratings.csv')}")
-    directory = os.path.dirname(os.path.abspath(output))
-    try:
-        make_writable_dir(directory)
-    except OSError as err:
-        raise GenerateError(f"--output {output}: cannot write in {directory} ({err.strerror}); "
-                            f"pass a writable path") from None
     needed, available = memory_needed(n_users, n_items, mean_ratings), cli.available_memory()
     if available is not None and needed > available:
         raise GenerateError(
@@ -323,6 +318,12 @@ def check_resources(output, n_users, n_items, mean_ratings):
             f"{needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB available; "
             f"pass smaller sizes"
         )
+    directory = os.path.dirname(os.path.abspath(output))
+    try:
+        return make_writable_dir(directory)
+    except OSError as err:
+        raise GenerateError(f"--output {output}: cannot write in {directory} ({err.strerror}); "
+                            f"pass a writable path") from None
 
 
 def main(argv=None):
@@ -345,20 +346,22 @@ def main(argv=None):
     mean_ratings = mean_ratings if args.mean_ratings is None else args.mean_ratings
     began = time.perf_counter()
     try:
-        check_resources(args.output, n_users, n_items, mean_ratings)
-        try:
-            frame = generate_ratings(n_users, n_items, mean_ratings, args.seed, args.min_ratings)
-        except ValueError as err:
-            parser.error(str(err))
-        except MemoryError:
-            raise GenerateError(f"--users {n_users} --items {n_items} --mean_ratings "
-                                f"{mean_ratings:g}: ran out of memory; pass smaller sizes"
-                                ) from None
-        try:
-            write_csv(frame, args.output)
-        except OSError as err:
-            raise GenerateError(f"--output {args.output}: cannot write ({err.strerror}); "
-                                f"pass a writable path with free space") from None
+        created = check_resources(args.output, n_users, n_items, mean_ratings)
+        with removed_if_failed(created):
+            try:
+                frame = generate_ratings(n_users, n_items, mean_ratings, args.seed,
+                                         args.min_ratings)
+            except ValueError as err:
+                parser.error(str(err))
+            except MemoryError:
+                raise GenerateError(f"--users {n_users} --items {n_items} --mean_ratings "
+                                    f"{mean_ratings:g}: ran out of memory; pass smaller sizes"
+                                    ) from None
+            try:
+                write_csv(frame, args.output)
+            except OSError as err:
+                raise GenerateError(f"--output {args.output}: cannot write ({err.strerror}); "
+                                    f"pass a writable path with free space") from None
     except GenerateError as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         sys.exit(2)

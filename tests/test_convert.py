@@ -272,8 +272,10 @@ def finished(tmp_path, tiny, capsys):
 
 
 def assert_nothing_left(output):
-    """A failed conversion into a fresh directory removes all it wrote, marker included."""
-    assert sorted(path.name for path in output.iterdir()) == []
+    """A failed conversion into a fresh directory removes all it wrote, marker included, and
+    the directory, which it created."""
+    assert not output.exists()
+    assert sorted(path.name for path in output.parent.iterdir()) == ["ratings.csv"]
 
 
 # os.replace is called once per file: the five tensors, then metadata.json.
@@ -371,6 +373,24 @@ def test_a_conversion_that_leaves_nothing_to_train_on_is_refused(tmp_path, capsy
                     f"users kept has only 1 distinct item(s), all held out; raise --min_ratings "
                     f"above 1, or add interactions")
     assert no_results(tmp_path / "out")
+
+
+def test_a_refused_conversion_removes_the_output_directories_it_created(tmp_path, capsys):
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text(HEADER + "1,2,3,4\n")
+    output = tmp_path / "new" / "deeper" / "out"
+    failure(capsys, "--path", ratings, "--output", output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ratings.csv"]
+    # a directory that was there before is the user's: it stays, empty or not
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    failure(capsys, "--path", ratings, "--output", existing / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "ratings.csv"]
+    assert list(existing.iterdir()) == []
+    failure(capsys, "--path", ratings, "--output", existing)
+    assert existing.is_dir()
+    failure(capsys, "--paper", tmp_path / "missing", "--output", output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "ratings.csv"]
 
 
 def test_a_given_test_file_is_refused_at_its_own_line_whatever_the_training_reader(tmp_path,

@@ -291,4 +291,5 @@ def test_conversion_onto_a_full_disk_leaves_nothing(full_disk, tmp_path, capsys)
     line = one_error_line(capsys, "convert.py", lambda: convert.main(
         ["--path", str(ratings), "--output", str(output)]))
     assert f"{output}: cannot write the output (No space left on device)" in line
-    assert os.listdir(output) == []
+    # nor the directory it created
+    assert os.listdir(full_disk) == []

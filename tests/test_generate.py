@@ -153,7 +153,8 @@ def test_a_failed_write_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(generate, "_csv_chunk", full_disk)
-    out = tmp_path / "r.csv"
+    # the directory it created for the output goes too
+    out = tmp_path / "new" / "r.csv"
     line = expect_one_line_exit_2(capsys, ["--output", str(out), "--users", "30"])
     assert line == (f"generate.py: error: --output {out}: cannot write (No space left on "
                     f"device); pass a writable path with free space")
@@ -164,7 +165,7 @@ def test_sizes_beyond_memory_are_refused_before_generating(tmp_path, capsys, mon
     monkeypatch.setattr(generate.cli, "available_memory", lambda: 10 * 2 ** 30)
     monkeypatch.setattr(generate, "generate_ratings", pytest.fail)
     # 90 M ratings at 128 bytes, 1.5 M users at 64 and 1,000 items at 2,048: 10.8 GiB.
-    line = expect_one_line_exit_2(capsys, ["--output", str(tmp_path / "r.csv"),
+    line = expect_one_line_exit_2(capsys, ["--output", str(tmp_path / "new" / "r.csv"),
                                            "--users", "1500000", "--mean_ratings", "60"])
     assert line == ("generate.py: error: --users 1500000 --items 1000 --mean_ratings 60: need "
                     "about 10.8 GiB, more than the 10.0 GiB available; pass smaller sizes")
@@ -176,6 +177,7 @@ def test_running_out_of_memory_anyway_is_one_line(tmp_path, capsys, monkeypatch)
         raise MemoryError
 
     monkeypatch.setattr(generate, "generate_ratings", out_of_memory)
-    line = expect_one_line_exit_2(capsys, ["--output", str(tmp_path / "r.csv")])
+    line = expect_one_line_exit_2(capsys, ["--output", str(tmp_path / "new" / "r.csv")])
     assert line == ("generate.py: error: --users 1500 --items 1000 --mean_ratings 50: ran out "
                     "of memory; pass smaller sizes")
+    assert not list(tmp_path.iterdir())
