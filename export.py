@@ -36,6 +36,7 @@ OPSET = 17
 TOLERANCE = 1e-5
 CHECK_BATCHES = (1, 1000)
 ONNX_PACKAGES = ("onnx", "onnxruntime")
+SUFFIXES = {"onnx": "onnx", "torchscript": "pt"}
 
 
 class ExportError(Exception):
@@ -150,6 +151,12 @@ def export(args):
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
         raise ExportError(f"--output {args.output}: directory {directory} does not exist")
+    if os.path.isdir(args.output):
+        raise ExportError(f"--output {args.output}: is a directory; name the file to write, "
+                          f"such as {os.path.join(args.output, 'ncf.' + SUFFIXES[args.format])}")
+    if os.path.realpath(args.output) == os.path.realpath(args.load_checkpoint_path):
+        raise ExportError(f"--output {args.output}: is the checkpoint being exported, which the "
+                          f"export would replace; name another file")
     nb_users, nb_items = dataloading.open_dataset(args.data)[3:5]
     model = load_model(args.load_checkpoint_path).eval()
     check_matches(model.state_dict(), args.load_checkpoint_path, nb_users, nb_items)
@@ -170,7 +177,12 @@ def main(argv=None):
     except (ExportError, dataloading.DataError, CheckpointError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"{PROG}: wrote {args.output} ({args.format})")
+    try:
+        print(f"{PROG}: wrote {args.output} ({args.format})")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (head, a pager) went away; the file is written all the same.
+        cli.discard_stdout()
 
 
 if __name__ == "__main__":

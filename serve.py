@@ -19,6 +19,7 @@ to fix it>"}; the server goes on serving.
 Only the Python standard library serves HTTP: a request costs the model milliseconds and the
 server tens of microseconds (README), and the Docker image runs it with nothing more installed.
 """
+import collections
 import json
 import re
 import signal
@@ -46,7 +47,8 @@ MAX_TEXT_ID = 1024
 MAX_BODY_BYTES = 64 * 1024
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 # At most 20 characters: int() of a very long digit string costs time quadratic in its length.
-WHOLE_NUMBER = re.compile(r"[+-]?\d{1,19}")
+# ASCII digits only: int() also reads other scripts' digits, so "١" would be answered as user 1.
+WHOLE_NUMBER = re.compile(r"[+-]?\d{1,19}", re.ASCII)
 ALLOWED = {"/health": "GET", "/recommend": "GET and POST"}
 
 
@@ -143,10 +145,21 @@ def query_fields(query):
     return {name: values[0] for name, values in fields.items()}
 
 
+def unique_keys(pairs):
+    """A JSON object's dict, refusing a key given twice: json.loads would keep the last silently,
+    as the query string's repeated parameters are refused."""
+    counts = collections.Counter(key for key, _ in pairs)
+    repeated = [key for key, count in counts.items() if count > 1]
+    if repeated:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body: key {shown(repeated[0])} given "
+                                                   f"{counts[repeated[0]]} times; give it once")
+    return dict(pairs)
+
+
 def batch_request(body, text_ids=False):
     """(user ids, k) of a POST /recommend body."""
     try:
-        request = json.loads(body)
+        request = json.loads(body, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError):
         raise RequestError(HTTPStatus.BAD_REQUEST,
                            'body: not JSON; send {"users": [ID, ...], "k": 10}') from None
@@ -278,26 +291,36 @@ class Handler(BaseHTTPRequestHandler):
     def read_body(self):
         """The request's body, whole, or a RequestError (the connection then closes, since the
         rest of the stream cannot be told from the next request)."""
-        length = self.headers.get("Content-Length")
-        if "Transfer-Encoding" in self.headers or length is None:
+        lengths = self.headers.get_all("Content-Length", [])
+        if "Transfer-Encoding" in self.headers or not lengths:
             self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED,
                                "body: send it with a Content-Length header")
-        if not length.isdigit():
+        if len(lengths) > 1:
+            # Which one a proxy in front of us went by is unknown: the body's end is too.
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST,
+                               f"Content-Length: given {len(lengths)} times; send it once")
+        length = lengths[0]
+        if not re.fullmatch(r"[0-9]+", length):
             self.close_connection = True
             raise RequestError(HTTPStatus.BAD_REQUEST,
                                f"Content-Length: {shown(length)} is not a byte count")
-        if int(length) > MAX_BODY_BYTES:
+        digits = length.lstrip("0") or "0"
+        # Compared as text first: int() of thousands of digits fails, and a count with more
+        # digits than the limit is over it.
+        if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
             self.close_connection = True
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"body: {length} bytes, at most {MAX_BODY_BYTES}; send fewer "
-                               f"users a request")
-        body = self.rfile.read(int(length))
+                               f"Content-Length: {shown(length)}, at most {MAX_BODY_BYTES} "
+                               f"bytes are taken; send fewer users a request")
+        size = int(digits)
+        body = self.rfile.read(size)
         self.body_read = True
-        if len(body) < int(length):
+        if len(body) < size:
             self.close_connection = True
             raise RequestError(HTTPStatus.BAD_REQUEST,
-                               f"body: {len(body)} of the {length} bytes announced arrived")
+                               f"body: {len(body)} of the {size} bytes announced arrived")
         return body
 
     def reply(self, status, payload):

@@ -1,14 +1,16 @@
 """export.py: the exported graph equals model(user, item) when loaded by its own runtime alone."""
 import copy
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import export
 from test_recommend import ITEM_IDS, USER_IDS, model_for
-from test_serve import write_served_data
+from test_serve import ROOT, write_served_data
 
 
 @pytest.fixture
@@ -142,3 +144,38 @@ def test_refusals_are_one_line_and_write_nothing(files, monkeypatch, capsys, fla
 def save_model(path, nb_users, nb_items):
     torch.save(model_for(nb_users, nb_items).state_dict(), path)
     return str(path)
+
+
+@pytest.mark.parametrize("output, error", [
+    (lambda files: files["tmp"] / "out",
+     "--output {out}: is a directory; name the file to write, such as {out}/ncf.pt"),
+    # A typo away from replacing the trained model with its export.
+    (lambda files: files["checkpoint"],
+     "--output {checkpoint}: is the checkpoint being exported, which the export would replace; "
+     "name another file"),
+], ids=["directory", "checkpoint"])
+def test_a_directory_or_the_checkpoint_as_output_is_refused_before_any_work(files, capsys,
+                                                                            output, error):
+    out = files["tmp"] / "out"
+    out.mkdir()
+    checkpoint = Path(files["checkpoint"]).read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        run_export(files, output(files), "--format", "torchscript")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "export.py: error: " + error.format(
+        out=out, checkpoint=files["checkpoint"]) + "\n"
+    assert os.listdir(out) == []
+    assert Path(files["checkpoint"]).read_bytes() == checkpoint
+
+
+def test_a_reader_that_goes_away_is_no_error(files):
+    """`export.py ... | true`: the file is written, so the exit status is 0 and stderr quiet."""
+    output = files["tmp"] / "ncf.pt"
+    with subprocess.Popen(
+            [sys.executable, "export.py", "--load_checkpoint_path", files["checkpoint"],
+             "--data", files["data"], "--format", "torchscript", "--output", str(output)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.close()  # long before the child has imported torch, let alone printed
+        error = process.stderr.read()
+        assert (process.wait(timeout=120), error) == (0, b"")
+    assert output.is_file()

@@ -261,6 +261,46 @@ def test_malformed_http_gets_a_json_error(server, sent, status, named):
     assert request(server["port"], "GET", "/health")[0] == 200
 
 
+def post_head(*header_lines):
+    return b"POST /recommend HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in header_lines) \
+        + b"\r\n"
+
+
+EXACT_REFUSALS = [
+    # (bytes sent, status, the whole error)
+    # Digits of other scripts are not ASCII digits, though int() reads "٥٥" as 55.
+    ("GET /recommend?user=%D9%A5%D9%A5 HTTP/1.1\r\n\r\n".encode(), 400,
+     "user: expected a user id (a 64-bit integer), got '٥٥'"),
+    ("GET /recommend?user=55&k=%EF%BC%92 HTTP/1.1\r\n\r\n".encode(), 400,
+     "k: expected a whole number from 1 to 1000, got '２'"),
+    # "\xb2" is a digit to str.isdigit (superscript two), not to int().
+    (post_head(b"Content-Length: \xb2") + b"{}", 400, "Content-Length: '²' is not a byte count"),
+    # int() refuses more than 4,300 digits.
+    (post_head(b"Content-Length: " + b"1" * 5000), 413,
+     "Content-Length: '" + "1" * 40 + "...', at most 65536 bytes are taken; send fewer users a "
+     "request"),
+    (post_head(b"Content-Length: " + b"0" * 5000 + b"2") + b"{}", 400,
+     'body: expected {"users": [ID, ...], "k": 10} ("k" optional)'),
+    # The first count would leave the rest of the body to be read as the next request.
+    (post_head(b"Content-Length: 2", b"Content-Length: 15") + b'{"users": [55]}', 400,
+     "Content-Length: given 2 times; send it once"),
+    (post_head(b"Content-Length: 31") + b'{"users": [55], "users": [101]}', 400,
+     "body: key 'users' given 2 times; give it once"),
+    (post_head(b"Content-Length: 31") + b'{"users": [55], "k": 2, "k": 3}', 400,
+     "body: key 'k' given 2 times; give it once"),
+]
+
+
+@pytest.mark.parametrize("sent, status, error", EXACT_REFUSALS,
+                         ids=["arabic-indic user", "fullwidth k", "superscript length",
+                              "5000-digit length", "leading zeros", "two lengths",
+                              "two users keys", "two k keys"])
+def test_odd_ids_lengths_and_keys_are_refused_exactly(server, sent, status, error):
+    assert parse_raw(raw_exchange(server["port"], sent)) == (status, {"error": error})
+    check_answer(request(server["port"], "GET", "/recommend?user=55&k=2")[1], 55, 2)
+    assert "Traceback" not in server["log"].read_text()
+
+
 def test_clients_that_close_mid_request_do_not_stop_the_server(server):
     port = server["port"]
     for partial in (b"", b"GET /recommend?us", b"GET /recommend?user=55 HTTP/1.1\r\nHost",
