@@ -19,11 +19,12 @@ $(VENV)/.installed: requirements.txt requirements-test.txt requirements-optional
 
 setup: $(VENV)/.installed
 
+# DEMO_DIR is quoted: a name with a space would otherwise split, and `clean` remove its halves.
 demo: setup
-	$(PY) generate.py --preset small --output $(DEMO_DIR)/raw/ratings.csv
-	$(PY) convert.py --path $(DEMO_DIR)/raw/ratings.csv --output $(DEMO_DIR)/data
-	$(PY) ncf.py --data $(DEMO_DIR)/data --epochs $(DEMO_EPOCHS) -b 16384 \
-		--checkpoint_dir $(DEMO_DIR)/checkpoints --log_path $(DEMO_DIR)/log.json
+	$(PY) generate.py --preset small --output "$(DEMO_DIR)/raw/ratings.csv"
+	$(PY) convert.py --path "$(DEMO_DIR)/raw/ratings.csv" --output "$(DEMO_DIR)/data"
+	$(PY) ncf.py --data "$(DEMO_DIR)/data" --epochs $(DEMO_EPOCHS) -b 16384 \
+		--checkpoint_dir "$(DEMO_DIR)/checkpoints" --log_path "$(DEMO_DIR)/log.json"
 
 test: setup
 	$(PY) -m pytest -q
@@ -35,4 +36,4 @@ bench-quick: setup
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf "$(DEMO_DIR)" .pytest_cache

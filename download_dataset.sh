@@ -40,7 +40,8 @@ if [ -f "$ZIP" ]; then
     echo "$ZIP already downloaded"
     exit 0
 fi
-mkdir -p "$RAW_DIR" || die "cannot create $RAW_DIR"
+# mkdir's own message, reduced to its reason, goes on the one line
+ERROR=$(mkdir -p -- "$RAW_DIR" 2>&1) || die "cannot create $RAW_DIR: ${ERROR##*: }"
 
 URL="$BASE_URL/$DATASET.zip"
 PART="$ZIP.$$.part"

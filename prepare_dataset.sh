@@ -86,6 +86,10 @@ elif [ -n "${PRESET:-}" ]; then
     "$PYTHON" "$HERE/generate.py" --preset "$PRESET" --output "$RATINGS"
 else
     ZIP=$RAW_DIR/$DATASET.zip
+    # Asked before downloading: without unzip the archive is of no use yet, and a failed unpack
+    # must not send the user to delete a good archive.
+    command -v unzip >/dev/null ||
+        die "needs unzip to unpack $ZIP; install it (e.g. apt-get install unzip) and rerun"
     [ -f "$ZIP" ] || bash "$HERE/download_dataset.sh" "$DATASET" "$RAW_DIR"
     bash "$HERE/verify_dataset.sh" "$DATASET" "$ZIP"
     # Unpack beside the target and move the folder in whole, so an interrupted unzip never
@@ -94,7 +98,14 @@ else
         die "$RAW_DIR/$UNPACKED exists but holds no ${RATINGS##*/}; move it away and rerun"
     TMP=$(mktemp -d "$RAW_DIR/.unzip.XXXXXX")
     trap 'rm -rf "$TMP"' EXIT
-    unzip -q "$ZIP" -d "$TMP" || die "cannot unpack $ZIP; delete it and rerun to download it again"
+    # The archive has just matched its published MD5, so a failure here lies with the
+    # destination. No stdin: on a full disk unzip would otherwise wait for "Continue? (y/n)".
+    STATUS=0
+    MESSAGES=$(unzip -q "$ZIP" -d "$TMP" </dev/null 2>&1) || STATUS=$?
+    # unzip's exit status 50 is its "disk full"
+    [ "$STATUS" -ne 50 ] ||
+        die "disk full while unpacking $ZIP into $RAW_DIR; free space there and rerun"
+    [ "$STATUS" -eq 0 ] || die "cannot unpack $ZIP into $RAW_DIR (unzip: ${MESSAGES%%$'\n'*})"
     [ -f "$TMP/${RATINGS#"$RAW_DIR/"}" ] || die "$ZIP holds no ${RATINGS#"$RAW_DIR/"}"
     mv "$TMP/$UNPACKED" "$RAW_DIR/$UNPACKED"
 fi

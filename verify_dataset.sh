@@ -40,7 +40,8 @@ published_md5() {
     esac
 }
 
-# GroupLens writes "MD5 (NAME.zip) = HEX": the sum is the last word.
+# GroupLens writes "MD5 (NAME.zip) = HEX"; md5sum's "HEX  NAME.zip" is taken too: the sum is
+# the one run of 32 hex digits.
 fetch_md5() {
     local text
     if command -v curl >/dev/null; then
@@ -51,7 +52,8 @@ fetch_md5() {
         text=
     fi
     [ -n "$text" ] || die "cannot fetch the published MD5 from $1 (offline, or no curl/wget); compare \`md5sum $ZIPFILE\` with it by hand"
-    echo "${text##* }" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]'
+    [[ "$text" =~ (^|[^[:xdigit:]])([[:xdigit:]]{32})([^[:xdigit:]]|$) ]] || return 0
+    echo "${BASH_REMATCH[2]}" | tr '[:upper:]' '[:lower:]'
 }
 
 case "${1:-}" in
@@ -76,10 +78,12 @@ fi
 [[ " $KNOWN " == *" $DATASET "* ]] || die "unknown dataset '$DATASET'; known: $KNOWN"
 [ -f "$ZIPFILE" ] || die "$ZIPFILE: no such file; download it with download_dataset.sh $DATASET"
 
+# Read from stdin: md5sum would take a name starting with "-" for an option, and marks the sum
+# of a name holding a backslash with a leading "\".
 if command -v md5sum >/dev/null; then
-    ACTUAL=$(md5sum "$ZIPFILE" | cut -d' ' -f1)
+    ACTUAL=$(md5sum <"$ZIPFILE" | cut -d' ' -f1)
 else
-    ACTUAL=$(md5 -q "$ZIPFILE")
+    ACTUAL=$(md5 -q <"$ZIPFILE")
 fi
 EXPECTED=$(published_md5 "$DATASET")
 [[ "$EXPECTED" =~ ^[0-9a-f]{32}$ ]] || die "no MD5 in the file published for $DATASET"

@@ -10,7 +10,13 @@ PYTHON=${PYTHON:-python3}
 
 # gpu_check.py keeps its own deadline; this hard stop at 8 minutes is for a hung kernel. The
 # table is saved after every measurement, so a stopped run still leaves what it measured.
+# timeout's kill is silent and leaves only its status 124: name it.
 if command -v timeout >/dev/null; then
-    exec timeout 480 "$PYTHON" "$HERE/gpu_check.py" "$@"
+    STATUS=0
+    timeout 480 "$PYTHON" "$HERE/gpu_check.py" "$@" || STATUS=$?
+    [ "$STATUS" -ne 124 ] ||
+        echo "gpu_check.sh: stopped after 8 minutes (a hung GPU kernel?);" \
+            "what it measured by then is in gpu_check.md under --out" >&2
+    exit "$STATUS"
 fi
 exec "$PYTHON" "$HERE/gpu_check.py" "$@"

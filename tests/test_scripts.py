@@ -1,6 +1,7 @@
 """The dataset shell helpers, run offline: curl and wget are replaced by stubs on PATH."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -218,3 +219,179 @@ def test_prepare_reuses_only_a_finished_cache(stubbed, offline, tmp_path, files,
     metadata = cache / "metadata.json"
     assert (metadata.exists() and "--output" in metadata.read_text()) != reused
     assert all((cache / name).read_text() == "kept" for name in files if name != "metadata.json")
+
+
+def published_md5_file(tmp_path, text):
+    published = tmp_path / "published.md5"
+    published.write_text(text)
+    return published
+
+
+def test_verify_reads_names_md5sum_would_mangle(offline, tmp_path):
+    """md5sum takes "-x.zip" for an option and prefixes the sum of a name with a backslash
+    with "\\": both good archives were refused."""
+    digest = hashlib.md5(b"archive").hexdigest()
+    published = published_md5_file(tmp_path, f"MD5 (ml-32m.zip) = {digest}\n")
+    env = dict(offline, FAKE_DOWNLOAD=str(published))
+    for name in ("-x.zip", "back\\slash.zip"):
+        (tmp_path / name).write_bytes(b"archive")
+        done = run("verify_dataset.sh", "ml-32m", name, env=env, workdir=tmp_path)
+        assert (done.returncode, done.stdout, done.stderr) == (
+            0, f"{name}: MD5 matches the published one for ml-32m\n", ""), name
+
+
+@pytest.mark.parametrize("template", [
+    "MD5 (ml-32m.zip) = {}\n",
+    "{}  ml-32m.zip\n",
+    "MD5 (ml-32m.zip) = {} \r\n",
+    "{}",
+])
+def test_verify_finds_the_published_sum_in_either_format(offline, tmp_path, template):
+    (tmp_path / "ml-32m.zip").write_bytes(b"archive")
+    digest = hashlib.md5(b"archive").hexdigest().upper()
+    published = published_md5_file(tmp_path, template.format(digest))
+    done = run("verify_dataset.sh", "ml-32m", env=dict(offline, FAKE_DOWNLOAD=str(published)),
+               workdir=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "PASSED\n", "")
+
+
+def test_verify_refuses_a_published_file_without_a_sum(offline, tmp_path):
+    (tmp_path / "ml-32m.zip").write_bytes(b"archive")
+    published = published_md5_file(tmp_path, "<html>Not Found</html>\n")
+    done = run("verify_dataset.sh", "ml-32m", env=dict(offline, FAKE_DOWNLOAD=str(published)),
+               workdir=tmp_path)
+    assert done.stdout == "FAILED\n"
+    one_line_error(done, "no MD5 in the file published for ml-32m")
+
+
+def test_download_into_an_impossible_folder_is_one_line(offline, tmp_path):
+    (tmp_path / "file").write_text("")
+    raw = tmp_path / "file" / "raw"
+    done = run("download_dataset.sh", "ml-1m", raw, env=dict(offline, LC_ALL="C"))
+    assert done.stderr == f"download_dataset.sh: cannot create {raw}: Not a directory\n"
+    assert done.returncode == 1 and not (tmp_path / "urls.log").exists()
+
+
+def served_ml10m(tmp_path):
+    served = tmp_path / "served.zip"
+    with zipfile.ZipFile(served, "w") as archive:
+        archive.writestr("ml-10M100K/ratings.dat", "1::2::5::978300760\n")
+    return served
+
+
+def test_prepare_without_unzip_says_so_before_downloading(stubbed, offline, tmp_path):
+    """Without unzip the archive was downloaded and verified, then the user was told to delete
+    it and download it again."""
+    bin_dir = tmp_path / "bin"
+    for tool in ("bash", "basename", "dirname", "mkdir", "mktemp", "mv", "rm", "cat", "cut",
+                 "tr", "md5sum"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    raw = tmp_path / "raw"
+    env = dict(offline, PATH=str(bin_dir), FAKE_DOWNLOAD=str(served_ml10m(tmp_path)))
+    done = run("prepare_dataset.sh", "ml-10m", raw, env=env, cwd=stubbed)
+    one_line_error(done, f"needs unzip to unpack {raw}/ml-10m.zip; install it")
+    assert not raw.exists() and not (tmp_path / "urls.log").exists()
+
+
+# Leaves a partial ratings file where it was asked to unpack, then fails as $FAKE_UNZIP_STATUS
+# says, with unzip's kind of messages; records what its stdin is.
+FAKE_UNZIP = """#!/usr/bin/env bash
+readlink /proc/self/fd/0 > "$FAKE_UNZIP_STDIN"
+mkdir -p "$4/ml-10M100K"
+echo "1::2::5" > "$4/ml-10M100K/ratings.dat"
+echo "$4/ml-10M100K/ratings.dat:  write error (disk full?).  Continue? (y/n/^C) "
+echo "warning:  $4/ml-10M100K/ratings.dat is probably truncated" >&2
+exit "$FAKE_UNZIP_STATUS"
+"""
+
+
+@pytest.mark.parametrize("status,message", [
+    (50, "disk full while unpacking {zip} into {raw}; free space there and rerun"),
+    (2, "cannot unpack {zip} into {raw} (unzip: {raw}/.unzip."),
+])
+def test_prepare_unzip_failure_is_one_line_and_leaves_nothing(stubbed, offline, tmp_path,
+                                                              status, message):
+    """The archive has matched its MD5, so the old advice to delete it was wrong; unzip's
+    prompt and warnings came before it."""
+    unzip = Path(offline["PATH"].split(":")[0]) / "unzip"
+    unzip.write_text(FAKE_UNZIP)
+    unzip.chmod(0o755)
+    raw = tmp_path / "raw"
+    env = dict(offline, FAKE_DOWNLOAD=str(served_ml10m(tmp_path)),
+               FAKE_UNZIP_STATUS=str(status), FAKE_UNZIP_STDIN=str(tmp_path / "stdin"))
+    done = run("prepare_dataset.sh", "ml-10m", raw, tmp_path / "cache", env=env, cwd=stubbed)
+    one_line_error(done, message.format(zip=raw / "ml-10m.zip", raw=raw))
+    assert "delete" not in done.stderr
+    assert (tmp_path / "stdin").read_text() == "/dev/null\n"
+    assert [p.name for p in raw.iterdir()] == ["ml-10m.zip"]
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def make_copy(tmp_path):
+    """The Makefile in a folder of its own, set up already, with a python that records its
+    arguments: its recipes run without touching the repository."""
+    home = tmp_path / "make"
+    home.mkdir()
+    shutil.copy(ROOT / "Makefile", home / "Makefile")
+    for name in ("requirements.txt", "requirements-test.txt", "requirements-optional.txt"):
+        (home / name).write_text("")
+    (home / ".venv" / "bin").mkdir(parents=True)
+    recorder = home / ".venv" / "bin" / "python"
+    recorder.write_text("#!/usr/bin/env python3\nimport json, sys\n"
+                        "print(json.dumps(sys.argv[1:]), file=open('calls.log', 'a'))\n")
+    recorder.chmod(0o755)
+    stamp = home / ".venv" / ".installed"
+    stamp.touch()
+    later = os.stat(home / "Makefile").st_mtime + 10
+    os.utime(stamp, (later, later))
+    return home
+
+
+def make(home, *args):
+    return subprocess.run(["make", "-s", *args], cwd=home, capture_output=True, text=True)
+
+
+def test_make_demo_and_clean_keep_a_demo_dir_with_a_space_whole(make_copy):
+    done = make(make_copy, "demo", "DEMO_DIR=my demo", "DEMO_EPOCHS=1")
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in (make_copy / "calls.log").read_text().splitlines()]
+    assert calls == [
+        ["generate.py", "--preset", "small", "--output", "my demo/raw/ratings.csv"],
+        ["convert.py", "--path", "my demo/raw/ratings.csv", "--output", "my demo/data"],
+        ["ncf.py", "--data", "my demo/data", "--epochs", "1", "-b", "16384",
+         "--checkpoint_dir", "my demo/checkpoints", "--log_path", "my demo/log.json"],
+    ]
+    for name in ("my", "demo", "my demo"):
+        (make_copy / name).mkdir()
+    assert make(make_copy, "clean", "DEMO_DIR=my demo").returncode == 0
+    assert (make_copy / "my").is_dir() and (make_copy / "demo").is_dir()
+    assert not (make_copy / "my demo").exists()
+
+
+def test_gpu_check_names_its_time_limit(offline, tmp_path):
+    """timeout kills a hung run with no word: the user saw only the exit status 124."""
+    fake = Path(offline["PATH"].split(":")[0]) / "timeout"
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$FAKE_TIMEOUT_ARGS\"\nexit 124\n")
+    fake.chmod(0o755)
+    env = dict(offline, FAKE_TIMEOUT_ARGS=str(tmp_path / "args"))
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", "x"],
+                          capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (124, "")
+    assert done.stderr == ("gpu_check.sh: stopped after 8 minutes (a hung GPU kernel?); what it "
+                           "measured by then is in gpu_check.md under --out\n")
+    assert (tmp_path / "args").read_text() == (
+        f"480 {sys.executable} {ROOT}/scripts/gpu_check.py --out x\n")
+
+
+def test_make_setup_pins_the_cpu_torch_before_the_requirements(make_copy):
+    """requirements.txt's torch range alone would fetch PyPI's multi-GB CUDA build."""
+    (make_copy / ".venv" / ".installed").unlink()
+    done = make(make_copy, "-n", "setup")
+    assert done.returncode == 0, done.stderr
+    installs = [line for line in done.stdout.splitlines() if " pip install " in line]
+    assert installs == [
+        ".venv/bin/python -m pip install -q --upgrade pip",
+        ".venv/bin/python -m pip install -q torch==2.13.0",
+        ".venv/bin/python -m pip install -q -r requirements-test.txt -r requirements-optional.txt",
+    ]
