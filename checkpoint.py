@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 
 import torch
 
@@ -43,7 +44,12 @@ def atomic_save(obj, path):
         # stem, which here holds the pid, so the same object would save to different bytes.
         with atomic_output(path) as temporary, open(temporary, "wb") as handle:
             torch.save(obj, handle)
-    except OSError as error:
+    except (OSError, RuntimeError) as failure:
+        # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError of its
+        # own, raised while handling the OSError that says why.
+        error = failure if isinstance(failure, OSError) else failure.__context__
+        if not isinstance(error, OSError):
+            raise
         raise CheckpointError(f"{path}: cannot be saved ({error.strerror or error}); the previous "
                               f"file, if any, is unchanged; free space on that disk or write "
                               f"elsewhere") from None
@@ -54,6 +60,11 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file; pass the model.pth (or last.pth) "
                               f"that ncf.py wrote")
+    damaged = failed_checksum(path)
+    if damaged:
+        raise CheckpointError(f"{path}: damaged: its entry {damaged} no longer matches the "
+                              f"checksum it was saved with; pass a complete file written by "
+                              f"ncf.py")
     try:
         # torch.load warns about some pickles (protocol 5, for one) before refusing them; the
         # refusal alone is the message.
@@ -73,6 +84,22 @@ def load_checkpoint(path):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: cannot be read, truncated or not a checkpoint "
                               f"({reason}); pass a complete file written by ncf.py") from None
+
+
+def failed_checksum(path):
+    """The first entry of a zip checkpoint (torch.save's format since PyTorch 1.6) whose bytes
+    no longer match their CRC-32, or None.
+
+    torch.load does not check the CRCs, so a flipped bit in a tensor would load as another
+    weight, silently. A file that is not a readable zip is left to torch.load to refuse.
+    """
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError):
+        return None
 
 
 def model_state(checkpoint, path):
@@ -237,13 +264,22 @@ def _is_byte_state(value, size=None):
 
 def _is_rng_state(rng):
     if not (isinstance(rng, dict) and _is_byte_state(rng.get("torch"), CPU_RNG_BYTES)
-            and "cuda" in rng):
+            and "cuda" in rng and _is_mt19937_state(rng["torch"])):
         return False
     if rng["cuda"] is None:
         return True
     # Checked against this machine's generator only where ncf.py would restore it.
     return _is_byte_state(rng["cuda"], torch.cuda.get_rng_state().numel()
                           if torch.cuda.is_available() else None)
+
+
+def _is_mt19937_state(state):
+    # The right size is not enough: torch.set_rng_state refuses some byte strings of it.
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _describe(value):
@@ -272,12 +308,16 @@ TRAINING_STATE = {
              and all(_is_number(value.get(key)) for key in BEST_NUMBERS)
              and all(key in value and (value[key] is None or _is_number(value[key]))
                      for key in BEST_TIMES)),
-    "history": (f"a list of dicts with a whole epoch and numbers {', '.join(RECORD_NUMBERS)}",
+    # Every value of a record is compared or averaged on resume: all must be numbers.
+    "history": (f"a list of dicts of numbers with a whole epoch and "
+                f"{', '.join(RECORD_NUMBERS)}",
                 lambda value: isinstance(value, list) and all(
                     isinstance(record, dict) and _is_int(record.get("epoch"))
-                    and all(_is_number(record.get(key)) for key in RECORD_NUMBERS)
+                    and all(key in record for key in RECORD_NUMBERS)
+                    and all(map(_is_number, record.values()))
                     for record in value)),
-    "args": ("a dict of flags", lambda value: isinstance(value, dict)),
+    "args": ("a dict of flags with the --data path",
+             lambda value: isinstance(value, dict) and isinstance(value.get("data"), str)),
     "data": ("a dict with whole numbers nb_users, nb_items and nb_train",
              lambda value: isinstance(value, dict) and all(
                  _is_int(value.get(key)) and value[key] >= 0

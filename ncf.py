@@ -7,6 +7,7 @@
 import datetime
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -816,9 +817,27 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower -b/--batch_size or --valid_batch_size, or use more GPUs")
     except RuntimeError as error:
-        if not cli.is_cpu_out_of_memory(error):
+        if cli.is_cpu_out_of_memory(error):
+            fail("out of memory; lower -b/--batch_size or --valid_batch_size")
+        lost = lost_peer(error)
+        if lost is None:
             raise
-        fail("out of memory; lower -b/--batch_size or --valid_batch_size")
+        fail(f"another process of this run stopped ({lost}); its own error line, here or in "
+             f"its node's log, says why")
+
+
+def lost_peer(error):
+    """What gloo said when a collective lost another process (it failed or was killed), or
+    None for any other error.
+
+    The surviving process would otherwise end in a traceback that buries the failed one's
+    message. gloo raises a plain RuntimeError whose text starts with its source location.
+    """
+    text = str(error).strip()
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "gloo/transport" not in text:
+        return None
+    said = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]
+    return f"gloo: {said}"
 
 
 def fail(message):

@@ -189,6 +189,10 @@ LAST_PTH_DAMAGE = [
     ("history record without throughput", delete_entry("history", 0, "train_throughput"),
      "history is a list of length 1, expected a list of dicts"),
     ("args as list", set_entry(["args"], ["-e", "1"]), "args is a list of length 2"),
+    ("args without --data", set_entry(["args"], {"epochs": 1}),
+     "args is a dict of length 1, expected a dict of flags with the --data path"),
+    ("history metric as text", set_entry(["history", 0, "hr@10"], "high"),
+     "history is a list of length 1, expected a list of dicts of numbers"),
     ("data without nb_train", delete_entry("data", "nb_train"), "data is a dict of length 3"),
     ("negative nb_users", set_entry(["data", "nb_users"], -30), "data is a dict of length 4"),
     ("precision as a bool", set_entry(["precision"], False),
@@ -205,6 +209,10 @@ LAST_PTH_DAMAGE = [
     ("rng of floats", set_entry(["rng", "torch"], torch.zeros(torch.get_rng_state().numel())),
      "rng is a dict of length 2"),
     ("rng as None", set_entry(["rng"], None), "rng is None"),
+    # Of the right size and type, but no Mersenne Twister state: set_rng_state refuses it.
+    ("rng of zeros", set_entry(["rng", "torch"], torch.zeros(torch.get_rng_state().numel(),
+                                                            dtype=torch.uint8)),
+     "rng is a dict of length 2"),
     ("cuda rng as text", set_entry(["rng", "cuda"], "seed"), "rng is a dict of length 2"),
     ("no cuda rng entry", delete_entry("rng", "cuda"), "rng is a dict of length 1"),
     ("optimizer as None", set_entry(["optimizer"], None), "optimizer is None"),
@@ -263,6 +271,28 @@ def test_tampered_model_inside_last_pth_is_refused(tiny_data, trained, tmp_path,
 
 def test_untampered_last_pth_passes(trained):
     assert checkpoint.check_training_state(trained[1], "last.pth") is None
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_flipped_bit_in_a_weight_is_refused_in_one_line(tiny_data, trained, tmp_path, capsys,
+                                                          tool):
+    path = tmp_path / "model.pth"
+    checkpoint.atomic_save(trained[0], path)
+    content = bytearray(path.read_bytes())
+    weights = trained[0]["final.weight"].numpy().tobytes()
+    assert content.count(weights) == 1
+    content[content.index(weights)] ^= 1
+    path.write_bytes(content)
+    # torch.load reads it without a word: one weight is now another.
+    assert not torch.equal(torch.load(path, weights_only=True)["final.weight"],
+                           trained[0]["final.weight"])
+    with pytest.raises(SystemExit) as exit_info:
+        TOOLS[tool](tiny_data, path)
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys, tool, path)
+    assert line.startswith(f"{tool}: error: {path}: damaged: its entry archive/data/")
+    assert line.endswith(" no longer matches the checksum it was saved with; pass a complete "
+                         "file written by ncf.py")
 
 
 class RunsCode:
@@ -343,6 +373,28 @@ def test_failed_save_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypa
     assert str(caught.value) == (f"{path}: cannot be saved ({os.strerror(error_number)}); the "
                                  f"previous file, if any, is unchanged; free space on that disk "
                                  f"or write elsewhere")
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_a_write_the_kernel_refuses_inside_torch_save_is_one_line(tmp_path):
+    # Not a mock: torch.save's zip writer meets the refused write itself and raises its own
+    # RuntimeError. A file size limit refuses writes as a full disk does (EFBIG; Python ignores
+    # SIGXFSZ), and only in the child.
+    path = tmp_path / "last.pth"
+    checkpoint.atomic_save({"epoch": 1}, path)
+    before = path.read_bytes()
+    script = ("import resource, sys, torch, checkpoint\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
+              "try:\n"
+              "    checkpoint.atomic_save({'epoch': torch.zeros(1 << 20)}, sys.argv[1])\n"
+              "except checkpoint.CheckpointError as error:\n"
+              "    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (f"{path}: cannot be saved (File too large); the previous file, if "
+                             f"any, is unchanged; free space on that disk or write elsewhere\n")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.pth"]
 

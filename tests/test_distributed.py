@@ -90,6 +90,32 @@ def test_a_failing_rank_ends_the_run_promptly_with_its_message(clustered_data, t
     assert "Epoch" not in run.stdout
 
 
+def test_the_rank_that_loses_a_failed_one_ends_in_one_line(clustered_data, tmp_path):
+    # Two nodes, so no launcher kills the survivor first: it learns of the failure from gloo,
+    # in the collective after rank 0 failed to save model.pth (a directory stands there).
+    (tmp_path / "ck0" / "model.pth").mkdir(parents=True)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "ncf.py",
+         "--data", clustered_data, "-e", "3", "-b", "2048", "--checkpoint_dir",
+         str(tmp_path / f"ck{node}"), "--log_path", str(tmp_path / f"log{node}.json")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in range(2)]
+    errors = [node.communicate(timeout=180)[1] for node in nodes]
+    assert [node.returncode != 0 for node in nodes] == [True, True]
+    assert [line for line in errors[0].splitlines() if "ncf.py: error:" in line] == [
+        f"[rank 0] ncf.py: error: {tmp_path / 'ck0' / 'model.pth'}: cannot be saved (Is a "
+        f"directory); the previous file, if any, is unchanged; free space on that disk or "
+        f"write elsewhere"]
+    survivor = [line for line in errors[1].splitlines() if line.startswith("[rank")]
+    assert len(survivor) == 1, errors[1]
+    assert re.fullmatch(r"\[rank 1\] ncf\.py: error: another process of this run stopped "
+                        r"\(gloo: [^()]*\); its own error line, here or in its node's log, "
+                        r"says why", survivor[0]), survivor[0]
+
+
 def test_two_nodes_rendezvous_over_loopback(clustered_data, tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
