@@ -112,6 +112,12 @@ def model_state(checkpoint, path):
                               f"tensors); use a checkpoint written by ncf.py")
     state = {str(key).removeprefix("module."): value for key, value in checkpoint.items()}
     neumf_shapes(state, path)
+    # ncf.py stops a run whose weights go non-finite before saving them; such weights would
+    # rank items by NaN and put NaN in recommendations and answers.
+    for key, value in state.items():
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite weights; use a "
+                                  f"checkpoint written by ncf.py")
     return state
 
 

@@ -295,6 +295,22 @@ def test_a_flipped_bit_in_a_weight_is_refused_in_one_line(tiny_data, trained, tm
                          "file written by ncf.py")
 
 
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_in_one_line(tiny_data, trained, tmp_path, capsys, tool,
+                                                    value):
+    state = copy.deepcopy(trained[0])
+    state["mlp.0.weight"][3, 2] = value
+    path = tmp_path / "model.pth"
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as exit_info:
+        TOOLS[tool](tiny_data, path)
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys, tool, path) == (
+        f"{tool}: error: {path}: mlp.0.weight holds NaN or infinite weights; use a checkpoint "
+        f"written by ncf.py")
+
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = marker
