@@ -5,6 +5,7 @@ import argparse
 import ctypes
 import os
 import sys
+import traceback
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -103,12 +104,19 @@ def run_as_process(main):
     multi-process run flushes its output and exits before finalization instead. Nothing is
     lost: files are written atomically and the log is closed after every record.
     """
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
     try:
         main()
         status = 0
     except SystemExit as leaving:
         status = 0 if leaving.code is None else leaving.code
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    except BaseException as error:
+        # An error no one-line message covers: its traceback, then the same exit as the others.
+        if not several:
+            raise
+        traceback.print_exc()
+        status = 130 if isinstance(error, KeyboardInterrupt) else 1
+    if several:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -145,3 +145,18 @@ def test_legacy_launcher_passes_local_rank_as_an_argument(clustered_data, tmp_pa
     assert run.returncode == 0, run.stderr
     assert len(epoch_lines(run.stdout)) == 1
     assert os.path.exists(tmp_path / "ck" / "model.pth")
+
+
+@pytest.mark.parametrize("world_size, finalized", [("2", False), ("1", True)])
+def test_an_unexpected_error_of_one_of_several_processes_skips_finalization(world_size,
+                                                                            finalized):
+    # Finalization is where gloo's worker threads abort a process (cli.run_as_process), so a
+    # traceback of one of several processes is printed, then the process leaves without it.
+    program = ("import atexit, cli; atexit.register(print, 'finalized'); "
+               "cli.run_as_process(lambda: {}['missing'])")
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "WORLD_SIZE": world_size}, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.rstrip().endswith("KeyError: 'missing'")
+    assert done.stderr.startswith("Traceback (most recent call last):")
+    assert done.stdout == ("finalized\n" if finalized else "")
