@@ -177,7 +177,10 @@ def test_an_all_nan_model_scores_zero_in_test_mode(clustered_data, tmp_path, cap
     from neumf import NeuMF
     checkpoint = tmp_path / "nan.pth"
     shape = NeuMF(300, 200, 8, [16, 8]).state_dict()
-    torch.save({name: torch.full_like(tensor, NAN) for name, tensor in shape.items()}, checkpoint)
+    # Finite weights (NaN ones are refused on loading) whose every logit is inf - inf = NaN.
+    huge = {name: torch.full_like(tensor, 3e38) for name, tensor in shape.items()}
+    huge["final.weight"][0, 1::2] = -3e38
+    torch.save(huge, checkpoint)
     result = ncf.main(["--data", clustered_data, "--mode", "test", "--load_checkpoint_path",
                        str(checkpoint), "-f", "8", "--layers", "16", "8", "--full_ranking",
                        "--log_path", str(tmp_path / "log.json")])
