@@ -148,6 +148,9 @@ def export_torchscript(exported, temporary, path):
 def export(args):
     if args.format == "onnx":
         import_onnx_packages()  # before minutes of loading, not after
+    if not args.output:
+        raise ExportError(f"--output is empty; name the file to write, such as "
+                          f"ncf.{SUFFIXES[args.format]}")
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
         raise ExportError(f"--output {args.output}: directory {directory} does not exist")

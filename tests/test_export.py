@@ -153,7 +153,9 @@ def save_model(path, nb_users, nb_items):
     (lambda files: files["checkpoint"],
      "--output {checkpoint}: is the checkpoint being exported, which the export would replace; "
      "name another file"),
-], ids=["directory", "checkpoint"])
+    # "" would name the current directory's parent and fail only once the export is done
+    (lambda files: "", "--output is empty; name the file to write, such as ncf.pt"),
+], ids=["directory", "checkpoint", "empty"])
 def test_a_directory_or_the_checkpoint_as_output_is_refused_before_any_work(files, capsys,
                                                                             output, error):
     out = files["tmp"] / "out"
