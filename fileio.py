@@ -1,8 +1,10 @@
 """Writing files so that no reader ever sees a half-written one, even after a power loss."""
 import contextlib
+import errno
 import fcntl
 import glob
 import os
+import stat
 
 LOCK_NAME = ".lock"
 
@@ -43,6 +45,7 @@ def staged_output(path):
     and it carries the pid, so the leftovers of a killed writer are recognised and removed by
     the next writer of the same file.
     """
+    check_replaceable(path)
     directory, name = os.path.split(os.path.abspath(path))
     remove_stale_temporaries(directory, name)
     temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
@@ -53,6 +56,22 @@ def staged_output(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+NOT_REGULAR = "exists and is not a regular file (a device, pipe or link)"
+
+
+def check_replaceable(path):
+    """Raise OSError (strerror NOT_REGULAR) when `path` exists as a device, pipe or link.
+
+    A rename onto one replaces the thing itself rather than writing through it: as root,
+    `--output /dev/null` would leave a file where the device was. A directory is left to the
+    caller's own message.
+    """
+    if os.path.lexists(path):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OSError(errno.EEXIST, NOT_REGULAR, path)
 
 
 def fsync_path(path):

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 import cli
-from fileio import atomic_output, make_writable_dir, removed_if_failed
+from fileio import atomic_output, check_replaceable, make_writable_dir, removed_if_failed
 
 PRESETS = {
     # users, items, mean ratings per user
@@ -194,12 +194,9 @@ def _cover_catalogue(rng, model, keys):
     return np.insert(keys, np.searchsorted(keys, added), added)
 
 
-def generate_ratings(n_users, n_items, mean_ratings, seed, min_ratings=MIN_RATINGS):
-    """MovieLens-shaped ratings as a DataFrame (userId, movieId, rating, timestamp).
-
-    Rows are ordered by userId, then movieId, as in ml-20m's ratings.csv. userId runs from 1 to
-    n_users; movieIds are a sparse sorted set. Same arguments, same frame.
-    """
+def check_sizes(n_users, n_items, mean_ratings, seed, min_ratings=MIN_RATINGS):
+    """The most ratings one user may get; ValueError for arguments generate_ratings cannot
+    honour."""
     # Messages name the command-line flags, which match the parameters one to one.
     if n_users < 1 or n_items < 1:
         raise ValueError(f"--users {n_users} --items {n_items}: need at least one of each")
@@ -216,6 +213,16 @@ def generate_ratings(n_users, n_items, mean_ratings, seed, min_ratings=MIN_RATIN
             f"--mean_ratings {mean_ratings:g}: must lie between --min_ratings {min_ratings} and "
             f"{cap}, the most one user may rate out of {n_items} items"
         )
+    return cap
+
+
+def generate_ratings(n_users, n_items, mean_ratings, seed, min_ratings=MIN_RATINGS):
+    """MovieLens-shaped ratings as a DataFrame (userId, movieId, rating, timestamp).
+
+    Rows are ordered by userId, then movieId, as in ml-20m's ratings.csv. userId runs from 1 to
+    n_users; movieIds are a sparse sorted set. Same arguments, same frame.
+    """
+    cap = check_sizes(n_users, n_items, mean_ratings, seed, min_ratings)
     model_rng, rng = _streams(seed)
     model = _plant(model_rng, n_users, n_items)
     counts = _activity(rng, n_users, mean_ratings, min_ratings, cap)
@@ -311,6 +318,11 @@ def check_resources(output, n_users, n_items, mean_ratings):
     if os.path.isdir(output):
         raise GenerateError(f"--output {output}: is a directory; pass a file name such as "
                             f"{os.path.join(output, 'ratings.csv')}")
+    try:
+        check_replaceable(output)  # before minutes of generating, not at the rename
+    except OSError as err:
+        raise GenerateError(f"--output {output}: {err.strerror}; pass the name of a new or "
+                            f"regular file") from None
     needed, available = memory_needed(n_users, n_items, mean_ratings), cli.available_memory()
     if available is not None and needed > available:
         raise GenerateError(
@@ -339,11 +351,18 @@ def main(argv=None):
                         help=f"fewest ratings any user gets (default: {MIN_RATINGS})")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     args = parser.parse_args(argv)
+    # The range every tool takes, so that the seed of a generated file is one convert.py takes.
+    cli.check_seed(parser, args.seed)
 
     n_users, n_items, mean_ratings = PRESETS[args.preset]
     n_users = n_users if args.users is None else args.users
     n_items = n_items if args.items is None else args.items
     mean_ratings = mean_ratings if args.mean_ratings is None else args.mean_ratings
+    # Before the memory estimate, which a nonsense size (--mean_ratings inf) would only garble.
+    try:
+        check_sizes(n_users, n_items, mean_ratings, args.seed, args.min_ratings)
+    except ValueError as err:
+        parser.error(str(err))
     began = time.perf_counter()
     try:
         created = check_resources(args.output, n_users, n_items, mean_ratings)
@@ -351,8 +370,6 @@ def main(argv=None):
             try:
                 frame = generate_ratings(n_users, n_items, mean_ratings, args.seed,
                                          args.min_ratings)
-            except ValueError as err:
-                parser.error(str(err))
             except MemoryError:
                 raise GenerateError(f"--users {n_users} --items {n_items} --mean_ratings "
                                     f"{mean_ratings:g}: ran out of memory; pass smaller sizes"

@@ -14,7 +14,7 @@ import os
 import sys
 
 import cli
-from fileio import atomic_output
+from fileio import atomic_output, check_replaceable
 from logger import PARAMETER, PREFIX
 
 # Epochs are whole numbers that a float holds exactly (matplotlib plots floats).
@@ -48,6 +48,9 @@ def read_curve(path):
     is NaN: a gap in the line. An epoch record whose step is not [whole number] or whose data
     is not an object is skipped with a warning, as a line that is not JSON is.
     """
+    if os.path.isdir(path):
+        raise PlotError(f"--log {path}: is a directory; pass the log.json ncf.py wrote in it "
+                        f"(its --log_path)")
     if not os.path.isfile(path):
         raise PlotError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
                         f"(its --log_path)")
@@ -143,6 +146,19 @@ def _number(value):
     return value if math.isfinite(value) else math.nan
 
 
+def check_output(output, log):
+    """Refuse an --output whose replacement would destroy something: the log itself, or a
+    device, pipe or link (fileio.check_replaceable), before the log is read."""
+    if os.path.isfile(log) and os.path.exists(output) and os.path.samefile(output, log):
+        raise PlotError(f"--output {output}: is the --log itself; pass another file name, such "
+                        f"as curve.png")
+    try:
+        check_replaceable(output)
+    except OSError as error:
+        raise PlotError(f"--output {output}: {error.strerror}; pass the name of a new or "
+                        f"regular file") from None
+
+
 def draw(curve, topk, title, output):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -189,6 +205,7 @@ def draw(curve, topk, title, output):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_output(args.output, args.log)
         curve, topk = read_curve(args.log)
         draw(curve, topk, f"Learning curve: {args.log}", args.output)
     except PlotError as error:

@@ -18,15 +18,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import generate  # noqa: E402
+from fileio import atomic_output  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 
 
+def cached_source(marker):
+    """What the cache beside `marker` was converted from; None when it does not say."""
+    try:
+        with open(marker) as text:
+            return text.read()
+    except FileNotFoundError:
+        return None
+
+
 def prepare(args):
-    name = (f"generated-{args.generate}" if args.generate
-            else os.path.basename(os.path.dirname(os.path.abspath(args.ratings))))
+    """(workdir, converted data) of the ratings; converted again unless the cache is of the same
+    file, unchanged since: the directory's name alone once let another file of the same folder
+    (or of a folder of the same name) be measured on the first one's data."""
+    if args.generate:
+        name, source = f"generated-{args.generate}", f"generate.py --preset {args.generate}"
+    else:
+        path = os.path.abspath(args.ratings)
+        stat = os.stat(path)
+        name = (f"{os.path.basename(os.path.dirname(path))}-"
+                f"{os.path.splitext(os.path.basename(path))[0]}")
+        source = f"{path}, {stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
     workdir = os.path.join(args.workdir, name)
     data = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data, "metadata.json")):
+    marker = os.path.join(workdir, "source.txt")
+    if not (os.path.exists(os.path.join(data, "metadata.json"))
+            and cached_source(marker) == source):
         ratings = args.ratings
         if args.generate:
             ratings = os.path.join(workdir, "ratings.csv")
@@ -35,6 +56,8 @@ def prepare(args):
                                ratings)
         subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--path", ratings,
                         "--output", data], check=True)
+        with atomic_output(marker) as temporary, open(temporary, "w") as out:
+            out.write(source)
     return workdir, data
 
 

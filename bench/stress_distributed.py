@@ -10,7 +10,6 @@ a fresh free port and OMP_NUM_THREADS=1. Every run is bounded by --timeout. Prin
 run, a table of the failures with the tail of their stderr, and "N runs, F failures"; exits 1
 when any run failed.
 """
-import argparse
 import os
 import socket
 import subprocess
@@ -18,7 +17,13 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cli  # noqa: E402
+
 STDERR_TAIL_LINES = 3
+# Beyond torchrun's own 30 s between its workers' SIGTERM and their SIGKILL.
+TERMINATE_SECONDS = 60
 
 
 def free_port():
@@ -43,14 +48,31 @@ def torchrun(flags, timeout):
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "ncf.py", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     start = time.time()
-    try:
-        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=timeout)
-        status, stderr = run.returncode, run.stderr
-    except subprocess.TimeoutExpired as expired:
-        status = "timeout"
-        stderr = expired.stderr.decode(errors="replace") if expired.stderr else ""
+    status, stderr = run_bounded(command, env, timeout)
     return status, stderr, time.time() - start
+
+
+def run_bounded(command, env, timeout):
+    """(exit status, or "timeout", and stderr) of a torchrun command run in ROOT for at most
+    `timeout` seconds.
+
+    Out of time, torchrun gets SIGTERM, on which it ends its workers itself: SIGKILL would end
+    torchrun alone, and its workers, in sessions of their own, would run on holding the
+    checkpoint directory's lock, so that every later run failed for it.
+    """
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = process.communicate(timeout=timeout)[1]
+        return process.returncode, stderr
+    except subprocess.TimeoutExpired:
+        process.terminate()
+    try:
+        stderr = process.communicate(timeout=TERMINATE_SECONDS)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stderr = process.communicate()[1]
+    return "timeout", stderr
 
 
 def stderr_tail(stderr):
@@ -59,7 +81,8 @@ def stderr_tail(stderr):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="stress_distributed.py",
+                                description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30,
                         help="train runs, each followed by a --mode test run (2 x RUNS in all)")
     parser.add_argument("--users", type=int, default=300, help="users of the generated dataset")
@@ -67,6 +90,12 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=120, help="seconds allowed per run")
     parser.add_argument("--workdir", default="/tmp/ncf-stress")
     args = parser.parse_args(argv)
+    # 0 runs would report "0 runs, 0 failures": a pass that tried nothing.
+    for flag in ("runs", "users", "epochs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be above 0 seconds, got {args.timeout}")
     os.makedirs(args.workdir, exist_ok=True)
     data = write_dataset(args.workdir, args.users)
     checkpoints = os.path.join(args.workdir, "ck")

@@ -196,11 +196,17 @@ def matmul_seconds_per_sample(dtype, rows, shapes, repeats=3):
     return best / rows
 
 
+def peak_rss_gb():
+    """This process's peak resident memory so far in GB (10^9 bytes), the unit of
+    convert_bench.py's figure beside it in bench/run.py's table (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
 def child(args):
     train, test, negatives = make_data(args.users, args.items, args.positives)
     runner = run_baseline if args.child == "baseline" else run_ours
     train_rate, eval_rate = runner(train, test, negatives, args.users, args.items, args)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak_gb = peak_rss_gb()
     dtype = VARIANT_DTYPES[args.child] or torch.float32
     shapes = linear_shapes()
     seconds = matmul_seconds_per_sample(dtype, min(args.batch_size, dataloading.CPU_CHUNK), shapes)
@@ -213,7 +219,7 @@ def child(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="train_bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=138_493)
     parser.add_argument("--items", type=int, default=26_744)
     parser.add_argument("--positives", type=int, default=11_000_000)
@@ -228,6 +234,12 @@ def parse_args(argv=None):
     if args.quick:
         args.users, args.items, args.positives = 2_000, 1_000, 60_000
         args.batch_size, args.valid_batch_size, args.steps = 16_384, 65_536, 2
+    for flag in ("users", "items", "positives", "batch_size", "valid_batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.positives < args.users:
+        parser.error(f"--positives {args.positives} must be at least --users {args.users}: every "
+                     f"user has a training positive")
     if args.positives * 5 < args.batch_size * (args.steps + 1):
         parser.error("--positives x 5 must hold --steps + 1 batches")
     return args
@@ -248,8 +260,14 @@ def main(argv=None):
                    "--users", str(args.users), "--items", str(args.items),
                    "--positives", str(args.positives), "-b", str(args.batch_size),
                    "--valid_batch_size", str(args.valid_batch_size), "--steps", str(args.steps)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode:
+            # The child's stderr was captured for its figures' sake: pass its last line on.
+            lines = finished.stderr.strip().splitlines()
+            reason = (lines[-1] if lines else f"killed by signal {-finished.returncode}"
+                      if finished.returncode < 0 else f"exit status {finished.returncode}")
+            sys.exit(f"train_bench.py: error: the {variant} run failed: {reason}")
+        results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
     print(f"shape: {args.users:,} users, {args.items:,} items, {args.positives:,} positives; "
           f"batch {args.batch_size:,}, {args.steps} timed steps; {torch.get_num_threads()} "
           f"threads; {inference.cpu_model()}")

@@ -1,4 +1,6 @@
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +183,38 @@ def test_running_out_of_memory_anyway_is_one_line(tmp_path, capsys, monkeypatch)
     assert line == ("generate.py: error: --users 1500 --items 1000 --mean_ratings 50: ran out "
                     "of memory; pass smaller sizes")
     assert not list(tmp_path.iterdir())
+
+
+def test_seeds_outside_every_tools_range_are_refused(tmp_path, capsys):
+    # convert.py refuses a seed from 2^63 on: a generated file's seed must be one it takes.
+    line = expect_one_line_exit_2(capsys, ["--output", str(tmp_path / "r.csv"),
+                                           "--seed", str(2 ** 63)])
+    assert line == ("generate.py: error: --seed must be in [0, 2^63), got 9223372036854775808; "
+                    "see --help")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_nonsense_mean_is_named_not_sized_in_memory(tmp_path, capsys, value):
+    line = expect_one_line_exit_2(capsys, ["--output", str(tmp_path / "r.csv"),
+                                           "--mean_ratings", value])
+    assert line == (f"generate.py: error: --mean_ratings {value}: must lie between "
+                    f"--min_ratings 20 and 333, the most one user may rate out of 1000 items; "
+                    f"see --help")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_an_output_that_is_no_regular_file_is_not_replaced(tmp_path, capsys, kind):
+    # The rename would put the CSV in place of a device (/dev/null, as root), pipe or link.
+    out = tmp_path / "r.csv"
+    if kind == "fifo":
+        os.mkfifo(out)
+    else:
+        (tmp_path / "target.csv").write_text("kept\n")
+        out.symlink_to(tmp_path / "target.csv")
+    line = expect_one_line_exit_2(capsys, ["--output", str(out), "--users", "30"])
+    assert line == (f"generate.py: error: --output {out}: exists and is not a regular file (a "
+                    f"device, pipe or link); pass the name of a new or regular file")
+    assert stat.S_ISFIFO(os.lstat(out).st_mode) if kind == "fifo" else out.is_symlink()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["r.csv"] + (["target.csv"] if kind == "link" else []))

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import struct
 import sys
 
@@ -219,3 +220,38 @@ def test_the_star_marks_the_hr_ncf_py_selected_on(tmp_path, monkeypatch, records
     plot_curve.main(["--log", str(log), "--output", str(tmp_path / "curve.png")])
     labels = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
     assert [label for label in labels if label.startswith("best ")] == ([star] if star else [])
+
+
+def test_a_directory_as_log_is_named_as_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curve.main(["--log", str(tmp_path), "--output", str(tmp_path / "curve.png")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"plot_curve.py: error: --log {tmp_path}: is a directory; "
+                                       f"pass the log.json ncf.py wrote in it (its --log_path)\n")
+
+
+@pytest.mark.parametrize("kind", ["log", "hard link to the log", "link to the log", "fifo",
+                                  "link"])
+def test_an_output_it_would_destroy_is_refused(tmp_path, capsys, kind):
+    log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5)])
+    before = log.read_bytes()
+    output = log if kind == "log" else tmp_path / "curve.png"
+    if kind == "hard link to the log":
+        os.link(log, output)
+    elif kind == "link to the log":
+        output.symlink_to(log)
+    elif kind == "fifo":
+        os.mkfifo(output)
+    elif kind == "link":
+        (tmp_path / "elsewhere.png").write_bytes(b"kept")
+        output.symlink_to(tmp_path / "elsewhere.png")
+    kept = os.lstat(output)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curve.main(["--log", str(log), "--output", str(output)])
+    assert exit_info.value.code == 2
+    problem = ("is the --log itself; pass another file name, such as curve.png"
+               if "log" in kind else "exists and is not a regular file (a device, pipe or link); "
+               "pass the name of a new or regular file")
+    assert capsys.readouterr().err == f"plot_curve.py: error: --output {output}: {problem}\n"
+    assert log.read_bytes() == before
+    assert (os.lstat(output).st_ino, os.lstat(output).st_mode) == (kept.st_ino, kept.st_mode)

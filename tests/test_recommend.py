@@ -1,6 +1,7 @@
 import copy
 import math
 import os
+import stat
 import subprocess
 import sys
 
@@ -261,3 +262,19 @@ def test_bf16_shortlist_misses_float32_top_items_only_at_near_ties():
     differing = (items != exact_items).any(dim=1)
     assert differing.float().mean() <= 0.05
     assert torch.equal(items[~differing], exact_items[~differing])
+
+
+def test_an_output_that_is_a_pipe_or_link_is_not_replaced(data, capsys, tmp_path):
+    # The rename would replace the pipe or link itself (as root, /dev/null: fileio).
+    pipe, link = tmp_path / "pipe.csv", tmp_path / "link.csv"
+    os.mkfifo(pipe)
+    link.symlink_to(tmp_path / "elsewhere.csv")
+    for output in (pipe, link):
+        with pytest.raises(SystemExit) as exit_info:
+            run(data, "--all_users", "--output", str(output))
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"recommend.py: error: --output {output}: cannot write (exists and is not a regular "
+            f"file (a device, pipe or link)); pass a writable file path\n")
+    assert os.path.islink(link) and not os.path.exists(link)
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)

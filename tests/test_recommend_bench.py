@@ -2,6 +2,7 @@
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,3 +27,45 @@ def test_bf16_top_k_is_compared_with_fp32_only_where_bf16_is_native(monkeypatch,
         assert compared and compared.group(1) == "0"
     else:
         assert compared is None and "this CPU has no native bf16" in printed
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--sample_users", "0"], "--sample_users must be at least 1, got 0"),
+    (["--users", "0"], "--users must be at least 1, got 0"),
+    (["--items", "-1"], "--items must be at least 1, got -1"),
+    (["--factors", "0"], "--factors must be at least 1, got 0"),
+    # 0 once fell back to scoring.py's default as if the flag were not given
+    (["--chunk_pairs", "0"], "--chunk_pairs must be at least 1, got 0"),
+    (["-k", "0"], "--topk must be at least 1, got 0"),
+    (["--layers", "15", "8"], "--layers 15 8: sizes must be at least 1 and the first even (it "
+                              "is split between the user and item embeddings)"),
+    (["--layers", "16", "0"], "--layers 16 0: sizes must be at least 1 and the first even (it "
+                              "is split between the user and item embeddings)"),
+])
+def test_nonsense_sizes_are_one_line_exit_2(capsys, flags, problem):
+    with pytest.raises(SystemExit) as exited:
+        recommend_bench.main(TINY + flags)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"recommend_bench.py: error: {problem}; see --help\n"
+
+
+def test_one_sampled_user_is_enough(monkeypatch, capsys):
+    monkeypatch.setattr(recommend_bench.ncf, "cpu_has_native_bf16", lambda: False)
+    recommend_bench.main(TINY + ["--sample_users", "1"])
+    assert "1 users x 60 items" in capsys.readouterr().out
+
+
+def test_the_item_side_is_paid_once_not_per_user(monkeypatch, capsys):
+    # A clock that moves 600 s between any two readings: every timed stretch lasts 600 s, so
+    # the item side (once) is 600 s and each path 10 rounds x 600 s for 12 of the 30 users.
+    readings = iter(range(0, 10 ** 9, 600))
+    monkeypatch.setattr(recommend_bench, "time", SimpleNamespace(
+        perf_counter=lambda: next(readings)))
+    monkeypatch.setattr(recommend_bench.ncf, "cpu_has_native_bf16", lambda: False)
+    recommend_bench.main(TINY)
+    printed = capsys.readouterr().out
+    assert ("12 users x 60 items:  factored 6000.0 s (and 600.0 s for the item side, once),  "
+            "plain forward 6000.0 s\n") in printed
+    # factored 600 + 6000 x 30 / 12 = 15,600 s; plain 6000 x 30 / 12 = 15,000 s
+    assert ("extrapolated to all 30 users (1.8e+03 pairs):  factored 260.0 min,  plain 250.0 "
+            "min,  speed-up 0.96x\n") in printed
