@@ -2,6 +2,7 @@
 they do when stdout's reader goes away, the memory to plan for and how it is reused, the exit
 of a multi-process run."""
 import argparse
+import copy
 import ctypes
 import os
 import sys
@@ -23,13 +24,26 @@ def check_seed(parser, seed):
         parser.error(f"--seed must be in [0, 2^63), got {seed}")
 
 
+# The shape flag a model kind has no use for, and the part it would size.
+UNUSED_SHAPE_FLAGS = {"gmf": ("--layers", "MLP layers"), "mlp": ("--factors", "MF embeddings")}
+
+
+def refuse_unused_shape_flag(parser, args, kind):
+    """parser.error for a --factors or --layers given (not None) to a model `kind` without the
+    part it sizes; call before fill_defaults."""
+    unused, part = UNUSED_SHAPE_FLAGS.get(kind, (None, None))
+    if unused and getattr(args, unused.removeprefix("--")) is not None:
+        parser.error(f"{unused}: --model {kind} has no {part}; drop {unused}")
+
+
 def fill_defaults(args, defaults):
     """Give each flag of `defaults` (name: value) that was not given its default. Such flags are
     declared without one, so that the checks run before this can tell a flag given from one
     left out, and refuse one the run has no use for."""
     for name, default in defaults.items():
         if getattr(args, name) is None:
-            setattr(args, name, default)
+            # a copy: a list default changed by one run would be another run's default
+            setattr(args, name, copy.copy(default))
 
 
 def discard_stdout():

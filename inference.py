@@ -34,7 +34,6 @@ SHORT_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 OPT_LEVEL_PRECISION = {"O0": "fp32", "O2": "amp"}
 PERCENTILES = (90, 95, 99)
 # The shape flag each model kind has no use for, and the part it would size.
-UNUSED_SHAPE_FLAGS = {"gmf": ("--layers", "MLP layers"), "mlp": ("--factors", "MF embeddings")}
 # float32 values a forward pass keeps per sample, times this, bounds its activations: autocast
 # adds half-precision copies and ReLU's outputs sit beside their inputs.
 ACTIVATION_COPIES = 3
@@ -115,10 +114,8 @@ def check_args(args, parser):
     if args.layers is not None and (any(size < 1 for size in args.layers) or args.layers[0] % 2):
         parser.error(f"--layers must be positive and the first even (it is split between "
                      f"user and item embeddings), got {' '.join(map(str, args.layers))}")
-    unused, part = UNUSED_SHAPE_FLAGS.get(args.model, (None, None))
     # Shape flags default to None: a value means the flag was given.
-    if unused and getattr(args, unused.removeprefix("--")) is not None:
-        parser.error(f"{unused}: --model {args.model} has no {part}; drop {unused}")
+    cli.refuse_unused_shape_flag(parser, args, args.model)
     cli.check_seed(parser, args.seed)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
@@ -245,7 +242,7 @@ def build_model(args, device):
              "--factors": model.mf_dim, "--layers": model.mlp_layer_sizes}
     asked = {"--model": args.model, "--n_users": args.n_users, "--n_items": args.n_items,
              "--factors": args.factors, "--layers": args.layers}
-    unused, part = UNUSED_SHAPE_FLAGS.get(model.kind, (None, None))
+    unused, part = cli.UNUSED_SHAPE_FLAGS.get(model.kind, (None, None))
     for flag, value in asked.items():
         if value is not None and flag == unused:
             raise CheckpointError(f"{path}: checkpoint holds a {model.kind} model, which has no "

@@ -40,7 +40,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 # Counts above this are typing mistakes that would otherwise fail deep inside torch.
 MAX_COUNT = 2 ** 31 - 1
 # Flags that only some runs use, with the defaults cli.fill_defaults sets after check_args.
-DEFAULTS_AFTER_CHECKS = {"beta1": 0.25, "beta2": 0.5, "eps": 1e-8, "alpha": 0.5}
+DEFAULTS_AFTER_CHECKS = {"beta1": 0.25, "beta2": 0.5, "eps": 1e-8, "alpha": 0.5, "factors": 64,
+                         "layers": [256, 256, 128, 64]}
 
 
 class RunError(Exception):
@@ -70,9 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                         help="adam: the original's; sgd: plain SGD at --learning_rate (the "
                              "paper's for fine-tuning a pretrained NeuMF)")
-    parser.add_argument("-f", "--factors", type=int, default=64, help="MF embedding width")
-    parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64],
-                        help="MLP layer sizes; the first is split between user and item")
+    parser.add_argument("-f", "--factors", type=int, help="MF embedding width (default 64)")
+    parser.add_argument("--layers", nargs="+", type=int,
+                        help="MLP layer sizes; the first is split between user and item "
+                             "(default 256 256 128 64)")
     parser.add_argument("-n", "--negative_samples", type=int, default=4)
     parser.add_argument("-l", "--learning_rate", type=float, default=0.0045)
     parser.add_argument("-k", "--topk", type=int, default=10)
@@ -122,6 +124,7 @@ def check_args(args, parser):
     if args.alpha is not None and not args.pretrained_gmf:
         parser.error("--alpha weighs the two halves of --pretrained_gmf and --pretrained_mlp; "
                      "pass both, or drop --alpha")
+    cli.refuse_unused_shape_flag(parser, args, args.model)
     cli.fill_defaults(args, DEFAULTS_AFTER_CHECKS)
     counts = {"--epochs": (args.epochs, 1), "--batch_size": (args.batch_size, 1),
               "--valid_batch_size": (args.valid_batch_size, 1), "--factors": (args.factors, 1),
@@ -462,12 +465,16 @@ def save_checkpoint(path, model, optimizer, scaler, history, best, args, ctx, nb
 
 def check_resume_args(saved_args, args, path):
     current = vars(args)
-    differing = sorted(key for key in current if key in saved_args and
+    # The shape flag the model has no use for (--layers of a GMF) is a default now, and may be
+    # anything in a last.pth written before it was refused.
+    unused = cli.UNUSED_SHAPE_FLAGS.get(args.model, ("",))[0].removeprefix("--")
+    differing = sorted(key for key in current if key in saved_args and key != unused and
                        current[key] != saved_args[key])
     refused = [f"{key} ({saved_args[key]} -> {current[key]})" for key in differing
                if key not in RESUME_HARMLESS_ARGS]
     if refused:
-        raise RunError(f"{path}: cannot resume: {', '.join(refused)} differ from the saved run, "
+        verb = "differs" if len(refused) == 1 else "differ"
+        raise RunError(f"{path}: cannot resume: {', '.join(refused)} {verb} from the saved run, "
                        f"which would change the model, its data or how the best epoch is chosen; "
                        f"start a new run in another --checkpoint_dir, or resume with the saved "
                        f"values")

@@ -20,10 +20,16 @@ FACTORS, LAYERS = 4, [8, 4]
 SHAPE = ["-f", str(FACTORS), "--layers", *map(str, LAYERS)]
 
 
+def shape_flags(flags):
+    """SHAPE's flags that the --model among `flags` has a use for (the others are refused)."""
+    kind = flags[flags.index("--model") + 1] if "--model" in flags else "neumf"
+    return {"gmf": SHAPE[:2], "mlp": SHAPE[2:]}.get(kind, SHAPE)
+
+
 def train_flags(data, directory, *extra):
     return ["--data", data, "--checkpoint_dir", str(directory), "--log_path",
-            str(directory / "log.json"), "-b", "256", "-t", "1.1", "--opt_level", "O0", *SHAPE,
-            *extra]
+            str(directory / "log.json"), "-b", "256", "-t", "1.1", "--opt_level", "O0",
+            *shape_flags(extra), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +176,7 @@ def test_each_kind_trains_resumes_tests_and_recommends(tiny_data, halves, tmp_pa
     model_flags = [flag for flag in flags if flag in ("--model", "gmf", "mlp")]
     result = ncf.main(["--data", tiny_data, "--mode", "test", "--load_checkpoint_path",
                        str(whole / "model.pth"), "--log_path", str(tmp_path / "test.json"),
-                       *SHAPE, *model_flags, "--full_ranking"])
+                       *shape_flags(model_flags), *model_flags, "--full_ranking"])
     assert result["hr"] == summary["best_accuracy"]
     assert 0.0 <= result["full_hr"] <= result["hr"]
     table = recommend.main(["--data", tiny_data, "--load_checkpoint_path",
@@ -246,6 +252,11 @@ REFUSALS = [
                 "--load_checkpoint_path", str(h["neumf"])], "are two starting points"),
     ("unknown optimizer", lambda h: ["--optimizer", "rmsprop"], "--optimizer: invalid choice"),
     ("unknown model", lambda h: ["--model", "svd"], "--model: invalid choice"),
+    # train_flags gives each kind only the shape flags it has a use for; these add the other
+    ("gmf with layers", lambda h: ["--model", "gmf", "--layers", "8", "4"],
+     "--layers: --model gmf has no MLP layers; drop --layers; see --help"),
+    ("mlp with factors", lambda h: ["--model", "mlp", "-f", "4"],
+     "--factors: --model mlp has no MF embeddings; drop --factors; see --help"),
     ("swapped files", lambda h: ["--pretrained_gmf", str(h["mlp"]), "--pretrained_mlp",
                                  str(h["gmf"])],
      "{mlp}: checkpoint holds an MLP model, --pretrained_gmf needs a GMF one"),
@@ -300,9 +311,11 @@ def test_halves_of_another_dataset_are_refused(halves, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("saved, resumed, changed", [
-    (["--model", "gmf"], ["--model", "mlp"], "model (gmf -> mlp)"),
-    (["--model", "gmf"], [], "model (gmf -> neumf)"),
-    ([], ["--optimizer", "sgd"], "optimizer (adam -> sgd)"),
+    # the GMF's --layers were the default, the MLP's are SHAPE's
+    (["--model", "gmf"], ["--model", "mlp"],
+     "layers ([256, 256, 128, 64] -> [8, 4]), model (gmf -> mlp) differ"),
+    (["--model", "gmf"], [], "layers ([256, 256, 128, 64] -> [8, 4]), model (gmf -> neumf) differ"),
+    ([], ["--optimizer", "sgd"], "optimizer (adam -> sgd) differs"),
 ])
 def test_resume_refuses_another_model_or_optimizer(tiny_data, tmp_path, capsys, saved, resumed,
                                                    changed):
@@ -312,7 +325,7 @@ def test_resume_refuses_another_model_or_optimizer(tiny_data, tmp_path, capsys, 
         ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume", *resumed))
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and f"cannot resume: {changed} differ" in lines[0]
+    assert len(lines) == 1 and f"cannot resume: {changed} from the saved run" in lines[0]
 
 
 def test_resume_refuses_a_kind_the_saved_settings_do_not_record(tiny_data, tmp_path, capsys):
@@ -327,6 +340,16 @@ def test_resume_refuses_a_kind_the_saved_settings_do_not_record(tiny_data, tmp_p
     assert capsys.readouterr().err.splitlines() == [
         f"ncf.py: error: {tmp_path / 'last.pth'}: checkpoint holds a NeuMF model, --model gmf "
         f"needs a GMF one; pass the model.pth of an ncf.py --model gmf run"]
+
+
+def test_resume_ignores_the_shape_flag_the_model_has_no_use_for(tiny_data, tmp_path, capsys):
+    """A GMF's last.pth from before --layers was refused with --model gmf may hold any --layers."""
+    ncf.main(train_flags(tiny_data, tmp_path, "-e", "1", "--model", "gmf"))
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    state["args"]["layers"] = [8, 4]
+    torch.save(state, tmp_path / "last.pth")
+    summary = ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume", "--model", "gmf"))
+    assert summary["epochs_run"] == 2
 
 
 def args_say_adam(state):

@@ -83,7 +83,7 @@ def test_resume_refuses_another_cut_off(clustered_data, uninterrupted, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume", "-k", "1"))
     assert exit_info.value.code == 2
-    assert "cannot resume: topk (10 -> 1) differ" in capsys.readouterr().err
+    assert "cannot resume: topk (10 -> 1) differs from" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("saved,has_bf16,now", [

@@ -35,7 +35,7 @@ CASES = [
     ("generate.py", ["--output", "{tmp}/r.csv", "--mean_ratings", "1e9"], "--mean_ratings"),
     ("generate.py", ["--output", "{tmp}/r.csv", "--mean_ratings", "nan"], "--mean_ratings nan"),
     ("generate.py", ["--output", "{tmp}/r.csv", "--min_ratings", "0"], "--min_ratings 0"),
-    ("generate.py", ["--output", "{tmp}/r.csv", "--seed", "-1"], "--seed -1"),
+    ("generate.py", ["--output", "{tmp}/r.csv", "--seed", "-1"], "--seed must be in [0, 2^63)"),
     ("generate.py", ["--output", "{tmp}/r.csv", "--users", HUGE], f"--users {HUGE}"),
     ("generate.py", ["--output", "{tmp}/r.csv", "--items", HUGE], f"--items {HUGE}"),
     ("generate.py", ["--output", "{tmp}/a_dir"], "--output {tmp}/a_dir"),
