@@ -114,7 +114,7 @@ def test_a_stress_run_out_of_time_leaves_no_worker_behind(tmp_path):
     started = []
     # Long enough for both workers to start, however busy the machine: a rerun with more time
     # if they had not.
-    for timeout in (10, 30, 90):
+    for timeout in (5, 30, 90):
         status, _ = run_bounded(command, dict(os.environ), timeout)
         started = sorted(tmp_path.glob("pid-*"))
         if len(started) == 2:
