@@ -210,9 +210,11 @@ def check_training_state(state, path):
     if optimizer not in OPTIMIZER_NAMES:
         raise refuse(f"args' optimizer is {_describe(optimizer)}, expected one of "
                      f"{', '.join(OPTIMIZER_NAMES)}")
-    problem = _optimizer_problem(state["optimizer"],
-                                 list(neumf_shapes(model_state(state, path), path).values()),
-                                 optimizer)
+    problem = (_optimizer_problem(state["optimizer"],
+                                  list(neumf_shapes(model_state(state, path), path).values()),
+                                  optimizer)
+               or _optimizer_settings_problem(state["optimizer"]["param_groups"][0],
+                                              state["args"], optimizer))
     if problem:
         raise refuse(problem)
 
@@ -252,6 +254,24 @@ def _optimizer_problem(optimizer, shapes, kind):
                                       and tuple(value.shape) == shapes[index]):
                 return (f"optimizer's {key} of parameter {index} is {_describe(value)}, the "
                         f"parameter is {list(shapes[index])}: an optimiser state of another model")
+    return None
+
+
+def _optimizer_settings_problem(group, args, kind):
+    """Why the optimiser's settings are not those ncf.py built it with from the saved flags, or
+    None. load_state_dict takes the file's settings over the flags', so a changed learning rate
+    would go on silently, and a setting of another type fails only at the first step."""
+    for key, value in group.items():
+        if key not in ("params", "betas") and not (value is None or isinstance(value, bool)
+                                                   or _is_number(value)):
+            return f"optimizer's {key} is {_describe(value)}, expected a number or a flag"
+    built = {"lr": (group["lr"], "learning_rate")}
+    if kind == "adam":
+        built.update({"beta1": (group["betas"][0], "beta1"), "beta2": (group["betas"][1], "beta2"),
+                      "eps": (group["eps"], "eps")})
+    for setting, (value, flag) in built.items():
+        if flag in args and value != args[flag]:
+            return f"optimizer's {setting} {value} is not the saved run's --{flag} {args[flag]}"
     return None
 
 

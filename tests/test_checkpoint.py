@@ -209,6 +209,13 @@ LAST_PTH_DAMAGE = [
     ("rng of floats", set_entry(["rng", "torch"], torch.zeros(torch.get_rng_state().numel())),
      "rng is a dict of length 2"),
     ("rng as None", set_entry(["rng"], None), "rng is None"),
+    # load_state_dict takes these over the flags: the run would go on with them, or fail later
+    ("amsgrad as text", set_entry(["optimizer", "param_groups", 0, "amsgrad"], "x"),
+     "optimizer's amsgrad is 'x', expected a number or a flag"),
+    ("another learning rate", set_entry(["optimizer", "param_groups", 0, "lr"], 100.0),
+     "optimizer's lr 100.0 is not the saved run's --learning_rate "),
+    ("other betas", set_entry(["optimizer", "param_groups", 0, "betas"], (0.25, 0.999)),
+     "optimizer's beta2 0.999 is not the saved run's --beta2 0.5"),
     # Of the right size and type, but no Mersenne Twister state: set_rng_state refuses it.
     ("rng of zeros", set_entry(["rng", "torch"], torch.zeros(torch.get_rng_state().numel(),
                                                             dtype=torch.uint8)),
