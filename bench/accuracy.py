@@ -1,15 +1,14 @@
-"""Best HR@10 / NDCG@10 of full training runs over several seeds, as a markdown table.
+"""Best HR@k / NDCG@k of full training runs over several seeds, as a markdown table.
 
     python bench/accuracy.py --ratings ../shared/data/ml-latest-small/ratings.csv
     python bench/accuracy.py --generate ml-latest-small      # generate.py's data instead
 
 Converts the ratings once (convert.py, seed 1) into WORKDIR, then trains with ncf.py for each
 --seeds value (-b 8192 and the other flags at their defaults unless given after `--`), each run
-in its own process, and reads the results from its log.json.
+in its own process, and reads the results from its log.json, k among them (-k, 10 unless given).
 """
 import argparse
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import generate  # noqa: E402
+from child_process import run_or_exit  # noqa: E402
 from fileio import atomic_output  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 
@@ -31,10 +31,11 @@ def cached_source(marker):
         return None
 
 
-def prepare(args):
+def prepare(args, prog="accuracy.py"):
     """(workdir, converted data) of the ratings; converted again unless the cache is of the same
     file, unchanged since: the directory's name alone once let another file of the same folder
-    (or of a folder of the same name) be measured on the first one's data."""
+    (or of a folder of the same name) be measured on the first one's data. A failed conversion
+    exits with one line that starts with `prog`."""
     if args.generate:
         name, source = f"generated-{args.generate}", f"generate.py --preset {args.generate}"
     else:
@@ -54,8 +55,9 @@ def prepare(args):
             users, items, mean_ratings = generate.PRESETS[args.generate]
             generate.write_csv(generate.generate_ratings(users, items, mean_ratings, seed=1),
                                ratings)
-        subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--path", ratings,
-                        "--output", data], check=True)
+        run_or_exit(prog, f"the conversion of {ratings}",
+                    [sys.executable, os.path.join(ROOT, "convert.py"), "--path", ratings,
+                     "--output", data])
         with atomic_output(marker) as temporary, open(temporary, "w") as out:
             out.write(source)
     return workdir, data
@@ -68,12 +70,13 @@ def run_seed(workdir, data, seed, args):
                "-e", str(args.epochs), "--seed", str(seed), "--checkpoint_dir", run_dir,
                "--log_path", log_path, *args.ncf_flags]
     print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    run_or_exit("accuracy.py", f"the ncf.py run of seed {seed}", command)
     records = read_log(log_path)
     summary = log_records(records, "summary")[-1]
     seconds = np.mean([record["train_epoch_time"] + record["validation_epoch_time"]
                        for record in log_records(records, "epoch")])
-    return {"seed": seed, "hr": summary["best_accuracy"], "ndcg": summary["best_ndcg"],
+    return {"seed": seed, "k": log_records(records, "parameter")[0]["topk"],
+            "hr": summary["best_accuracy"], "ndcg": summary["best_ndcg"],
             "epoch": summary["best_epoch"], "seconds_per_epoch": seconds}
 
 
@@ -90,7 +93,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     workdir, data = prepare(args)
     results = [run_seed(workdir, data, seed, args) for seed in args.seeds]
-    print("| seed | best HR@10 | NDCG@10 | epoch | seconds per epoch |")
+    k = results[0]["k"]  # every run has the same flags
+    print(f"| seed | best HR@{k} | NDCG@{k} | epoch | seconds per epoch |")
     print("|---|---|---|---|---|")
     for result in results:
         print(f"| {result['seed']} | {result['hr']:.4f} | {result['ndcg']:.4f} | "

@@ -1,5 +1,5 @@
-"""GMF, MLP and NeuMF, from scratch and pretrained from them: one markdown table of best HR@10 /
-NDCG@10 (sampled and full-ranking), epochs and time, over seeds and datasets.
+"""GMF, MLP and NeuMF, from scratch and pretrained from them: one markdown table of best HR@k /
+NDCG@k (sampled and full-ranking), epochs and time, over seeds and datasets.
 
     python bench/models.py                                   # both datasets, seeds 1 2 3
     python bench/models.py --datasets generated --seeds 1 -e 2  # a quick look
@@ -8,8 +8,9 @@ The data is bench/accuracy.py's: ml-latest-small's ratings.csv and generate.py's
 preset, each converted once (convert.py, seed 1). For every seed, each in its own ncf.py process
 with -b 8192 -e EPOCHS --full_ranking and the other flags at their defaults: GMF, MLP, NeuMF from
 scratch, then NeuMF from that seed's GMF and MLP (--alpha 0.5) with Adam and with plain SGD at
---sgd_lr. Full-ranking figures are those of the epoch with the best sampled HR@10 (the model.pth
-a run keeps); times are training seconds, evaluation left out.
+--sgd_lr. k is the runs' -k (10 unless given after `--`). Full-ranking figures are those of the
+epoch with the best sampled HR@k (the model.pth a run keeps); times are training seconds,
+evaluation left out.
 """
 import argparse
 import os
@@ -23,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from accuracy import prepare  # noqa: E402
+from child_process import run_or_exit  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 
 DATASETS = {"ml-latest-small": {"ratings": os.path.join(ROOT, "..", "shared", "data",
@@ -48,14 +50,15 @@ def train(data, run_dir, seed, flags, args):
                "-e", str(args.epochs), "--seed", str(seed), "--checkpoint_dir", run_dir,
                "--log_path", log_path, "--full_ranking", *flags, *args.ncf_flags]
     print(" ".join(command), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    run_or_exit("models.py", f"the ncf.py run in {run_dir}", command, stdout=subprocess.DEVNULL)
     records = read_log(log_path)
     summary = log_records(records, "summary")[-1]
     best = next(record for record in log_records(records, "epoch")
                 if record["epoch"] == summary["best_epoch"])
     epochs = log_records(records, "epoch")
-    return {"hr": summary["best_accuracy"], "ndcg": summary["best_ndcg"],
-            "full_hr": best["full_hr@10"], "full_ndcg": best["full_ndcg@10"],
+    k = log_records(records, "parameter")[0]["topk"]
+    return {"k": k, "hr": summary["best_accuracy"], "ndcg": summary["best_ndcg"],
+            "full_hr": best[f"full_hr@{k}"], "full_ndcg": best[f"full_ndcg@{k}"],
             "epoch": summary["best_epoch"], "seconds_to_best": summary["train_time_to_best_model"],
             "seconds": sum(record["train_epoch_time"] for record in epochs)}
 
@@ -65,7 +68,7 @@ def run_seed(name, seed, args, all_results):
     source = DATASETS[name]
     workdir, data = prepare(SimpleNamespace(ratings=source.get("ratings"),
                                             generate=source.get("generate"),
-                                            workdir=args.workdir))
+                                            workdir=args.workdir), "models.py")
     results = all_results.setdefault(name, {run: [] for _, run, _ in RUNS})
     paths = {kind: os.path.join(workdir, f"seed{seed}", kind, "model.pth")
              for kind in ("gmf", "mlp")}
@@ -76,7 +79,9 @@ def run_seed(name, seed, args, all_results):
 
 
 def table(all_results):
-    lines = ["| data | model | HR@10 | NDCG@10 | full HR@10 | full NDCG@10 | best epoch "
+    # Every run has the same flags, so one k for the table.
+    k = next(iter(all_results.values()))["gmf"][0]["k"]
+    lines = [f"| data | model | HR@{k} | NDCG@{k} | full HR@{k} | full NDCG@{k} | best epoch "
              "| train s to best | train s, all epochs |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, results in all_results.items():

@@ -7,11 +7,10 @@ Writes a converted dataset at the ml-20m shape (138,493 users, 26,744 items, --p
 training positives, 100 test negatives per user) into WORKDIR once, then runs --epochs epochs
 of ncf.py per process count and reads the last epoch's train_throughput (samples of all ranks
 per second) from its log.json. On a CPU each process gets cores // processes threads: torchrun would give each
-one thread, and a single process uses all cores.
+one thread, and a single process uses all cores. A cached dataset whose files do not all load
+(one written before the writes were atomic, and killed midway) is written again.
 """
-import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -20,18 +19,47 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import cli  # noqa: E402
+from checkpoint import CheckpointError, atomic_save  # noqa: E402
+from child_process import run_or_exit  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 from train_bench import make_data  # noqa: E402
 
+USERS, ITEMS = 138_493, 26_744  # ml-20m's
+FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt")
+
+
+def cache_problem(directory, positives):
+    """Why `directory` does not hold write_dataset's files for `positives`; None when it does."""
+    for name in FILES:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            return f"{path} is missing"
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for damaged files
+            return f"{path} cannot be read ({type(error).__name__})"
+        if not isinstance(tensor, torch.Tensor):
+            return f"{path} holds no tensor"
+        if name == "train_ratings.pt" and len(tensor) != positives:
+            return f"{path} holds {len(tensor)} positives, not {positives}"
+    return None
+
 
 def write_dataset(directory, positives):
-    if os.path.exists(os.path.join(directory, "test_negatives.pt")):
+    problem = cache_problem(directory, positives)
+    if problem is None:
         return
+    if os.path.isdir(directory):
+        print(f"writing the dataset again: {problem}", flush=True)
     os.makedirs(directory, exist_ok=True)
-    train, test, negatives = make_data(138_493, 26_744, positives)
-    for name, tensor in (("train_ratings.pt", train), ("test_ratings.pt", test),
-                         ("test_negatives.pt", negatives)):
-        torch.save(tensor, os.path.join(directory, name))
+    train, test, negatives = make_data(USERS, ITEMS, positives)
+    for name, tensor in zip(FILES, (train, test, negatives)):
+        try:
+            atomic_save(tensor, os.path.join(directory, name))
+        except CheckpointError as error:
+            print(f"scaling.py: error: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 def run(nproc, data, args):
@@ -48,7 +76,7 @@ def run(nproc, data, args):
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                    "--master_port", str(29600 + nproc), *flags]
     print(f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '-')} {' '.join(command)}", flush=True)
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    run_or_exit("scaling.py", f"the {nproc}-process run", command, cwd=ROOT, env=env)
     epoch = log_records(read_log(log_path), "epoch")[-1]
     return {"processes": nproc, "threads_per_process": env.get("OMP_NUM_THREADS", "-"),
             "train_samples_per_s": epoch["train_throughput"],
@@ -56,7 +84,7 @@ def run(nproc, data, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="scaling.py", description=__doc__.splitlines()[0])
     parser.add_argument("--positives", type=int, default=2_000_000)
     parser.add_argument("--nproc", nargs="+", type=int, default=[1, 2])
     parser.add_argument("-b", "--batch_size", type=int, default=2 ** 20)
@@ -65,6 +93,11 @@ def main(argv=None):
                              "first epoch pays for CUDA/NCCL start-up)")
     parser.add_argument("--workdir", default="/tmp/ncf-scaling")
     args = parser.parse_args(argv)
+    if args.positives < USERS:
+        parser.error(f"--positives {args.positives} must be at least {USERS:,}, the users of the "
+                     f"ml-20m shape: every user has a training positive")
+    if min(args.nproc) < 1:
+        parser.error(f"--nproc counts must be at least 1, got {min(args.nproc)}")
     data = os.path.join(args.workdir, f"data-{args.positives}")
     write_dataset(data, args.positives)
     results = [run(nproc, data, args) for nproc in args.nproc]

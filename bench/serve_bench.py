@@ -39,6 +39,7 @@ from neumf import NeuMF  # noqa: E402
 SHAPES = {"ml-latest-small": (610, 9_724, 100_836), "ml-20m": (138_493, 26_744, 20_000_263)}
 WARMUP_PER_CLIENT = 20
 STARTUP_SECONDS = 600
+HEALTH_RETRY_SECONDS = 0.5  # between tries of GET /health while serve.py starts
 
 
 def parse_args(argv=None):
@@ -84,18 +85,29 @@ def free_port():
 
 
 def wait_for_health(process, port):
+    """Return once serve.py answers GET /health with 200; exit with one line if it ends first
+    or has not within STARTUP_SECONDS. Any other answer (from whatever else took the port, say)
+    is tried again after a pause, as a refused connection is, and each try's connection is
+    closed: the wait neither spins a core nor piles up open sockets."""
     deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
+    while True:
         if process.poll() is not None:
             raise SystemExit(f"serve_bench.py: serve.py exited with status {process.returncode}")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
+            status = connection.getresponse().status
+            if status == 200:
                 return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"serve_bench.py: serve.py did not answer /health in {STARTUP_SECONDS} s")
+            last = f"status {status}"
+        except OSError as error:  # not listening yet
+            last = str(error)
+        finally:
+            connection.close()
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"serve_bench.py: serve.py did not answer /health with status 200 "
+                             f"in {STARTUP_SECONDS} s (last try: {last})")
+        time.sleep(HEALTH_RETRY_SECONDS)
 
 
 def cpu_seconds(pid):

@@ -38,6 +38,7 @@ import dataloading  # noqa: E402
 import evaluation  # noqa: E402
 import inference  # noqa: E402
 import ncf  # noqa: E402
+from child_process import run_or_exit  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
 MF_DIM, LAYERS = 64, [256, 256, 128, 64]
@@ -260,13 +261,8 @@ def main(argv=None):
                    "--users", str(args.users), "--items", str(args.items),
                    "--positives", str(args.positives), "-b", str(args.batch_size),
                    "--valid_batch_size", str(args.valid_batch_size), "--steps", str(args.steps)]
-        finished = subprocess.run(command, capture_output=True, text=True)
-        if finished.returncode:
-            # The child's stderr was captured for its figures' sake: pass its last line on.
-            lines = finished.stderr.strip().splitlines()
-            reason = (lines[-1] if lines else f"killed by signal {-finished.returncode}"
-                      if finished.returncode < 0 else f"exit status {finished.returncode}")
-            sys.exit(f"train_bench.py: error: the {variant} run failed: {reason}")
+        finished = run_or_exit("train_bench.py", f"the {variant} run", command,
+                               stdout=subprocess.PIPE)
         results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
     print(f"shape: {args.users:,} users, {args.items:,} items, {args.positives:,} positives; "
           f"batch {args.batch_size:,}, {args.steps} timed steps; {torch.get_num_threads()} "

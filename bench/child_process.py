@@ -1,0 +1,30 @@
+"""Running a benchmark's child process (ncf.py, convert.py, a measured variant) so that its
+failure is one line, as the project's other errors are."""
+import subprocess
+import sys
+
+
+def failure_reason(finished):
+    """Why a finished process failed: its last stderr line (its own one-line error, or a
+    traceback's last line), else how it ended."""
+    lines = finished.stderr.strip().splitlines()
+    if lines:
+        return lines[-1]
+    if finished.returncode < 0:
+        return f"killed by signal {-finished.returncode}"
+    return f"exit status {finished.returncode}"
+
+
+def run_or_exit(prog, what, command, **kwargs):
+    """subprocess.run(command, **kwargs), its stderr captured and passed on once it succeeds;
+    when it fails, `PROG: error: WHAT failed: REASON` on stderr and exit status 2.
+
+    Captured rather than shown as it comes, so that a failure is that one line and not the
+    child's error followed by a restatement of it.
+    """
+    finished = subprocess.run(command, stderr=subprocess.PIPE, text=True, **kwargs)
+    if finished.returncode:
+        print(f"{prog}: error: {what} failed: {failure_reason(finished)}", file=sys.stderr)
+        sys.exit(2)
+    sys.stderr.write(finished.stderr)
+    return finished
