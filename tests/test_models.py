@@ -390,8 +390,8 @@ def test_bench_table_averages_seeds_and_adds_the_pretraining_time():
     from models import RUNS as BENCH_RUNS, table
 
     def result(hr, epoch, seconds):
-        return {"hr": hr, "ndcg": hr / 2, "full_hr": hr / 4, "full_ndcg": hr / 8, "epoch": epoch,
-                "seconds_to_best": seconds / 2, "seconds": seconds}
+        return {"k": 10, "hr": hr, "ndcg": hr / 2, "full_hr": hr / 4, "full_ndcg": hr / 8,
+                "epoch": epoch, "seconds_to_best": seconds / 2, "seconds": seconds}
     runs = {run: [result(0.5, 3, 10.0), result(0.7, 5, 30.0)] for _, run, _ in BENCH_RUNS}
     lines = table({"toy": runs}).splitlines()
     assert len(lines) == 2 + len(BENCH_RUNS)
