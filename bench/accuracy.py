@@ -40,6 +40,11 @@ def prepare(args, prog="accuracy.py"):
         name, source = f"generated-{args.generate}", f"generate.py --preset {args.generate}"
     else:
         path = os.path.abspath(args.ratings)
+        if not os.path.isfile(path):
+            print(f"{prog}: error: {args.ratings}: no such ratings file; put MovieLens there "
+                  f"(download_dataset.sh) or measure generated data (accuracy.py --generate "
+                  f"PRESET, models.py --datasets generated)", file=sys.stderr)
+            sys.exit(2)
         stat = os.stat(path)
         name = (f"{os.path.basename(os.path.dirname(path))}-"
                 f"{os.path.splitext(os.path.basename(path))[0]}")

@@ -182,6 +182,22 @@ def test_accuracy_converts_each_ratings_file_for_itself(tmp_path, monkeypatch):
     assert prepare("ratings.csv") == first and converted[2:] == ["ratings.csv"]
 
 
+@pytest.mark.parametrize("prog", ["accuracy.py", "models.py"])
+def test_a_missing_ratings_file_is_one_line(tmp_path, capsys, prog):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import accuracy
+    missing = str(tmp_path / "ratings.csv")
+    with pytest.raises(SystemExit) as exited:
+        accuracy.prepare(SimpleNamespace(ratings=missing, generate=None,
+                                         workdir=str(tmp_path / "work")), prog)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"{prog}: error: {missing}: no such ratings file; put MovieLens there "
+        f"(download_dataset.sh) or measure generated data (accuracy.py --generate PRESET, "
+        f"models.py --datasets generated)\n")
+    assert not (tmp_path / "work").exists()
+
+
 @pytest.mark.parametrize("flags, problem", [
     (["--positives", "138492"], "--positives 138492 must be at least 138,493, the users of the "
                                 "ml-20m shape: every user has a training positive"),
