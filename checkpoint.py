@@ -36,20 +36,50 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
+class _KeepWriteError:
+    """A file handle for torch.save that keeps the OSError of a failed write.
+
+    torch.save reports one as a RuntimeError without errno ("unexpected pos" on a full disk);
+    save_into re-raises the OSError so the user reads its reason.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.handle.flush()
+
+
+def save_into(obj, handle):
+    """torch.save into an open binary file; a failed write raises its own OSError.
+
+    A handle, not the temporary name a caller writes to: torch.save names the zip archive after
+    the file's stem, which holds the pid, so the same object would save to different bytes.
+    """
+    writer = _KeepWriteError(handle)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError:
+        if writer.error is None:
+            raise
+        raise writer.error from None
+
+
 def atomic_save(obj, path):
     """torch.save through atomic_output; a full disk or an I/O error is a CheckpointError and
     leaves the previous `path` as it was."""
     try:
-        # A handle, not the temporary name: torch.save names the zip archive after the file's
-        # stem, which here holds the pid, so the same object would save to different bytes.
         with atomic_output(path) as temporary, open(temporary, "wb") as handle:
-            torch.save(obj, handle)
-    except (OSError, RuntimeError) as failure:
-        # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError of its
-        # own, raised while handling the OSError that says why.
-        error = failure if isinstance(failure, OSError) else failure.__context__
-        if not isinstance(error, OSError):
-            raise
+            save_into(obj, handle)
+    except OSError as error:
         raise CheckpointError(f"{path}: cannot be saved ({error.strerror or error}); the previous "
                               f"file, if any, is unchanged; free space on that disk or write "
                               f"elsewhere") from None

@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+from checkpoint import save_into
 from dataloading import CONVERTING, METADATA, tensors_fingerprint
 from fileio import fsync_path, make_writable_dir, removed_if_failed, staged_output
 from load import (NO_TIME, TIME_FORMATS, DataError, first_line, load_negatives, load_paper_ratings,
@@ -529,40 +530,6 @@ def _output_directory(directory):
         yield
 
 
-class _KeepWriteError:
-    """A file handle for torch.save that keeps the OSError of a failed write.
-
-    torch.save reports one as a RuntimeError without errno ("unexpected pos" on a full disk);
-    _save_tensor re-raises the OSError so the user reads its reason.
-    """
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.error = None
-
-    def write(self, data):
-        try:
-            return self.handle.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def flush(self):
-        self.handle.flush()
-
-
-def _save_tensor(tensor, handle):
-    # A handle, not the temporary name: torch.save names the zip archive after the file's
-    # stem, which holds the pid, and the files of two runs would differ.
-    writer = _KeepWriteError(handle)
-    try:
-        torch.save(tensor, writer)
-    except RuntimeError:
-        if writer.error is None:
-            raise
-        raise writer.error from None
-
-
 def _stage(directory, name, content):
     """Write content (bytes, or a tensor to save) in full under a temporary name beside
     directory/name, flushed to disk, and return that name; on an error none of it is left."""
@@ -571,7 +538,7 @@ def _stage(directory, name, content):
         if isinstance(content, bytes):
             handle.write(content)
         else:
-            _save_tensor(content, handle)
+            save_into(content, handle)
     return temporary
 
 
