@@ -218,6 +218,7 @@ def check_training_state(state, path):
     """Refuse a last.pth that ncf.py could not resume from, before any of it is used: every
     entry is there with its type, the epoch count is 0 or more and matches the history, the
     optimiser state fits the saved model's parameters and the RNG states are ones PyTorch takes.
+    Returns the model's state_dict (model_state), checked once here for all its uses.
     """
     def refuse(problem):
         return CheckpointError(f"{path}: not a training state written by ncf.py ({problem}); "
@@ -240,13 +241,14 @@ def check_training_state(state, path):
     if optimizer not in OPTIMIZER_NAMES:
         raise refuse(f"args' optimizer is {_describe(optimizer)}, expected one of "
                      f"{', '.join(OPTIMIZER_NAMES)}")
+    weights = model_state(state, path)
     problem = (_optimizer_problem(state["optimizer"],
-                                  list(neumf_shapes(model_state(state, path), path).values()),
-                                  optimizer)
+                                  list(neumf_shapes(weights, path).values()), optimizer)
                or _optimizer_settings_problem(state["optimizer"]["param_groups"][0],
                                               state["args"], optimizer))
     if problem:
         raise refuse(problem)
+    return weights
 
 
 def _optimizer_problem(optimizer, shapes, kind):

@@ -485,14 +485,14 @@ def check_resume_args(saved_args, args, path):
 def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_train):
     path = os.path.join(args.checkpoint_dir, "last.pth")
     state = load_checkpoint(path)
-    check_training_state(state, path)
+    weights = check_training_state(state, path)
     if state["precision"] != ctx.precision:
         raise RunError(f"{path}: the saved run trained in {state['precision']}, this one would "
                        f"train in {ctx.precision} (on {ctx.device.type}); resume on the same kind "
                        f"of device (CUDA, CPU with or without bf16 units) with the same "
                        f"--opt_level/--amp")
     saved_data = state["data"]
-    check_matches(model_state(state, path), path, nb_users, nb_items)
+    check_matches(weights, path, nb_users, nb_items)
     if saved_data["nb_train"] != nb_train:
         raise RunError(f"{path}: checkpoint was trained on {saved_data['nb_train']} training "
                        f"positives, --data has {nb_train}; resume with the same data")
@@ -508,8 +508,8 @@ def resume_state(args, ctx, model, optimizer, scaler, nb_users, nb_items, nb_tra
     for change in changes:
         log_line(ctx, f"warning: resuming with a changed setting: {change}")
     # After the settings: a run saved before --model existed records no kind to compare.
-    check_matches(model_state(state, path), path, nb_users, nb_items, kind=args.model)
-    load_state(model, state["model"], path)
+    check_matches(weights, path, nb_users, nb_items, kind=args.model)
+    load_state(model, weights, path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -277,7 +277,9 @@ def test_tampered_model_inside_last_pth_is_refused(tiny_data, trained, tmp_path,
 
 
 def test_untampered_last_pth_passes(trained):
-    assert checkpoint.check_training_state(trained[1], "last.pth") is None
+    weights = checkpoint.check_training_state(trained[1], "last.pth")
+    assert weights.keys() == trained[1]["model"].keys()
+    assert all(torch.equal(weights[key], trained[1]["model"][key]) for key in weights)
 
 
 @pytest.mark.parametrize("tool", TOOLS)
