@@ -106,6 +106,11 @@ def reuse_freed_memory():
     return mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
 
 
+def world_size():
+    """Processes in this run, as torchrun (or the legacy launcher) announces it; 1 without."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def run_as_process(main):
     """Run `main()` as the process; one of several under torchrun leaves without finalizing
     Python.
@@ -118,7 +123,7 @@ def run_as_process(main):
     multi-process run flushes its output and exits before finalization instead. Nothing is
     lost: files are written atomically and the log is closed after every record.
     """
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    several = world_size() > 1
     try:
         main()
         status = 0

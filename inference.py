@@ -33,7 +33,6 @@ AUTOCAST_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 SHORT_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 OPT_LEVEL_PRECISION = {"O0": "fp32", "O2": "amp"}
 PERCENTILES = (90, 95, 99)
-# The shape flag each model kind has no use for, and the part it would size.
 # float32 values a forward pass keeps per sample, times this, bounds its activations: autocast
 # adds half-precision copies and ReLU's outputs sit beside their inputs.
 ACTIVATION_COPIES = 3

@@ -188,7 +188,7 @@ class Context:
 
 def init_distributed(args):
     """Pick the device once: LOCAL_RANK's GPU + NCCL, else the GPU, else the CPU + gloo."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = cli.world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
     # A single process is rank 0 whichever GPU --local_rank picks; it must print and save.
     rank = int(os.environ.get("RANK", local_rank if world_size > 1 else 0))
@@ -841,7 +841,7 @@ def lost_peer(error):
     message. gloo raises a plain RuntimeError whose text starts with its source location.
     """
     text = str(error).strip()
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "gloo/transport" not in text:
+    if cli.world_size() == 1 or "gloo/transport" not in text:
         return None
     said = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]
     return f"gloo: {said}"
@@ -849,7 +849,7 @@ def lost_peer(error):
 
 def fail(message):
     rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    prefix = f"[rank {rank}] " if rank is not None and cli.world_size() > 1 else ""
     print(f"{prefix}ncf.py: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
