@@ -110,19 +110,36 @@ def lock_directory(directory):
 
     The holder's pid is written into the lock file so that the refused process can name it.
     """
-    handle = open(os.path.join(directory, LOCK_NAME), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip()
+    path = os.path.join(directory, LOCK_NAME)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise DirectoryLocked(directory, holder) from None
+        # The holder before may have removed the file (held_directory) between our open and
+        # our lock: a lock on a file no longer in the directory keeps no one else out.
+        if is_open_file_at(handle, path):
+            break
         handle.close()
-        raise DirectoryLocked(directory, holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def is_open_file_at(handle, path):
+    """Whether the file `handle` has open is still the one that `path` names."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def make_writable_dir(path):
@@ -136,10 +153,11 @@ def make_writable_dir(path):
     while not os.path.exists(missing):
         created.append(missing)
         missing = os.path.dirname(missing)
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
-    open(probe, "w").close()
-    os.remove(probe)
+    with removed_if_failed(created):
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
     return created
 
 
@@ -154,3 +172,33 @@ def removed_if_failed(created):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
+
+
+@contextlib.contextmanager
+def held_directory(path):
+    """`path` locked for the block (lock_directory), after make_writable_dir; raises what those
+    raise. When the block fails, the directories created here are removed again if nothing but
+    the lock was put in them: a run refused at its start leaves no trace of its output.
+    """
+    created = make_writable_dir(path)
+    with removed_if_failed(created):
+        handle = lock_directory(path)
+        try:
+            yield
+        except BaseException:
+            if created:
+                remove_lone_lock(path)
+            raise
+        finally:
+            handle.close()
+
+
+def remove_lone_lock(directory):
+    """Remove the lock file of `directory`, held by the caller, when it is all there is.
+
+    Removed while still held, so no one can be holding it then: a process that opened it
+    meanwhile finds it gone once it has the lock, and takes a new one (lock_directory).
+    """
+    with contextlib.suppress(OSError):
+        if os.listdir(directory) == [LOCK_NAME]:
+            os.remove(os.path.join(directory, LOCK_NAME))

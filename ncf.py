@@ -11,7 +11,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +24,7 @@ import dataloading
 import evaluation
 from checkpoint import (CheckpointError, atomic_save, check_matches, check_training_state,
                         load_checkpoint, load_model, load_state, model_state)
-from fileio import DirectoryLocked, lock_directory, make_writable_dir
+from fileio import DirectoryLocked, held_directory
 from logger import PARAMETER, JsonLogger
 from neumf import MODELS, build, load_pretrained, parameter_count
 
@@ -240,11 +240,11 @@ def log_line(ctx, message):
             cli.discard_stdout()
 
 
-def prepare_checkpoint_dir(path):
-    """Lock `path` for this run; the returned handle holds the lock until it is closed."""
+def prepare_checkpoint_dir(path, held):
+    """Lock `path` for this run, until `held` (its ExitStack) closes; a directory created here
+    is removed again when the run fails having saved nothing in it (fileio.held_directory)."""
     try:
-        make_writable_dir(path)
-        return lock_directory(path)
+        held.enter_context(held_directory(path))
     except DirectoryLocked as locked:
         raise RunError(f"--checkpoint_dir {path}: in use by another training (pid "
                        f"{locked.holder or 'unknown'}); wait for it to end or pass another "
@@ -768,14 +768,14 @@ def open_logger(args, ctx):
 def run(args):
     run_start = time.time()
     ctx = init_distributed(args)
-    checkpoint_lock = None
-    try:
+    with ExitStack() as held:
+        held.callback(end_process_group, ctx)
         if args.mode == "train" and not args.checkpoint_dir:
             log_line(ctx, "note: --checkpoint_dir '': model.pth and last.pth are not saved")
         if args.mode == "train" and ctx.is_main and args.checkpoint_dir:
             # Held until run() returns, so two runs never share one directory; the OS
             # releases it if the process dies.
-            checkpoint_lock = prepare_checkpoint_dir(args.checkpoint_dir)
+            prepare_checkpoint_dir(args.checkpoint_dir, held)
         if args.mode == "train" and not args.resume and args.checkpoint_dir:
             last = os.path.join(args.checkpoint_dir, "last.pth")
             if ctx.is_main and os.path.exists(last):
@@ -807,11 +807,11 @@ def run(args):
             # Saved with the training state so --resume can refuse a different world size.
             args.world_size = ctx.world_size
             return train(args, ctx, model, ddp_model, data, validation_data, logger, run_start)
-    finally:
-        if checkpoint_lock is not None:
-            checkpoint_lock.close()
-        if ctx.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def end_process_group(ctx):
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """Damaged and tampered checkpoints, full disks, crashed writers and shared checkpoint dirs."""
 import copy
 import errno
+import fcntl
 import os
 import pickle
 import subprocess
@@ -518,3 +519,77 @@ def test_second_training_on_a_locked_checkpoint_dir_is_refused(tiny_data, tmp_pa
         holder.wait()
     summary = ncf.main(train_flags(tiny_data, tmp_path, "-e", "1"))
     assert summary["epochs_run"] == 1
+
+
+def test_a_lock_file_its_holder_removed_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    # A run that fails removes the lock file of the directory it created; another run that
+    # opened that file just before would otherwise lock a file no one else can find.
+    first = fileio.lock_directory(str(tmp_path))
+    real_flock = fcntl.flock
+
+    def flock_after_the_holder_left(handle, operation):
+        if not first.closed:
+            os.remove(tmp_path / fileio.LOCK_NAME)
+            first.close()
+        real_flock(handle, operation)
+
+    monkeypatch.setattr(fileio.fcntl, "flock", flock_after_the_holder_left)
+    second = fileio.lock_directory(str(tmp_path))
+    try:
+        with pytest.raises(fileio.DirectoryLocked):
+            fileio.lock_directory(str(tmp_path))
+    finally:
+        second.close()
+
+
+def test_a_directory_proved_unwritable_is_not_left_created(tmp_path, monkeypatch):
+    def full_disk(path, mode="r"):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    # The probe file is the first thing written into the new directory.
+    monkeypatch.setattr(fileio, "open", full_disk, raising=False)
+    with pytest.raises(OSError):
+        fileio.make_writable_dir(str(tmp_path / "new" / "ck"))
+    assert os.listdir(tmp_path) == []
+
+
+def refused_training(data, checkpoint_dir, tmp_path, *extra):
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(["--data", str(data), "--checkpoint_dir", str(checkpoint_dir), "--log_path",
+                  str(tmp_path / "log.json"), "-b", "256", *SHAPE, *extra])
+    assert exit_info.value.code == 2
+
+
+def test_a_run_refused_before_training_leaves_no_directory_it_created(tiny_data, tmp_path,
+                                                                       capsys):
+    refused_training(tmp_path / "missing", tmp_path / "new" / "ck", tmp_path)
+    assert "train_ratings.pt: not found" in capsys.readouterr().err
+    # Refused once the data has loaded: a batch larger than an epoch.
+    refused_training(tiny_data, tmp_path / "new" / "ck", tmp_path, "-b", "100000")
+    assert "no full batch would be trained" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_refused_run_leaves_directories_it_found(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    refused_training(tmp_path / "missing", existing, tmp_path)
+    refused_training(tmp_path / "missing", existing / "ck", tmp_path)
+    assert os.listdir(tmp_path) == ["existing"]
+    assert os.listdir(existing) == [fileio.LOCK_NAME]
+
+
+def test_a_run_that_failed_after_saving_keeps_the_directory_it_created(tiny_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    real_save = torch.save
+
+    def save_all_but_last_pth(obj, handle):
+        if isinstance(obj, dict) and "epoch" in obj:
+            failing_save(errno.ENOSPC)(obj, handle)
+        real_save(obj, handle)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_all_but_last_pth)
+    checkpoints = tmp_path / "new" / "ck"
+    refused_training(tiny_data, checkpoints, tmp_path, "-e", "1")
+    assert "cannot be saved (No space left on device)" in capsys.readouterr().err
+    assert sorted(os.listdir(checkpoints)) == [fileio.LOCK_NAME, "model.pth"]

@@ -90,6 +90,16 @@ def test_a_failing_rank_ends_the_run_promptly_with_its_message(clustered_data, t
     assert "Epoch" not in run.stdout
 
 
+def test_a_refused_run_leaves_no_checkpoint_dir_it_created(tmp_path):
+    # Rank 0 alone creates and locks the directory, so it alone must remove it again.
+    run = torchrun("--data", str(tmp_path / "missing"), "--checkpoint_dir",
+                   str(tmp_path / "new" / "ck"), "--log_path", str(tmp_path / "log.json"),
+                   timeout=120)
+    assert run.returncode != 0
+    assert "[rank 0] ncf.py: error: " in run.stderr and "train_ratings.pt: not found" in run.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_rank_that_loses_a_failed_one_ends_in_one_line(clustered_data, tmp_path):
     # Two nodes, so no launcher kills the survivor first: it learns of the failure from gloo,
     # in the collective after rank 0 failed to save model.pth (a directory stands there).
