@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import generate  # noqa: E402
+from child_process import run_or_exit  # noqa: E402
 
 TARGET_SECONDS, TARGET_BYTES = 35, 2.5e9
 
@@ -52,18 +53,14 @@ def main(argv=None):
     # RUSAGE_CHILDREN's peak covers every child waited for so far: run convert.py from a fresh
     # intermediate process so the figure is convert.py's alone. The probe passes convert.py's
     # exit status on (128 + N for signal N, as a shell does) without a traceback of its own, so
-    # the last line of stderr is convert.py's error.
+    # the last line of stderr is convert.py's error, or none when a signal (the OOM killer,
+    # say) ended it.
     probe = ("import resource, subprocess, sys; status = subprocess.run(sys.argv[1:]).returncode; "
              "status and sys.exit(status if status > 0 else 128 - status); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    finished = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True,
-                              text=True)
+    finished = run_or_exit("convert_bench.py", "convert.py",
+                           [sys.executable, "-c", probe, *command], stdout=subprocess.PIPE)
     seconds = time.perf_counter() - started
-    if finished.returncode:
-        # Killed by a signal (the OOM killer, say), convert.py writes nothing.
-        lines = finished.stderr.strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {finished.returncode}"
-        sys.exit(f"convert.py failed: {reason}")
     print(finished.stdout.strip().splitlines()[0])
     # ru_maxrss is in KiB on Linux
     peak = int(finished.stdout.strip().splitlines()[-1]) * 1024

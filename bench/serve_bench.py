@@ -92,7 +92,7 @@ def wait_for_health(process, port):
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:
         if process.poll() is not None:
-            raise SystemExit(f"serve_bench.py: serve.py exited with status {process.returncode}")
+            fail(f"serve.py exited with status {process.returncode}")
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             connection.request("GET", "/health")
@@ -105,9 +105,15 @@ def wait_for_health(process, port):
         finally:
             connection.close()
         if time.monotonic() >= deadline:
-            raise SystemExit(f"serve_bench.py: serve.py did not answer /health with status 200 "
-                             f"in {STARTUP_SECONDS} s (last try: {last})")
+            fail(f"serve.py did not answer /health with status 200 in {STARTUP_SECONDS} s "
+                 f"(last try: {last})")
         time.sleep(HEALTH_RETRY_SECONDS)
+
+
+def fail(message):
+    """The benchmark's own failure: one line and exit status 2, as the project's other tools."""
+    print(f"serve_bench.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def cpu_seconds(pid):
@@ -157,7 +163,7 @@ def load(port, nb_users, clients, requests, topk, generator, health=False):
         thread.join()
     wall = time.perf_counter() - start
     if failures:
-        raise SystemExit(f"serve_bench.py: {len(failures)} wrong answers, first: {failures[0]}")
+        fail(f"{len(failures)} wrong answers, first: {failures[0]}")
     total = sum(per_client) + WARMUP_PER_CLIENT * clients
     milliseconds = np.array(latencies) * 1000
     return total, total / wall, np.percentile(milliseconds, 50), np.percentile(milliseconds, 99)

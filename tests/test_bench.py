@@ -332,6 +332,24 @@ def test_convert_bench_judges_only_the_shape_its_targets_are_for(monkeypatch, ca
         f"convert.py: 30.0 s wall, 2.05 GB peak RSS ({verdict})")
 
 
+@pytest.mark.parametrize("status, stderr, reason", [
+    (2, "convert.py: error: ratings.csv: no such file\n",
+     "convert.py: error: ratings.csv: no such file"),
+    (137, "", "exit status 137"),  # the probe's report of a convert.py killed by SIGKILL
+])
+def test_convert_bench_failure_is_one_line_and_exit_status_2(monkeypatch, capsys, status,
+                                                               stderr, reason):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import convert_bench
+    monkeypatch.setattr(convert_bench, "bench_input", lambda workdir, preset: "ratings.csv")
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(
+        command, status, "", stderr))
+    with pytest.raises(SystemExit) as exited:
+        convert_bench.main(["--preset", "small"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"convert_bench.py: error: convert.py failed: {reason}\n"
+
+
 class HealthChecks:
     """http.client.HTTPConnection for wait_for_health, on a fake clock that only sleeping moves:
     each try gets the next of `answers` (a status, or an OSError to raise)."""
@@ -368,10 +386,11 @@ class HealthChecks:
 @pytest.mark.parametrize("answers, problem", [
     ([ConnectionRefusedError(111, "Connection refused"), 503, 200], None),
     ([ConnectionRefusedError(111, "Connection refused")] + [503] * 4,
-     "serve_bench.py: serve.py did not answer /health with status 200 in 2 s (last try: "
-     "status 503)"),
+     "serve_bench.py: error: serve.py did not answer /health with status 200 in 2 s (last "
+     "try: status 503)"),
 ])
-def test_waiting_for_serve_py_pauses_closes_and_gives_up_in_time(monkeypatch, answers, problem):
+def test_waiting_for_serve_py_pauses_closes_and_gives_up_in_time(monkeypatch, capsys, answers,
+                                                                 problem):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import serve_bench
     checks = HealthChecks(answers)
@@ -385,6 +404,17 @@ def test_waiting_for_serve_py_pauses_closes_and_gives_up_in_time(monkeypatch, an
     else:
         with pytest.raises(SystemExit) as exited:
             serve_bench.wait_for_health(running, 8000)
-        assert exited.value.code == problem
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == f"{problem}\n"
     assert checks.tries == checks.closed == len(answers)
     assert checks.sleeps == [0.5] * (len(answers) - 1)
+
+
+def test_serve_py_ending_before_it_answers_is_one_line_and_exit_status_2(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import serve_bench
+    ended = SimpleNamespace(poll=lambda: 1, returncode=1)
+    with pytest.raises(SystemExit) as exited:
+        serve_bench.wait_for_health(ended, 8000)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "serve_bench.py: error: serve.py exited with status 1\n"
