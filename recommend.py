@@ -5,9 +5,12 @@
 
 DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
-sigmoid output. Every item is scored for a user in one pass of the factored model (scoring.py).
-Where bfloat16 is native (a CPU with AMX or AVX512_BF16, a CUDA device with bf16), a bfloat16 pass
-picks each user's shortlist and float32 scores and orders it (--precision, default auto).
+sigmoid output. The answer is float32's over every item, found exactly by scoring only the items
+whose upper bound can reach a user's top k (scoring.bounded_top_items; from 4,096 items). Where
+the bounds rule out too few items, every item is scored in one pass of the factored model
+(scoring.py), and where bfloat16 is native (a CPU with AMX or AVX512_BF16, a CUDA device with
+bf16) a bfloat16 pass then picks each user's shortlist, which float32 scores and orders
+(--precision, default auto).
 """
 import os
 import sys
@@ -19,7 +22,6 @@ from tqdm import tqdm
 import cli
 import dataloading
 import ncf
-import scoring
 from checkpoint import CheckpointError
 from fileio import atomic_output
 from recommender import Recommender, RecommendError, load_titles, titles_note
@@ -91,8 +93,7 @@ def write_all_users(recommender, topk, titles, output):
         raise RecommendError(f"--output {output}: directory {directory} does not exist; "
                              f"create it or pass a path in an existing directory")
     order = torch.from_numpy(np.argsort(recommender.user_ids, kind="stable"))
-    scorer = recommender.shortlist_scorer or recommender.scorer
-    step = scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
+    step = recommender.users_per_batch()
     try:
         with atomic_output(output) as temporary, open(temporary, "w", newline="") as handle, \
                 tqdm(total=len(order), unit="user", desc="recommend", disable=None) as bar:

@@ -1,8 +1,9 @@
 """A trained NeuMF with the data it was trained on, answering in the original user and movie ids:
 what recommend.py prints and serve.py serves.
 
-Items a user rated in training are never recommended. Every item is scored for a user in one pass
-of the factored model (scoring.py), whose item side is computed once when the Recommender is
+Items a user rated in training are never recommended. A user's best items are found exactly from
+bounds on clusters of items (scoring.bounded_top_items), or by scoring every item in one pass of
+the factored model (scoring.py); the item side of both is computed once when the Recommender is
 built.
 """
 import copy
@@ -66,6 +67,8 @@ class Recommender:
             chunk_pairs = BF16_CPU_CHUNK_PAIRS if torch.device(device).type == "cpu" else None
             self.shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(),
                                                            chunk_pairs)
+        # Exact top-k from a few hundred scored items a user instead of all (scoring.py).
+        self.bounds = scoring.ItemBounds(self.scorer) if scoring.bounds_pay(self.scorer) else None
         self.trained = scoring.TrainingItems(train[:, 0].to(device), train[:, 1].to(device),
                                              nb_users)
         # Ties go to the lower dense id: a stable sort keeps the answer the same run to run.
@@ -105,8 +108,16 @@ class Recommender:
         than k untrained items has its last entries' items set to -1."""
         users = users.to(self.device)
         excluded = self.trained.mask(users, len(self.item_ids))
-        items, logits = best_items(self.scorer, self.shortlist_scorer, users, excluded, topk)
+        items, logits = best_items(self.scorer, self.shortlist_scorer, users, excluded, topk,
+                                   self.bounds)
         return items.cpu(), torch.sigmoid(logits).cpu()
+
+    def users_per_batch(self):
+        """Users per call of top_items or table that keeps its [users, items] matrices small."""
+        if self.bounds is not None:
+            return scoring.bounded_users_per_batch(len(self.item_ids))
+        scorer = self.shortlist_scorer or self.scorer
+        return scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
 
     def popular_items(self, topk):
         """(dense items, training ratings of each) of the k most-rated items, most first: the
@@ -146,15 +157,21 @@ def load_id_map(data_dir, name):
     return path, np.array(ids, dtype=object)
 
 
-def best_items(scorer, shortlist_scorer, users, excluded, topk):
+def best_items(scorer, shortlist_scorer, users, excluded, topk, bounds=None):
     """(dense items, float32 logits), [len(users), k] each, of each user's best items that
     `excluded` [len(users), nb_items] does not hide; -1 items where fewer are left.
 
-    With a shortlist_scorer (a bfloat16 FactoredScorer), it picks max(SHORTLIST_MIN,
+    With bounds (a scoring.ItemBounds of scorer), only the items that can be among the best are
+    scored (scoring.bounded_top_items), unless the bounds keep too many; then every item is. With
+    a shortlist_scorer (a bfloat16 FactoredScorer), that picks max(SHORTLIST_MIN,
     SHORTLIST_PER_K * k) items and the float32 scorer orders those: the answer differs from
     float32 over all items only where bfloat16 rounding drops a top-k item from the shortlist.
     """
     with torch.inference_mode():
+        if bounds is not None:
+            best = scoring.bounded_top_items(scorer, bounds, users, excluded, topk)
+            if best is not None:
+                return best
         if shortlist_scorer is None:
             return scoring.top_items(scorer(users), excluded, topk)
         size = min(scorer.nb_items, max(SHORTLIST_MIN, SHORTLIST_PER_K * topk))

@@ -15,10 +15,14 @@ ml-20m's 144 a user) is timed in the same rounds both ways, float32 over all ite
 bfloat16 shortlist rescored in float32, with the share of sampled users whose top-k differs, and
 the bfloat16 scorer's products alone (one user's items a call) set its floor.
 
-Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the wall
-time of `recommend.py --all_users` on it (--precision fp32, and bf16 where native), the share of
-users whose top-k differs between the two, and HR@k / NDCG@k by the sampled protocol (100 test
-negatives, as ncf.py) beside the full-ranking protocol (scoring.full_ranking_ranks).
+Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the top-k
+of --sample_users of its users timed in turns three ways, the exact bounded search that
+recommend.py runs (scoring.bounded_top_items: a trained model's bounds rule out most items, a
+random model's none, hence not in part 1), float32 over every item and, where native, the bf16
+shortlist, with the users whose top-k differs from float32's; the wall time of `recommend.py
+--all_users` on it (--precision fp32, and bf16 where native), the share of users whose top-k
+differs between the two, and HR@k / NDCG@k by the sampled protocol (100 test negatives, as
+ncf.py) beside the full-ranking protocol (scoring.full_ranking_ranks).
 """
 import copy
 import os
@@ -107,15 +111,17 @@ def time_plain(model, users, chunk_pairs):
     return time.perf_counter() - start
 
 
-def time_top_items(scorer, shortlist_scorer, trained, users, topk):
+def time_top_items(scorer, shortlist_scorer, trained, users, topk, bounds=None):
     """(seconds, items) of recommend.py's top-k for the users, batched as recommend.py does."""
-    step = scoring.users_per_batch(scorer.nb_items, (shortlist_scorer or scorer).chunk_pairs)
+    step = (scoring.bounded_users_per_batch(scorer.nb_items) if bounds is not None
+            else scoring.users_per_batch(scorer.nb_items, (shortlist_scorer or scorer).chunk_pairs))
     found = []
     start = time.perf_counter()
     for begin in range(0, len(users), step):
         batch = users[begin:begin + step]
         excluded = trained.mask(batch, scorer.nb_items)
-        found.append(recommender.best_items(scorer, shortlist_scorer, batch, excluded, topk)[0])
+        found.append(recommender.best_items(scorer, shortlist_scorer, batch, excluded, topk,
+                                            bounds)[0])
     return time.perf_counter() - start, torch.cat(found)
 
 
@@ -228,6 +234,50 @@ def compare_bf16(args, model, scorer, users, rounds):
           f"{flop_all / (bf16 * 60) / 1e9:.0f} GFLOP/s of them")
 
 
+def compare_bounded(args, model, train, nb_users, rounds=10):
+    """recommend.py's top-k on the trained model, timed in turns on --sample_users of its users:
+    the bounded search (scoring.bounded_top_items) against float32 over every item and, where
+    bf16 is native, the bf16 shortlist; each extrapolated to all users."""
+    scorer = scoring.FactoredScorer(model)
+    if not scoring.bounds_pay(scorer):
+        print(f"bounded top-{args.topk} not timed: {model.nb_items} items (fewer than "
+              f"{scoring.BOUNDED_MIN_ITEMS}) or no MLP hidden layer")
+        return
+    start = time.perf_counter()
+    bounds = scoring.ItemBounds(scorer)
+    built = time.perf_counter() - start
+    shortlist_scorer = None
+    if ncf.cpu_has_native_bf16():
+        shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(),
+                                                  recommender.BF16_CPU_CHUNK_PAIRS)
+    trained = scoring.TrainingItems(train[:, 0], train[:, 1], nb_users)
+    users = torch.randperm(nb_users, generator=torch.Generator().manual_seed(2))[
+        :args.sample_users]
+    ways = {"fp32": (None, None), "bounded": (None, bounds)}
+    if shortlist_scorer is not None:
+        ways["bf16"] = (shortlist_scorer, None)
+    seconds = dict.fromkeys(ways, 0.0)
+    found = {name: [] for name in ways}
+    for part in torch.tensor_split(users, rounds):
+        for name, (shortlist, way_bounds) in ways.items():
+            spent, items = time_top_items(scorer, shortlist, trained, part, args.topk,
+                                          way_bounds)
+            seconds[name] += spent
+            found[name].append(items)
+    exact = torch.cat(found["fp32"])
+    scale = nb_users / len(users)
+    minutes = {name: spent * scale / 60 for name, spent in seconds.items()}
+    print(f"top-{args.topk} of {len(users)} of its users, extrapolated to all {nb_users}: "
+          + ",  ".join(f"{name} {minutes[name]:.1f} min" for name in ways)
+          + f"  (bounds built once in {built:.1f} s)")
+    for name in ways:
+        if name != "fp32":
+            differing = (torch.cat(found[name]) != exact).any(dim=1)
+            print(f"  {name}: x{minutes['fp32'] / minutes[name]:.2f} of fp32 over every item; "
+                  f"top-{args.topk} differs from it for {int(differing.sum())} of "
+                  f"{len(users)} users")
+
+
 def run_recommend(args, output, precision):
     """(wall seconds, CPU seconds, the CSV as userId -> tuple of movieIds) of one
     recommend.py --all_users run."""
@@ -258,6 +308,7 @@ def part_two(args):
     train, test, negatives, nb_users, nb_items = dataloading.open_dataset(args.data)[:5]
     model = load_model(args.checkpoint).eval()
     check_matches(model.state_dict(), args.checkpoint, nb_users, nb_items)
+    compare_bounded(args, model, train, nb_users)
     precisions = ["fp32", "bf16"] if ncf.cpu_has_native_bf16() else ["fp32"]
     found = {}
     with tempfile.TemporaryDirectory() as directory:

@@ -69,3 +69,31 @@ def test_the_item_side_is_paid_once_not_per_user(monkeypatch, capsys):
     # factored 600 + 6000 x 30 / 12 = 15,600 s; plain 6000 x 30 / 12 = 15,000 s
     assert ("extrapolated to all 30 users (1.8e+03 pairs):  factored 260.0 min,  plain 250.0 "
             "min,  speed-up 0.96x\n") in printed
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_part_two_times_the_bounded_search_against_every_item(monkeypatch, capsys, tmp_path,
+                                                              tiny_data, bounded):
+    import torch
+    from neumf import NeuMF
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pth"
+    torch.save(NeuMF(30, 20, 4, [16, 8, 4]).state_dict(), checkpoint)
+    monkeypatch.setattr(recommend_bench.ncf, "cpu_has_native_bf16", lambda: False)
+    if bounded:
+        # One item a cluster: bounds equal to the logits, so the search rules items out (but
+        # half of 20 items stay for a top-10: more than the share that hands over to all).
+        monkeypatch.setattr(recommend_bench.scoring, "BOUNDED_MIN_ITEMS", 1)
+        monkeypatch.setattr(recommend_bench.scoring, "ITEMS_PER_CLUSTER", 1)
+        monkeypatch.setattr(recommend_bench.scoring, "MAX_KEPT_SHARE", 1.0)
+    recommend_bench.main(TINY + ["--data", tiny_data, "--checkpoint", str(checkpoint)])
+    printed = capsys.readouterr().out
+    if bounded:
+        assert re.search(r"top-10 of 12 of its users, extrapolated to all 30: fp32 [\d.]+ min,  "
+                         r"bounded [\d.]+ min  \(bounds built once in [\d.]+ s\)\n  bounded: "
+                         r"x[\d.]+ of fp32 over every item; top-10 differs from it for 0 of 12 "
+                         r"users\n", printed)
+    else:
+        assert ("bounded top-10 not timed: 20 items (fewer than 4096) or no MLP hidden layer\n"
+                in printed)
+    assert "recommend.py --all_users --precision fp32" in printed
