@@ -11,9 +11,9 @@ What is left per pair is the MLP after its first layer (256*128 + 128*64 multipl
 default --layers 256 256 128 64): that, not the first layer, bounds the speed.
 
 A top-k needs few of the pairs: `ItemBounds` bounds every item's logit from a cluster of similar
-items at the cost of about two pairs per cluster, and `bounded_top_items` scores only the items whose
-bound reaches the k-th best of a first few (about 1.7 % of 26,744 items for a top-10 with a
-NeuMF trained one epoch at the ml-20m shape), with the same answer.
+items at the cost of about two pairs per cluster, and `bounded_top_items` scores only the items
+whose bound reaches the k-th best of a first few (about 1.7 % of 26,744 items for a top-10 with
+a NeuMF trained one epoch at the ml-20m shape), with the same answer.
 """
 import torch
 
