@@ -12,19 +12,18 @@ default --layers 256 256 128 64): that, not the first layer, bounds the speed.
 
 A top-k needs few of the pairs: `ItemBounds` bounds every item's logit from a cluster of similar
 items at the cost of about two pairs per cluster, and `bounded_top_items` scores only the items
-whose bound reaches the k-th best of a first few (about 1.7 % of 26,744 items for a top-10 with
+whose bound reaches the k-th best of a first few (about 1.6 % of 26,744 items for a top-10 with
 a NeuMF trained one epoch at the ml-20m shape), with the same answer.
 """
 import torch
 
 import dataloading
 
-# bounded_top_items: items scored first per item of the top k; the bounds' relative slack; the
-# share of items kept above which scoring every item is faster. At the ml-20m shape a scattered
-# pair cost 1.7x a pair of a whole float32 row, so float32 breaks even near half the items, the
-# bf16 shortlist (3-4x faster than float32) near a sixth: a quarter lies between.
+# bounded_top_items: items scored first per item of the top k; the share of items kept above
+# which scoring every item is faster. At the ml-20m shape a scattered pair cost 1.7x a pair of a
+# whole float32 row, so float32 breaks even near half the items, the bf16 shortlist (3-4x faster
+# than float32) near a sixth: a quarter lies between.
 PROBE_PER_K = 4
-BOUND_SLACK = 1e-3
 MAX_KEPT_SHARE = 0.25
 BOUNDED_MIN_ITEMS = 4096
 
@@ -233,6 +232,10 @@ class ItemBounds:
     def __init__(self, scorer, seed=0):
         if scorer.first_layer is None:
             raise ValueError("ItemBounds needs a model with an MLP hidden layer")
+        if scorer.item_first.dtype != torch.float32:
+            # A bfloat16 scorer rounds by far more than the slack, and builds its first layer
+            # from the embeddings rather than from the item_first the boxes come from.
+            raise ValueError(f"ItemBounds needs a float32 scorer, got {scorer.item_first.dtype}")
         self.scorer = scorer
         with torch.inference_mode():
             generator = torch.Generator().manual_seed(seed)
@@ -248,6 +251,39 @@ class ItemBounds:
                            for layer in scorer.rest]
             self.out_weight = scorer.mlp_weight
             self.out_weight_abs = scorer.mlp_weight.abs()
+            self._size_sums()
+
+    def _size_sums(self):
+        """What slack() needs: |x| taken through each layer as |W| |x| + |b| is at least every
+        partial sum that a logit's computation holds, and it is linear in |x|, so the first
+        hidden layer's share splits into the item's half (at most item_magnitude) and the user's
+        (first_gain . |user half|)."""
+        scorer = self.scorer
+        gain, constant = self.out_weight_abs, scorer.final_bias.abs()
+        for weight, weight_abs, bias in reversed(self.layers):
+            constant = constant + bias.abs() @ gain
+            gain = gain @ weight_abs
+        self.first_gain, self.constant = gain, constant
+        self.item_magnitude = (scorer.item_first.abs() @ gain).max() if scorer.nb_items else 0.0
+        self.mf_item_max = scorer.mf_items.abs().amax(0) if scorer.nb_items else 0.0
+        # Each product's inner size (and the first layer's add, the final sums, the interval
+        # arithmetic's steps) adds at most one unit roundoff of that magnitude to the error.
+        self.sum_lengths = (sum(weight.shape[1] for weight, _, _ in self.layers)
+                            + len(self.out_weight) + scorer.mf_items.shape[1] + 16)
+
+    def slack(self, users):
+        """[len(users), 1]: how far below its true value a bound, or above it a score, can come
+        out in float32, both computed: twice the sum lengths times the unit roundoff times the
+        largest sum behind any of the user's logits (Higham's gamma_n bound for dot products).
+        Lowered float32 matmul precision (TF32, bfloat16 passes) raises the roundoff."""
+        scorer = self.scorer
+        with torch.inference_mode():
+            users = users.to(scorer.mf_items.device, torch.int64)
+            user_first = torch.addmm(scorer.first_layer.bias, scorer.mlp_users[users],
+                                     scorer.user_first_weight.T)
+            magnitude = (self.constant + self.item_magnitude + user_first.abs() @ self.first_gain
+                         + (scorer.mf_users[users] * scorer.mf_weight).abs() @ self.mf_item_max)
+            return (2 * self.sum_lengths * _unit_roundoff() * magnitude)[:, None]
 
     def __call__(self, users):
         """[len(users), nb_items] float upper bounds of the logits scorer(users) holds."""
@@ -276,6 +312,13 @@ class ItemBounds:
             low, high = (centre - radius).relu_(), (centre + radius).relu_()
         centre, radius = (high + low) / 2, (high - low) / 2
         return (centre @ self.out_weight + radius @ self.out_weight_abs).view(len(user_first), -1)
+
+
+def _unit_roundoff():
+    """Of float32 products as torch runs them now: 2**-24, or TF32's and bfloat16's where
+    torch.set_float32_matmul_precision lowered it."""
+    return {"highest": 2.0 ** -24, "high": 2.0 ** -11,
+            "medium": 2.0 ** -8}[torch.get_float32_matmul_precision()]
 
 
 def _cluster(points, count, generator):
@@ -312,6 +355,8 @@ def bounded_top_items(scorer, bounds, users, excluded, k):
     the k-th best of those cannot be in the top k. bounds: an ItemBounds of scorer. The scores
     are scorer.pair_logits', equal to scorer(users)'s up to float rounding.
     """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     with torch.inference_mode():
         users = users.to(scorer.mf_items.device, torch.int64)
         upper = bounds(users).masked_fill_(excluded, -float("inf"))
@@ -322,12 +367,10 @@ def bounded_top_items(scorer, bounds, users, excluded, k):
         # bar up to the (k-1)-th best number.
         probed.masked_fill_(probed.isnan(), -float("inf"))
         kth = probed.topk(min(k, probe.shape[1]), dim=1).values[:, -1:]
-        # The bounds and the scores round differently: a slack of 1e-3 (relative, and at least
-        # 1e-3) is thousands of times the 2.4e-7 by which scores computed two ways differed on
-        # the ml-20m-shaped model. A k-th best that is not finite (-inf where fewer than k items
-        # are left) keeps every item.
-        bar = kth - BOUND_SLACK * (1 + kth.abs())
-        bar.masked_fill_(~kth.isfinite(), -float("inf"))
+        # The bounds and the scores round differently. A k-th best that is not finite (-inf
+        # where fewer than k items are left) keeps every item.
+        bar = kth - bounds.slack(users)
+        bar.masked_fill_(~bar.isfinite(), -float("inf"))
         kept = ((upper >= bar) | upper.isnan()) & ~excluded
         rows, items = kept.nonzero(as_tuple=True)
         if len(rows) > MAX_KEPT_SHARE * kept.numel():

@@ -195,3 +195,44 @@ def test_an_item_scored_nan_ranks_last_as_when_scoring_every_item(monkeypatch, k
     expected_items, _ = scoring.top_items(scorer(users), excluded, k)
     assert torch.equal(items, expected_items)
     assert (items[:, -1] == 5).all() == (k == 60)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_large_sums_behind_a_small_kth_best_keep_the_top_k(monkeypatch, k):
+    # Wide layers with large weights make sums of about 1e4 whose float32 rounding (about 1e-3)
+    # exceeds any fixed slack near a k-th best logit of 0: the slack must scale with the sums.
+    monkeypatch.setattr(scoring, "ITEMS_PER_CLUSTER", 1)
+    monkeypatch.setattr(scoring, "MAX_KEPT_SHARE", 1.0)
+    model = random_model("neumf", [512, 512, 512, 512], nb_users=3, nb_items=300)
+    users = torch.arange(3)
+    with torch.no_grad():
+        logits = scoring.FactoredScorer(model)(torch.tensor([0]))
+        model.final.bias -= logits.topk(k).values[0, -1]
+    scorer = scoring.FactoredScorer(model)
+    bounds = scoring.ItemBounds(scorer)
+    assert bounds.slack(users).min() > 1e-3
+    excluded = torch.zeros(3, 300, dtype=torch.bool)
+    items, logits = scoring.bounded_top_items(scorer, bounds, users, excluded, k)
+    expected_items, expected_logits = scoring.top_items(scorer(users), excluded, k)
+    assert (items >= 0).all()
+    assert torch.allclose(logits, expected_logits, atol=1e-2)
+    assert torch.equal(items[0].sort().values, expected_items[0].sort().values)
+
+
+def test_the_slack_grows_with_lowered_float32_matmul_precision(monkeypatch):
+    bounds = scoring.ItemBounds(scoring.FactoredScorer(random_model("neumf", [8, 6, 4])))
+    users = torch.arange(3)
+    full = bounds.slack(users)
+    assert full.shape == (3, 1) and (full > 0).all()
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    assert torch.allclose(bounds.slack(users), full * 2 ** 16)
+
+
+def test_bounds_refuse_a_bfloat16_scorer_and_a_k_below_one():
+    model = random_model("neumf", [8, 6, 4])
+    with pytest.raises(ValueError, match="float32 scorer, got torch.bfloat16"):
+        scoring.ItemBounds(scoring.FactoredScorer(model.to(torch.bfloat16)))
+    scorer = scoring.FactoredScorer(model.float())
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        scoring.bounded_top_items(scorer, scoring.ItemBounds(scorer), torch.arange(2),
+                                  torch.zeros(2, 300, dtype=torch.bool), 0)
