@@ -127,10 +127,7 @@ class Recommender:
 
     def users_per_batch(self):
         """Users per call of top_items or table that keeps its [users, items] matrices small."""
-        if self.bounds is not None:
-            return scoring.bounded_users_per_batch(len(self.item_ids))
-        scorer = self.shortlist_scorer or self.scorer
-        return scoring.users_per_batch(scorer.nb_items, scorer.chunk_pairs)
+        return batch_users(self.scorer, self.shortlist_scorer, self.bounds)
 
     def popular_items(self, topk):
         """(dense items, training ratings of each) of the k most-rated items, most first: the
@@ -168,6 +165,13 @@ def load_id_map(data_dir, name):
         raise RecommendError(f"{path}: not a JSON list of text ids; re-run convert.py to "
                              "rewrite it")
     return path, np.array(ids, dtype=object)
+
+
+def batch_users(scorer, shortlist_scorer, bounds):
+    """Users per best_items call that keeps its [users, items] matrices small."""
+    if bounds is not None:
+        return scoring.bounded_users_per_batch(scorer.nb_items)
+    return scoring.users_per_batch(scorer.nb_items, (shortlist_scorer or scorer).chunk_pairs)
 
 
 def best_items(scorer, shortlist_scorer, users, excluded, topk, bounds=None):

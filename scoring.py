@@ -88,20 +88,28 @@ class FactoredScorer:
                 self.rest = list(model.mlp[1:])
                 self.mlp_weight = mlp_weight
 
+    def user_first(self, users):
+        """[len(users), first hidden width]: the users' half of the first MLP layer, with its
+        bias; users are dense ids on the scorer's device."""
+        return torch.addmm(self.first_layer.bias, self.mlp_users[users], self.user_first_weight.T)
+
+    def mf_logits(self, users):
+        """[len(users), nb_items]: the MF branch's share of every item's logit, with the final
+        bias; users are dense ids on the scorer's device."""
+        return torch.addmm(self.final_bias.expand(1, self.nb_items),
+                           self.mf_users[users] * self.mf_weight, self.mf_items.T)
+
     def __call__(self, users):
         """[len(users), nb_items] float logits; users is a 1-D tensor of dense user ids."""
         with torch.inference_mode():
             users = users.to(self.mf_items.device, torch.int64)
             # The MF branch and the final bias, for every pair at once.
-            logits = torch.addmm(self.final_bias.expand(1, self.nb_items),
-                                 self.mf_users[users] * self.mf_weight,
-                                 self.mf_items.T)
+            logits = self.mf_logits(users)
             if self.first_layer is None:
                 logits += (self.mlp_users[users] @ self.user_linear_weight)[:, None]
                 logits += self.item_linear
                 return logits
-            user_first = torch.addmm(self.first_layer.bias, self.mlp_users[users],
-                                     self.user_first_weight.T)
+            user_first = self.user_first(users)
             item_step = min(self.nb_items, self.chunk_pairs)
             if (user_first.dtype == torch.bfloat16
                     and _fuses_linear_relu(user_first, self.item_first_weight)):
@@ -140,8 +148,7 @@ class FactoredScorer:
             if self.first_layer is None:
                 logits += (self.mlp_users[users] @ self.user_linear_weight)[:, None]
                 return logits + self.item_linear[items]
-            user_first = torch.addmm(self.first_layer.bias, self.mlp_users[users],
-                                     self.user_first_weight.T)
+            user_first = self.user_first(users)
             logits += self._mlp_tail(user_first[:, None, :], self.item_first[items]).view(
                 logits.shape)
             return logits
@@ -157,8 +164,7 @@ class FactoredScorer:
             if self.first_layer is None:
                 return (logits + (self.mlp_users[users] @ self.user_linear_weight)[rows]
                         + self.item_linear[items])
-            user_first = torch.addmm(self.first_layer.bias, self.mlp_users[users],
-                                     self.user_first_weight.T)
+            user_first = self.user_first(users)
             return logits + self._mlp_tail(user_first.index_select(0, rows),
                                            self.item_first.index_select(0, items))
 
@@ -279,9 +285,8 @@ class ItemBounds:
         scorer = self.scorer
         with torch.inference_mode():
             users = users.to(scorer.mf_items.device, torch.int64)
-            user_first = torch.addmm(scorer.first_layer.bias, scorer.mlp_users[users],
-                                     scorer.user_first_weight.T)
-            magnitude = (self.constant + self.item_magnitude + user_first.abs() @ self.first_gain
+            magnitude = (self.constant + self.item_magnitude
+                         + scorer.user_first(users).abs() @ self.first_gain
                          + (scorer.mf_users[users] * scorer.mf_weight).abs() @ self.mf_item_max)
             return (2 * self.sum_lengths * _unit_roundoff() * magnitude)[:, None]
 
@@ -290,10 +295,8 @@ class ItemBounds:
         scorer = self.scorer
         with torch.inference_mode():
             users = users.to(scorer.mf_items.device, torch.int64)
-            bounds = torch.addmm(scorer.final_bias.expand(1, scorer.nb_items),
-                                 scorer.mf_users[users] * scorer.mf_weight, scorer.mf_items.T)
-            user_first = torch.addmm(scorer.first_layer.bias, scorer.mlp_users[users],
-                                     scorer.user_first_weight.T)
+            bounds = scorer.mf_logits(users)
+            user_first = scorer.user_first(users)
             for start in range(0, len(users), BOUND_USERS):
                 block = user_first[start:start + BOUND_USERS]
                 bounds[start:start + BOUND_USERS] += self._mlp_bounds(block).index_select(

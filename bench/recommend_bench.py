@@ -113,8 +113,7 @@ def time_plain(model, users, chunk_pairs):
 
 def time_top_items(scorer, shortlist_scorer, trained, users, topk, bounds=None):
     """(seconds, items) of recommend.py's top-k for the users, batched as recommend.py does."""
-    step = (scoring.bounded_users_per_batch(scorer.nb_items) if bounds is not None
-            else scoring.users_per_batch(scorer.nb_items, (shortlist_scorer or scorer).chunk_pairs))
+    step = recommender.batch_users(scorer, shortlist_scorer, bounds)
     found = []
     start = time.perf_counter()
     for begin in range(0, len(users), step):
