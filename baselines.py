@@ -44,6 +44,7 @@ import torch
 
 import cli
 import dataloading
+import evaluation
 import scoring
 from logger import PARAMETER, JsonLogger
 
@@ -59,10 +60,6 @@ CHUNK_PAIRS = 2 ** 16
 # Entries of the dense blocks itemknn multiplies at once: [users, items] of one chunk of
 # items and its [items, items] similarities; 2**24 float32 entries each, 64 MiB.
 KNN_BLOCK = 2 ** 24
-
-
-class BaselineError(Exception):
-    """A flag the data cannot be scored with; the message starts with the flag."""
 
 
 def parse_args(argv=None):
@@ -86,13 +83,13 @@ def parse_args(argv=None):
                         (("-b", "--batch_size"), int)):
         name = flags[-1].removeprefix("--")
         method, default = METHOD_FLAGS[name]
-        parser.add_argument(*flags, type=kind, help=f"{method} (default {default})")
+        parser.add_argument(*flags, type=kind, default=default, help=f"{method}'s")
     args = parser.parse_args(argv)
-    for name, (method, _) in METHOD_FLAGS.items():
-        if getattr(args, name) is not None and args.method != method:
+    for name in parser.given(argv, METHOD_FLAGS):
+        method = METHOD_FLAGS[name][0]
+        if args.method != method:
             parser.error(f"--{name} is a setting of --method {method}, not {args.method}; "
                          f"drop --{name}")
-    cli.fill_defaults(args, {name: default for name, (_, default) in METHOD_FLAGS.items()})
     counts = {"--topk": [args.topk], "--report_topk": args.report_topk,
               "--neighbours": [args.neighbours], "--factors": [args.factors],
               "--epochs": [args.epochs], "--batch_size": [args.batch_size]}
@@ -113,7 +110,7 @@ def parse_args(argv=None):
 
 
 class Scorer:
-    """Scores of every item for a batch of users, with what scoring.full_ranking_ranks reads."""
+    """Scores of every item for a batch of users, with what evaluation.full_ranking_ranks reads."""
 
     def __init__(self, nb_users, nb_items, device):
         self.nb_users = nb_users
@@ -237,7 +234,7 @@ class BPR(Scorer):
         last and reported as a model that learnt nothing."""
         if not (math.isfinite(loss) and bool(torch.isfinite(self.user_vectors).all())
                 and bool(torch.isfinite(self.item_vectors).all())):
-            raise BaselineError(f"--learning_rate {args.learning_rate} --regularisation "
+            raise cli.UserError(f"--learning_rate {args.learning_rate} --regularisation "
                                 f"{args.regularisation}: epoch {epoch}: training diverged "
                                 f"(loss {loss}); lower -l/--learning_rate (or --regularisation)")
 
@@ -286,14 +283,14 @@ def sampled_ranks(scorer, test, negatives):
         for start in range(0, len(users), step):
             stop = min(start + step, len(users))
             scores = scorer(users[start:stop]).gather(1, items[start:stop])
-            ranks[start:stop] = dataloading.positive_ranks(scores, items[start:stop],
+            ranks[start:stop] = evaluation.positive_ranks(scores, items[start:stop],
                                                            duplicate_mask[start:stop])
     return ranks
 
 
 def full_ranks(scorer, train, test):
     with torch.inference_mode():
-        return scoring.full_ranking_ranks(scorer, test[:, 0], test[:, 1], train[:, 0],
+        return evaluation.full_ranking_ranks(scorer, test[:, 0], test[:, 1], train[:, 0],
                                           train[:, 1])
 
 
@@ -305,12 +302,12 @@ def evaluate(args, dataset, device):
     results = {"fit_time": time.perf_counter() - started}
     started = time.perf_counter()
     ranks = sampled_ranks(scorer, dataset.test, dataset.negatives)
-    results.update(dataloading.ranking_metrics(ranks.cpu(), topks))
+    results.update(evaluation.ranking_metrics(ranks.cpu(), topks))
     results["sampled_time"] = time.perf_counter() - started
     if args.full_ranking:
         started = time.perf_counter()
         ranks = full_ranks(scorer, dataset.train, dataset.test)
-        metrics = dataloading.ranking_metrics(ranks.cpu(), topks)
+        metrics = evaluation.ranking_metrics(ranks.cpu(), topks)
         results.update({f"full_{name}": value for name, value in metrics.items()})
         results["full_time"] = time.perf_counter() - started
     return results
@@ -327,7 +324,7 @@ def open_logger(args, dataset, device):
                                "nb_users": dataset.nb_users, "nb_items": dataset.nb_items,
                                "data_fingerprint": dataset.fingerprint})
     except OSError as error:
-        raise BaselineError(f"--log_path {args.log_path}: cannot write there "
+        raise cli.UserError(f"--log_path {args.log_path}: cannot write there "
                             f"({error.strerror}); pass --log_path with a writable file") from None
     return logger
 
@@ -350,26 +347,20 @@ def main(argv=None):
             # The reader went away (`| head -1`); the log still gets the whole summary.
             cli.discard_stdout()
         if logger is not None:
-            with logger.write_failures_as(BaselineError, "it holds the settings, not the results"):
+            with logger.write_failures_reported("it holds the settings, not the results"):
                 logger.log((), results)
         return results
-    except (BaselineError, dataloading.DataError) as error:
-        fail(error)
     except torch.cuda.OutOfMemoryError:
-        fail("out of GPU memory; use --device cpu, or for itemknn fewer --neighbours")
+        raise cli.UserError("out of GPU memory; use --device cpu, or for itemknn fewer "
+                            "--neighbours") from None
     except RuntimeError as error:
         if not cli.is_cpu_out_of_memory(error):
             raise
-        fail("out of memory; for itemknn pass fewer --neighbours, for bpr a smaller "
-             "--batch_size")
-
-
-def fail(message):
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+        raise cli.UserError("out of memory; for itemknn pass fewer --neighbours, for bpr a "
+                            "smaller --batch_size") from None
 
 
 if __name__ == "__main__":
     # torch warns on every CSR tensor that the layout is in beta; ItemKNN builds one per run.
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-    main()
+    cli.run(main)

@@ -17,8 +17,9 @@ import zipfile
 
 import torch
 
-from fileio import atomic_output
+import cli
 import neumf
+from fileio import atomic_output
 
 NEUMF_PARAMETER = re.compile(r"(mf|mlp)_(user|item)_embed\.weight|mlp\.\d+\.(weight|bias)|"
                              r"final\.(weight|bias)")
@@ -32,7 +33,7 @@ SCALER_NUMBERS = ("scale", "growth_factor", "backoff_factor", "growth_interval",
                   "_growth_tracker")
 
 
-class CheckpointError(Exception):
+class CheckpointError(cli.UserError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 

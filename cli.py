@@ -1,20 +1,70 @@
-"""What the command-line tools share: the project's one-line errors, the seeds they take, what
-they do when stdout's reader goes away, the memory to plan for and how it is reused, the exit
-of a multi-process run."""
+"""What the command-line tools share: the user-error type and the runner that turns it into one
+line and exit status 2, the seeds they take, what they do when stdout's reader goes away, the
+memory to plan for and how it is reused."""
 import argparse
-import copy
+import contextlib
 import ctypes
+import inspect
 import os
+import signal
 import sys
 import traceback
 
 
+class UserError(Exception):
+    """A problem the user can fix: `run` prints it as `PROG: error: MESSAGE`, exit status 2.
+
+    The message names the flag, file or row at fault and what to do about it.
+    """
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line, `PROG: error: PROBLEM; see --help`, exit status 2:
-    argparse's usage block above it would bury the problem in a log."""
+    argparse's usage block above it would bury the problem in a log. --help shows every
+    default."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_DefaultsShown, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        # argparse hands out the default list itself: one parse's change would be the next's
+        # default.
+        for name, value in vars(parsed).items():
+            if isinstance(value, list) and value is self.get_default(name):
+                setattr(parsed, name, list(value))
+        return parsed, extras
+
+    def given(self, argv, names):
+        """The flags among `names` (their dests, in that order) that the command line `argv`
+        gives: one that has a default cannot be told by its value from the same value given."""
+        defaults = {name: self.get_default(name) for name in names}
+        self.set_defaults(**dict.fromkeys(names, _NOT_GIVEN))
+        try:
+            parsed = super().parse_known_args(argv)[0]
+        finally:
+            self.set_defaults(**defaults)
+        return [name for name in names if getattr(parsed, name) is not _NOT_GIVEN]
+
+
+_NOT_GIVEN = object()
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help with `(default: VALUE)` after each flag whose help does not say its default
+    already, unless the default is off, none or empty."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or "default" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 def check_seed(parser, seed):
@@ -28,22 +78,12 @@ def check_seed(parser, seed):
 UNUSED_SHAPE_FLAGS = {"gmf": ("--layers", "MLP layers"), "mlp": ("--factors", "MF embeddings")}
 
 
-def refuse_unused_shape_flag(parser, args, kind):
-    """parser.error for a --factors or --layers given (not None) to a model `kind` without the
-    part it sizes; call before fill_defaults."""
+def refuse_unused_shape_flag(parser, given, kind):
+    """parser.error for a --factors or --layers among `given` (flag names without dashes) to a
+    model `kind` without the part it sizes."""
     unused, part = UNUSED_SHAPE_FLAGS.get(kind, (None, None))
-    if unused and getattr(args, unused.removeprefix("--")) is not None:
+    if unused and unused.removeprefix("--") in given:
         parser.error(f"{unused}: --model {kind} has no {part}; drop {unused}")
-
-
-def fill_defaults(args, defaults):
-    """Give each flag of `defaults` (name: value) that was not given its default. Such flags are
-    declared without one, so that the checks run before this can tell a flag given from one
-    left out, and refuse one the run has no use for."""
-    for name, default in defaults.items():
-        if getattr(args, name) is None:
-            # a copy: a list default changed by one run would be another run's default
-            setattr(args, name, copy.copy(default))
 
 
 def discard_stdout():
@@ -111,32 +151,78 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_as_process(main):
-    """Run `main()` as the process; one of several under torchrun leaves without finalizing
-    Python.
+def run(main, argv=None):
+    """Run a tool's `main(argv)` as the process and leave with its exit status.
+
+    A UserError is one stderr line and status 2; a reader of stdout that went away (`| head`)
+    ends the tool quietly with 0; Ctrl-C is one line and 130, SIGTERM one line and 143 (both
+    unwind, so a failed run still removes what it created). Under torchrun every line starts
+    with the process's rank, and a process of several leaves by os._exit (see
+    `_leave_without_finalizing`).
+    """
+    prog = os.path.basename(inspect.getfile(main))
+    several = world_size() > 1
+    prefix = f"[rank {os.environ.get('RANK', '?')}] " if several else ""
+
+    def say(message):
+        print(f"{prefix}{prog}: {message}", file=sys.stderr, flush=True)
+
+    try:
+        with _sigterm_as_exit(lambda: say("terminated (SIGTERM)")):
+            returned = main(argv)
+        # A tool may return its exit status; anything else it returns is for its callers.
+        status = returned if type(returned) is int else 0
+    except SystemExit as leaving:
+        status = 0 if leaving.code is None else leaving.code
+    except UserError as error:
+        say(f"error: {error}")
+        status = 2
+    except BrokenPipeError:
+        discard_stdout()
+        status = 0
+    except KeyboardInterrupt:
+        say("interrupted (Ctrl-C)")
+        status = 130
+    except BaseException:
+        # An error no one-line message covers: its traceback, then the same exit as the others.
+        if not several:
+            raise
+        traceback.print_exc()
+        status = 1
+    if several:
+        _leave_without_finalizing(status)
+    sys.exit(status)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit(announce):
+    """SIGTERM (`kill`, `docker stop`, torchrun stopping the other workers) unwinds like Ctrl-C:
+    one line, then SystemExit(143) from wherever the main thread is, through its cleanups."""
+    def stop(signum, frame):
+        announce()
+        raise SystemExit(128 + signal.SIGTERM)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals to whoever runs this one
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _leave_without_finalizing(status):
+    """Exit a process of a multi-process run before Python finalizes.
 
     A gloo worker thread lets go of a finished collective's tensors only after the caller
     has returned, and letting go of a tensor Python knows takes the GIL. A worker that asks
     for it while the interpreter finalizes is ended mid-C++, which aborts the process
     ("terminate called without an active exception", SIGABRT) after a run that succeeded.
-    destroy_process_group() leaves those threads running and nothing public joins them, so a
-    multi-process run flushes its output and exits before finalization instead. Nothing is
-    lost: files are written atomically and the log is closed after every record.
+    destroy_process_group() leaves those threads running and nothing public joins them.
+    Nothing is lost: files are written atomically and the log is closed after every record.
     """
-    several = world_size() > 1
-    try:
-        main()
-        status = 0
-    except SystemExit as leaving:
-        status = 0 if leaving.code is None else leaving.code
-    except BaseException as error:
-        # An error no one-line message covers: its traceback, then the same exit as the others.
-        if not several:
-            raise
-        traceback.print_exc()
-        status = 130 if isinstance(error, KeyboardInterrupt) else 1
-    if several:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

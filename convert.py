@@ -58,8 +58,8 @@ import cli
 from checkpoint import save_into
 from dataloading import CONVERTING, METADATA, tensors_fingerprint
 from fileio import fsync_path, make_writable_dir, removed_if_failed, staged_output
-from load import (NO_TIME, TIME_FORMATS, DataError, first_line, load_negatives, load_paper_ratings,
-                  load_ratings)
+from load import (NO_TIME, TIME_FORMATS, RatingsError, first_line, load_negatives,
+                  load_paper_ratings, load_ratings)
 
 PROG = "convert.py"
 MIN_RATINGS = 20
@@ -74,7 +74,7 @@ OUTPUT_FILES = ([f"{name}.pt" for name in TENSORS + VALIDATION_TENSORS]
 DRAWS_PER_BLOCK = 2**20
 
 
-class FlagError(DataError):
+class FlagError(RatingsError):
     """A flag value that the data cannot be converted with; the message starts with the flag."""
 
 
@@ -86,7 +86,7 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
     Returns a dict with the int64 tensors named in TENSORS (VALIDATION_TENSORS too with
     validation; an id map of text ids is a list of str) and the counts ratings_read,
     users_dropped, duplicates_dropped, users, items, train, test (and validation), plus
-    rows_below_min_rating and items_dropped when those filters are asked for. Raises DataError
+    rows_below_min_rating and items_dropped when those filters are asked for. Raises RatingsError
     when no user is left, FlagError when the test negatives cannot fit in this machine's memory
     or a filter leaves nothing.
     """
@@ -118,13 +118,13 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
                                                         held_out)
     if (held_out_rows < 0).any():
         user = int(np.flatnonzero((held_out_rows < 0).any(axis=0))[0])
-        raise DataError(f"user {user_ids[user]} has fewer than 3 distinct items; --validation "
-                        "holds out 2 of each user's items and trains on the rest: raise "
-                        "--min_ratings to 3 or more, or remove that user's rows")
+        raise RatingsError(f"user {user_ids[user]} has fewer than 3 distinct items; --validation "
+                           "holds out 2 of each user's items and trains on the rest: raise "
+                           "--min_ratings to 3 or more, or remove that user's rows")
     if not is_train.any():
-        raise DataError(f"no training pair is left: each of the {len(user_ids)} users kept has "
-                        f"only {held_out} distinct item(s), all held out; raise --min_ratings "
-                        f"above {held_out}, or add interactions")
+        raise RatingsError(f"no training pair is left: each of the {len(user_ids)} users kept has "
+                           f"only {held_out} distinct item(s), all held out; raise --min_ratings "
+                           f"above {held_out}, or add interactions")
     train = np.empty((int(is_train.sum()), 2), dtype=np.int64)
     train[:, 0] = user[is_train]
     train[:, 1] = item[is_train]
@@ -187,8 +187,8 @@ def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative
         "item per user: remove one of them"))
     untested = np.setdiff1d(np.arange(len(user_ids)), test_users)
     if len(untested):
-        raise DataError(f"{test_path}: user {user_ids[untested[0]]} has training rows but no "
-                        "test row; add its held-out item or remove its training rows")
+        raise RatingsError(f"{test_path}: user {user_ids[untested[0]]} has training rows but no "
+                           "test row; add its held-out item or remove its training rows")
     pieces = [train_frame["item_id"].to_numpy(), test_frame["item_id"].to_numpy()]
     if given_negatives is not None:
         pieces.append(given_negatives[2].reshape(-1))
@@ -258,8 +258,8 @@ def _given_negatives(given, user_ids, item_ids, test, path, test_path):
         f"a second line for the test pair ({users[row]},{items[row]}); remove one of them"))
     missing = np.setdiff1d(np.arange(len(user_ids)), dense_users)
     if len(missing):
-        raise DataError(f"{path}: no line for user {user_ids[missing[0]]}'s test pair; give every "
-                        "test pair its negatives")
+        raise RatingsError(f"{path}: no line for user {user_ids[missing[0]]}'s test pair; give "
+                           "every test pair its negatives")
     result = np.empty(negatives.shape, dtype=np.int64)
     result[dense_users] = pd.Index(item_ids).get_indexer(negatives.reshape(-1)).reshape(
         negatives.shape)
@@ -270,7 +270,7 @@ def _refuse_first(bad, path, first_line, problem):
     """Refuse the file at the first row where bad holds; problem(row) says what is wrong."""
     rows = np.flatnonzero(bad)
     if len(rows):
-        raise DataError(f"{path}: line {first_line + int(rows[0])}: {problem(int(rows[0]))}")
+        raise RatingsError(f"{path}: line {first_line + int(rows[0])}: {problem(int(rows[0]))}")
 
 
 def _among(sorted_keys, keys):
@@ -345,8 +345,8 @@ def _keep_active_users(frame, min_ratings):
     counts = np.bincount(user, minlength=len(user_ids))
     active = counts >= min_ratings
     if not active.any():
-        raise DataError(f"no user has {min_ratings} ratings (the most any user has is "
-                        f"{counts.max(initial=0)}); lower --min_ratings")
+        raise RatingsError(f"no user has {min_ratings} ratings (the most any user has is "
+                           f"{counts.max(initial=0)}); lower --min_ratings")
     users_dropped = int(len(user_ids) - active.sum())
     if users_dropped:
         # Dropping whole users keeps the relative order of the rest, so renumbering the kept
@@ -465,8 +465,8 @@ def _parser():
                         help="ratings file (u.data, ratings.dat, ratings.csv or a CSV read with "
                         "the column flags or --first_columns)")
     parser.add_argument("--output", default="/data", help="directory for the .pt files")
-    parser.add_argument("-s", "--seed", type=int, help="seed of the test negatives")
-    parser.add_argument("--valid_negative", type=int,
+    parser.add_argument("-s", "--seed", type=int, default=1, help="seed of the test negatives")
+    parser.add_argument("--valid_negative", type=int, default=100,
                         help="test negatives per user (and validation negatives)")
     parser.add_argument("--min_ratings", type=int,
                         help=f"drop users with fewer ratings (default {MIN_RATINGS}), after the "
@@ -474,7 +474,7 @@ def _parser():
     parser.add_argument("--min_rating", type=float, metavar="R",
                         help="keep only interactions rated R or more (the rating column is read "
                         "only then); applied first")
-    parser.add_argument("--rating_col",
+    parser.add_argument("--rating_col", default="rating",
                         help="rating column of a CSV with a header, for --min_rating")
     parser.add_argument("--min_item_ratings", type=int, metavar="N",
                         help="drop items with fewer than N ratings, after --min_rating and "
@@ -512,11 +512,6 @@ def _parser():
     return parser
 
 
-def _fail(message):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 @contextlib.contextmanager
 def _output_directory(directory):
     """Fail before the slow work when DIR cannot be created or written; a DIR created here is
@@ -524,8 +519,8 @@ def _output_directory(directory):
     try:
         created = make_writable_dir(directory)
     except OSError as e:
-        raise DataError(f"{directory}: cannot write the output ({e.strerror or e}); choose a "
-                        "writable --output") from None
+        raise RatingsError(f"{directory}: cannot write the output ({e.strerror or e}); choose a "
+                           "writable --output") from None
     with removed_if_failed(created):
         yield
 
@@ -620,14 +615,12 @@ def _one_line_errors(source, output, memory_hint=""):
     one-line error and exit status 2."""
     try:
         yield
-    except DataError as e:
-        _fail(str(e))
     except OSError as e:
-        _fail(f"{output}: cannot write the output ({e.strerror or e}); check free space and "
-              "permissions")
+        raise cli.UserError(f"{output}: cannot write the output ({e.strerror or e}); check free "
+                            f"space and permissions") from None
     except MemoryError:
-        _fail(f"{source}: out of memory while converting it; free some memory, use a machine "
-              f"with more{memory_hint}")
+        raise cli.UserError(f"{source}: out of memory while converting it; free some memory, use "
+                            f"a machine with more{memory_hint}") from None
 
 
 def main(argv=None):
@@ -653,8 +646,8 @@ def main(argv=None):
                                  args.min_rating, args.min_item_ratings or 1, args.validation)
             except FlagError:
                 raise
-            except DataError as e:
-                raise DataError(f"{args.path}: {e}") from None
+            except RatingsError as e:
+                raise RatingsError(f"{args.path}: {e}") from None
             del frame
             metadata = {
                 "format_version": FORMAT_VERSION,
@@ -697,59 +690,65 @@ _PAPER_FORMAT = ("user_col", "item_col", "time_col", "first_columns", "string_id
                  "test_path", "test_negatives_path")
 
 
-# Defaults filled in only after _check_flags (cli.fill_defaults), which refuses some when given.
-_DEFAULTS = {"seed": 1, "valid_negative": 100, "rating_col": "rating"}
+# Flags with a default that some conversions refuse when given.
+_REFUSABLE_DEFAULTED = ("seed", "valid_negative", "rating_col")
 
 
 def _arguments(argv):
-    """The flags, checked, with _DEFAULTS for those not given."""
+    """The flags, checked."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.seed is not None:
-        cli.check_seed(parser, args.seed)
-    _check_flags(args)
-    cli.fill_defaults(args, _DEFAULTS)
+    cli.check_seed(parser, args.seed)
+    _check_flags(args, parser.given(argv, _REFUSABLE_DEFAULTED))
     return args
 
 
-def _check_flags(args):
-    """Refuse, in one line, flag values and combinations that cannot be converted with."""
+def _check_flags(args, given_defaulted):
+    """Refuse, in one line, flag values and combinations that cannot be converted with;
+    given_defaulted: those of _REFUSABLE_DEFAULTED the command line gives."""
     def flag(name):
         return "--" + name
+
+    def is_given(name):
+        if name in _REFUSABLE_DEFAULTED:
+            return name in given_defaulted
+        # `is not False`: --min_rating 0 is given, and 0 == False
+        return getattr(args, name) is not None and getattr(args, name) is not False
+
     for name in ("user_col", "item_col", "time_col", "rating_col"):
         # "" would quietly stand for the default column
         if getattr(args, name) == "":
-            _fail(f"{flag(name)} is empty; name a column of the file's header, or drop "
-                  f"{flag(name)}")
+            raise cli.UserError(f"{flag(name)} is empty; name a column of the file's header, or "
+                                f"drop {flag(name)}")
     for name, low in (("valid_negative", 1), ("min_ratings", 1), ("min_item_ratings", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
-            _fail(f"{flag(name)} must be at least {low}, not {value}")
+            raise cli.UserError(f"{flag(name)} must be at least {low}, not {value}")
     if args.first_columns and (args.user_col, args.item_col, args.time_col) != (None,) * 3:
-        _fail("--first_columns reads the first three columns; drop it or drop --user_col, "
-              "--item_col, --time_col")
+        raise cli.UserError("--first_columns reads the first three columns; drop it or drop "
+                            "--user_col, --item_col, --time_col")
     for name, needed in _NEEDS:
         # an empty --test_path makes no split (see main); --min_rating 0 is a threshold given
-        if getattr(args, name) is not None and getattr(args, needed) in (None, ""):
-            _fail(f"{flag(name)} goes with {flag(needed)}; add it or drop {flag(name)}")
+        if is_given(name) and getattr(args, needed) in (None, ""):
+            raise cli.UserError(f"{flag(name)} goes with {flag(needed)}; add it or drop "
+                                f"{flag(name)}")
     if args.paper:
         given = [name for name in _PAPER_FORMAT if getattr(args, name)]
         if given:
-            _fail(f"{flag(given[0])}: --paper reads the paper's own format and split; drop "
-                  f"{flag(given[0])}")
+            raise cli.UserError(f"{flag(given[0])}: --paper reads the paper's own format and "
+                                f"split; drop {flag(given[0])}")
     if args.test_path or args.paper:
-        # `is`: --min_rating 0 is given, and 0 == False
-        given = [name for name in _NOT_WITH_SPLIT
-                 if getattr(args, name) is not None and getattr(args, name) is not False]
+        given = [name for name in _NOT_WITH_SPLIT if is_given(name)]
         if given:
-            _fail(f"{flag(given[0])}: a split given with --test_path or --paper is used as it "
-                  f"is; filter or split the files yourself, or drop {flag(given[0])}")
+            raise cli.UserError(f"{flag(given[0])}: a split given with --test_path or --paper is "
+                                f"used as it is; filter or split the files yourself, or drop "
+                                f"{flag(given[0])}")
     negatives = f"{args.paper}.test.negative" if args.paper else args.test_negatives_path
     if negatives:
-        given = [name for name in ("valid_negative", "seed") if getattr(args, name) is not None]
+        given = [name for name in ("valid_negative", "seed") if is_given(name)]
         if given:
-            _fail(f"{flag(given[0])}: the test negatives come from {negatives}, not drawn; drop "
-                  f"{flag(given[0])}")
+            raise cli.UserError(f"{flag(given[0])}: the test negatives come from {negatives}, "
+                                f"not drawn; drop {flag(given[0])}")
 
 
 def _new_settings(args):
@@ -814,4 +813,4 @@ def _convert_given_split(args, columns):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

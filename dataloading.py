@@ -6,9 +6,12 @@ the GPU, and on a CPU a Python loop over ml-20m's 99 M samples per epoch would d
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+
+import cli
 
 DATA_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt")
 # Written by `convert.py --validation`: each user's second-latest interaction and its negatives.
@@ -24,7 +27,7 @@ CONVERTING = ".converting"
 CPU_CHUNK = 2 ** 16
 
 
-class DataError(Exception):
+class DataError(cli.UserError):
     """Unusable input data; the message says which file and what to do."""
 
 
@@ -220,6 +223,48 @@ def tensors_fingerprint(*tensors):
     return digest.hexdigest()
 
 
+@dataclass
+class Candidates:
+    """One evaluation split as create_test_data makes it: users [U], items [U, C] (each row's
+    positive last) and the bool mask of repeats [U, C]."""
+    users: torch.Tensor
+    items: torch.Tensor
+    duplicate_mask: torch.Tensor
+
+
+@dataclass
+class Splits:
+    """A converted dataset on the training device, ids in the smallest dtype that holds them."""
+    nb_users: int
+    nb_items: int
+    train_users: torch.Tensor
+    train_items: torch.Tensor
+    test: Candidates
+    validation: Optional[Candidates]
+    fingerprint: str
+    metadata: Optional[dict]  # None: converted by the original convert.py
+
+
+def load_splits(data_dir, device):
+    """open_dataset(data_dir) as Splits on `device`."""
+    dataset = open_dataset(data_dir)
+    # int32 ids halve the memory of an epoch's samples; embeddings accept them directly.
+    id_dtype = torch.int32 if max(dataset.nb_users, dataset.nb_items) < 2 ** 31 else torch.int64
+
+    def candidates(pairs, negatives):
+        users, items, duplicate_mask = (tensor.to(device)
+                                        for tensor in create_test_data(pairs, negatives))
+        return Candidates(users.to(id_dtype), items.to(id_dtype), duplicate_mask)
+
+    validation = None
+    if dataset.validation is not None:
+        validation = candidates(dataset.validation, dataset.validation_negatives)
+    train_users, train_items = (dataset.train[:, column].to(device, id_dtype) for column in (0, 1))
+    return Splits(dataset.nb_users, dataset.nb_items, train_users, train_items,
+                  candidates(dataset.test, dataset.negatives), validation, dataset.fingerprint,
+                  dataset.metadata)
+
+
 def create_test_data(test_ratings, test_negatives):
     """Candidates for evaluation: per user its negatives followed by its test positive.
 
@@ -233,53 +278,6 @@ def create_test_data(test_ratings, test_negatives):
     repeat_sorted[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
     duplicate_mask = torch.empty_like(repeat_sorted).scatter_(1, order, repeat_sorted)
     return users, items, duplicate_mask
-
-
-def positive_ranks(scores, items, duplicate_mask):
-    """0-based rank of each row's positive (its last column) among the row's candidates.
-
-    Repeats never count (the original gives their sigmoids -1), so each item is ranked once.
-    The positive is ranked at the first column holding its item, and ties go to the earlier
-    column, like a stable sort. NaN ranks last (see ranked_ahead).
-    """
-    first_column = (items == items[:, -1:]).int().argmax(dim=1, keepdim=True)
-    positive_score = scores.gather(1, first_column)
-    columns = torch.arange(items.shape[1], device=items.device)
-    ahead = ranked_ahead(scores, positive_score, columns < first_column,
-                         columns == first_column)
-    return (ahead & ~duplicate_mask).sum(dim=1)
-
-
-def ranked_ahead(scores, positive_scores, wins_ties, is_positive):
-    """Bool: which candidates rank ahead of their row's positive.
-
-    A higher score is ahead; an equal one only where wins_ties. NaN is the worst score: a NaN
-    candidate is never ahead of a number, and a NaN positive is behind every other candidate,
-    NaNs included. Plain comparisons, all false with NaN, would rank a NaN positive first, and
-    a broken, all-NaN model would score HR 1.0 instead of 0.
-    """
-    ahead = (scores > positive_scores) | ((scores == positive_scores) & wins_ties)
-    return torch.where(positive_scores.isnan(), ~is_positive, ahead)
-
-
-def hit_rate_and_ndcg(ranks, k):
-    """HR@k and NDCG@k from 0-based positive ranks: a hit when rank < k, gain 1/log2(rank+2)."""
-    ranks = ranks.double()
-    hits = ranks < k
-    gains = torch.where(hits, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
-    return hits.double().mean().item(), gains.mean().item()
-
-
-def ranking_metrics(ranks, topks):
-    """HR@k and NDCG@k for each k in topks, and MRR, from 0-based positive ranks.
-
-    Keys "hr@K", "ndcg@K", "mrr"; MRR is the mean of 1/(rank+1) over all users (no cut-off).
-    """
-    metrics = {}
-    for k in topks:
-        metrics[f"hr@{k}"], metrics[f"ndcg@{k}"] = hit_rate_and_ndcg(ranks, k)
-    metrics["mrr"] = (1.0 / (ranks.double() + 1.0)).mean().item()
-    return metrics
 
 
 def share_bounds(total, world_size, rank):

@@ -21,14 +21,13 @@ export fails, leaving nothing at --output, unless it matches the model within 1e
 """
 import importlib
 import os
-import sys
 import warnings
 
 import torch
 
 import cli
 import dataloading
-from checkpoint import CheckpointError, check_matches, load_model
+from checkpoint import check_matches, load_model
 from fileio import atomic_output
 
 PROG = "export.py"
@@ -37,10 +36,6 @@ TOLERANCE = 1e-5
 CHECK_BATCHES = (1, 1000)
 ONNX_PACKAGES = ("onnx", "onnxruntime")
 SUFFIXES = {"onnx": "onnx", "torchscript": "pt"}
-
-
-class ExportError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -76,9 +71,9 @@ def import_onnx_packages():
         try:
             modules.append(importlib.import_module(name))
         except ImportError:
-            raise ExportError(f"--format onnx: needs the Python package {name}; install it with "
-                              f"`pip install -r requirements-optional.txt`, or use --format "
-                              f"torchscript") from None
+            raise cli.UserError(f"--format onnx: needs the Python package {name}; install it with "
+                                f"`pip install -r requirements-optional.txt`, or use --format "
+                                f"torchscript") from None
     return modules
 
 
@@ -105,8 +100,8 @@ def compare(exported, graph, path):
             if got.shape != want.shape or not torch.allclose(got, want, rtol=0, atol=TOLERANCE):
                 difference = ((got - want).abs().max().item() if got.shape == want.shape
                               else f"shape {list(got.shape)} for {list(want.shape)}")
-                raise ExportError(f"--output {path}: the exported {name} differ from the "
-                                  f"model's on {size} pairs ({difference}); not written")
+                raise cli.UserError(f"--output {path}: the exported {name} differ from the "
+                                    f"model's on {size} pairs ({difference}); not written")
 
 
 def export_onnx(exported, temporary, path):
@@ -149,17 +144,17 @@ def export(args):
     if args.format == "onnx":
         import_onnx_packages()  # before minutes of loading, not after
     if not args.output:
-        raise ExportError(f"--output is empty; name the file to write, such as "
-                          f"ncf.{SUFFIXES[args.format]}")
+        raise cli.UserError(f"--output is empty; name the file to write, such as "
+                            f"ncf.{SUFFIXES[args.format]}")
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
-        raise ExportError(f"--output {args.output}: directory {directory} does not exist")
+        raise cli.UserError(f"--output {args.output}: directory {directory} does not exist")
     if os.path.isdir(args.output):
-        raise ExportError(f"--output {args.output}: is a directory; name the file to write, "
-                          f"such as {os.path.join(args.output, 'ncf.' + SUFFIXES[args.format])}")
+        raise cli.UserError(f"--output {args.output}: is a directory; name the file to write, "
+                            f"such as {os.path.join(args.output, 'ncf.' + SUFFIXES[args.format])}")
     if os.path.realpath(args.output) == os.path.realpath(args.load_checkpoint_path):
-        raise ExportError(f"--output {args.output}: is the checkpoint being exported, which the "
-                          f"export would replace; name another file")
+        raise cli.UserError(f"--output {args.output}: is the checkpoint being exported, which the "
+                            f"export would replace; name another file")
     nb_users, nb_items = dataloading.open_dataset(args.data)[3:5]
     model = load_model(args.load_checkpoint_path).eval()
     check_matches(model.state_dict(), args.load_checkpoint_path, nb_users, nb_items)
@@ -169,24 +164,15 @@ def export(args):
         with atomic_output(args.output) as temporary:
             write(exported, temporary, args.output)
     except OSError as error:
-        raise ExportError(f"--output {args.output}: cannot write ({error.strerror or error})") \
+        raise cli.UserError(f"--output {args.output}: cannot write ({error.strerror or error})") \
             from None
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        export(args)
-    except (ExportError, dataloading.DataError, CheckpointError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        print(f"{PROG}: wrote {args.output} ({args.format})")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader (head, a pager) went away; the file is written all the same.
-        cli.discard_stdout()
+    export(args)
+    print(f"{PROG}: wrote {args.output} ({args.format})", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

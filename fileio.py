@@ -6,14 +6,16 @@ import glob
 import os
 import stat
 
+import cli
+
 LOCK_NAME = ".lock"
 
 
-class DirectoryLocked(Exception):
+class DirectoryLocked(cli.UserError):
     """Another live process holds the directory's lock; `holder` is its pid as it wrote it."""
 
     def __init__(self, directory, holder):
-        super().__init__(directory, holder)
+        super().__init__(f"{directory}: in use by another process (pid {holder or 'unknown'})")
         self.directory = directory
         self.holder = holder
 

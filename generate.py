@@ -16,7 +16,6 @@ that order, so a converter has to sort by time itself.
 """
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -301,10 +300,6 @@ def write_csv(frame, path, chunk_rows=1 << 20):
             out.write(_csv_chunk(frame.iloc[begin : begin + chunk_rows]))
 
 
-class GenerateError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
-
-
 def memory_needed(n_users, n_items, mean_ratings):
     """Bytes generate_ratings and write_csv take at their peak, roughly."""
     ratings = n_users * mean_ratings
@@ -316,16 +311,16 @@ def check_resources(output, n_users, n_items, mean_ratings):
     rather than after minutes of generating (or at the out-of-memory killer's hands).
     Returns the directories it created for the output (make_writable_dir)."""
     if os.path.isdir(output):
-        raise GenerateError(f"--output {output}: is a directory; pass a file name such as "
+        raise cli.UserError(f"--output {output}: is a directory; pass a file name such as "
                             f"{os.path.join(output, 'ratings.csv')}")
     try:
         check_replaceable(output)  # before minutes of generating, not at the rename
     except OSError as err:
-        raise GenerateError(f"--output {output}: {err.strerror}; pass the name of a new or "
+        raise cli.UserError(f"--output {output}: {err.strerror}; pass the name of a new or "
                             f"regular file") from None
     needed, available = memory_needed(n_users, n_items, mean_ratings), cli.available_memory()
     if available is not None and needed > available:
-        raise GenerateError(
+        raise cli.UserError(
             f"--users {n_users} --items {n_items} --mean_ratings {mean_ratings:g}: need about "
             f"{needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB available; "
             f"pass smaller sizes"
@@ -334,7 +329,7 @@ def check_resources(output, n_users, n_items, mean_ratings):
     try:
         return make_writable_dir(directory)
     except OSError as err:
-        raise GenerateError(f"--output {output}: cannot write in {directory} ({err.strerror}); "
+        raise cli.UserError(f"--output {output}: cannot write in {directory} ({err.strerror}); "
                             f"pass a writable path") from None
 
 
@@ -364,24 +359,19 @@ def main(argv=None):
     except ValueError as err:
         parser.error(str(err))
     began = time.perf_counter()
-    try:
-        created = check_resources(args.output, n_users, n_items, mean_ratings)
-        with removed_if_failed(created):
-            try:
-                frame = generate_ratings(n_users, n_items, mean_ratings, args.seed,
-                                         args.min_ratings)
-            except MemoryError:
-                raise GenerateError(f"--users {n_users} --items {n_items} --mean_ratings "
-                                    f"{mean_ratings:g}: ran out of memory; pass smaller sizes"
-                                    ) from None
-            try:
-                write_csv(frame, args.output)
-            except OSError as err:
-                raise GenerateError(f"--output {args.output}: cannot write ({err.strerror}); "
-                                    f"pass a writable path with free space") from None
-    except GenerateError as error:
-        print(f"generate.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    created = check_resources(args.output, n_users, n_items, mean_ratings)
+    with removed_if_failed(created):
+        try:
+            frame = generate_ratings(n_users, n_items, mean_ratings, args.seed, args.min_ratings)
+        except MemoryError:
+            raise cli.UserError(f"--users {n_users} --items {n_items} --mean_ratings "
+                                f"{mean_ratings:g}: ran out of memory; pass smaller sizes"
+                                ) from None
+        try:
+            write_csv(frame, args.output)
+        except OSError as err:
+            raise cli.UserError(f"--output {args.output}: cannot write ({err.strerror}); pass a "
+                                f"writable path with free space") from None
     print(
         f"wrote {args.output}: {n_users} users, {frame['movieId'].nunique()} items, "
         f"{len(frame)} ratings in {time.perf_counter() - began:.1f} s"
@@ -390,4 +380,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

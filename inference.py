@@ -12,7 +12,6 @@ samples over the summed time of all timed passes; the original reports its best 
 """
 import argparse
 import platform
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -36,10 +35,6 @@ PERCENTILES = (90, 95, 99)
 # float32 values a forward pass keeps per sample, times this, bounds its activations: autocast
 # adds half-precision copies and ReLU's outputs sit beside their inputs.
 ACTIVATION_COPIES = 3
-
-
-class BenchmarkError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -114,7 +109,9 @@ def check_args(args, parser):
         parser.error(f"--layers must be positive and the first even (it is split between "
                      f"user and item embeddings), got {' '.join(map(str, args.layers))}")
     # Shape flags default to None: a value means the flag was given.
-    cli.refuse_unused_shape_flag(parser, args, args.model)
+    cli.refuse_unused_shape_flag(
+        parser, {name for name in ("factors", "layers") if getattr(args, name) is not None},
+        args.model)
     cli.check_seed(parser, args.seed)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
@@ -213,8 +210,8 @@ def check_fits(needed, device, name, flags, advice):
     an overcommitting Linux the kernel's out-of-memory killer with no message at all."""
     free = free_memory(device)
     if free is not None and needed > free:
-        raise BenchmarkError(f"{flags}: needs {needed / 2**30:,.1f} GiB, more than the "
-                             f"{free / 2**30:,.1f} GiB free on {name}; {advice}")
+        raise cli.UserError(f"{flags}: needs {needed / 2**30:,.1f} GiB, more than the "
+                            f"{free / 2**30:,.1f} GiB free on {name}; {advice}")
 
 
 @contextmanager
@@ -226,7 +223,7 @@ def refusing_out_of_memory(flags, name, advice):
     except RuntimeError as error:
         if not (isinstance(error, torch.OutOfMemoryError) or cli.is_cpu_out_of_memory(error)):
             raise
-        raise BenchmarkError(f"{flags}: does not fit in the memory of {name}; {advice}") from None
+        raise cli.UserError(f"{flags}: does not fit in the memory of {name}; {advice}") from None
 
 
 def build_model(args, device):
@@ -303,10 +300,10 @@ def run(args):
     try:
         logger = JsonLogger(args.log_path)
     except OSError as error:
-        raise BenchmarkError(f"--log_path {args.log_path}: cannot write there "
-                             f"({error.strerror}); pass --log_path with a writable file"
+        raise cli.UserError(f"--log_path {args.log_path}: cannot write there "
+                            f"({error.strerror}); pass --log_path with a writable file"
                              ) from None
-    with logger.write_failures_as(BenchmarkError, "it holds the rows printed above"):
+    with logger.write_failures_reported("it holds the rows printed above"):
         logger.log(PARAMETER, vars(args))
         print_header(name, model)
         results = []
@@ -329,16 +326,8 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     cli.reuse_freed_memory()
-    try:
-        return run(args)
-    except (BenchmarkError, CheckpointError) as error:
-        print(f"inference.py: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except BrokenPipeError:
-        # The reader went away (`| head -1`): no one is left to see the rows still to come.
-        cli.discard_stdout()
-        sys.exit(0)
+    return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

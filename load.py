@@ -29,6 +29,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+import cli
+
 MOVIELENS_CSV_COLUMNS = ("userId", "movieId", "timestamp")
 COLUMNS = ("user_id", "item_id", "timestamp")
 _WHAT = {"user_id": "user id", "item_id": "item id", "timestamp": "timestamp",
@@ -72,7 +74,7 @@ _DAT_SEPARATORS = ("fields must be separated by '::', as in user::item::rating::
                    "remove that line")
 
 
-class DataError(Exception):
+class RatingsError(cli.UserError):
     """A ratings file that cannot be used; the message is one line: file, problem, what to do."""
 
 
@@ -93,16 +95,16 @@ def load_ratings(path, user_col=None, item_col=None, time_col=None, first_column
     if first_columns:
         header = _header(path)
         if len(header) < 3:
-            raise DataError(f"{path}: header {','.join(header)!r} has {len(header)} columns; "
-                            "--first_columns reads user, item, timestamp from the first three")
+            raise RatingsError(f"{path}: header {','.join(header)!r} has {len(header)} columns; "
+                               "--first_columns reads user, item, timestamp from the first three")
         positions = [0, 1, 2]
         if rating_col:
             positions.append(_position(path, header, rating_col))
             _check_named_once(path, header, rating_col, "rating")
             if positions[-1] < 3:
-                raise DataError(f"{path}: --rating_col names {rating_col!r}, which --first_columns "
-                                f"reads as the {_WHAT[COLUMNS[positions[-1]]]}; name another "
-                                "column")
+                raise RatingsError(f"{path}: --rating_col names {rating_col!r}, which "
+                                   f"--first_columns reads as the "
+                                   f"{_WHAT[COLUMNS[positions[-1]]]}; name another column")
         return _read_with_header(path, header, positions, kinds), "csv-first-columns"
     if (user_col, item_col, time_col) != (None, None, None):
         wanted = (user_col or "userId", item_col or "movieId", time_col or "timestamp")
@@ -118,7 +120,7 @@ def load_ratings(path, user_col=None, item_col=None, time_col=None, first_column
         wanted = MOVIELENS_CSV_COLUMNS + ((rating_col,) if rating_col else ())
         return _read_named(path, wanted, (None, None, None, rating_col), "movielens-csv",
                            kinds), "movielens-csv"
-    raise DataError(f"{path}: unknown ratings format; {_KNOWN_FORMATS}")
+    raise RatingsError(f"{path}: unknown ratings format; {_KNOWN_FORMATS}")
 
 
 def first_line(reader):
@@ -152,22 +154,22 @@ def load_negatives(path, string_ids=False):
                 fields = line.rstrip("\r\n").rstrip("\t").split("\t")
                 pair = re.fullmatch(r"\(([^,]*),([^,]*)\)", fields[0].strip(" "))
                 if pair is None:
-                    raise DataError(f"{path}: line {number}: starts with {_shown(fields[0])}, not "
-                                    "(user,item); write the test pair first, then its negatives, "
-                                    "tab-separated")
+                    raise RatingsError(f"{path}: line {number}: starts with "
+                                       f"{_shown(fields[0])}, not (user,item); write the test "
+                                       "pair first, then its negatives, tab-separated")
                 users.append(parse(pair[1], path, number))
                 items.append(parse(pair[2], path, number))
                 negatives.append([parse(field, path, number) for field in fields[1:]])
                 if len(negatives[-1]) != len(negatives[0]) or not negatives[0]:
-                    raise DataError(f"{path}: line {number}: {len(negatives[-1])} negatives, "
-                                    f"line 1 has {len(negatives[0])}; give every test pair the "
-                                    "same number (at least one)")
+                    raise RatingsError(f"{path}: line {number}: {len(negatives[-1])} negatives, "
+                                       f"line 1 has {len(negatives[0])}; give every test pair the "
+                                       "same number (at least one)")
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; write the negatives as text") from None
+        raise RatingsError(f"{path}: not UTF-8 text; write the negatives as text") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
+        raise RatingsError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
     if not users:
-        raise DataError(f"{path}: holds no line; write one per test pair")
+        raise RatingsError(f"{path}: holds no line; write one per test pair")
     dtype = object if string_ids else np.int64
     return (np.array(users, dtype=dtype), np.array(items, dtype=dtype),
             np.array(negatives, dtype=dtype))
@@ -176,14 +178,14 @@ def load_negatives(path, string_ids=False):
 def _integer_id(text, path, number):
     value = _exact_integer(text.strip(" "))
     if isinstance(value, str):
-        raise DataError(f"{path}: line {number}: id {_shown(text)} {value}; {_EXACT_RULE}"
-                        f"{_OTHER_KINDS['user_id']}")
+        raise RatingsError(f"{path}: line {number}: id {_shown(text)} {value}; {_EXACT_RULE}"
+                           f"{_OTHER_KINDS['user_id']}")
     return value
 
 
 def _text_id(text, path, number):
     if not text.strip(" "):
-        raise DataError(f"{path}: line {number}: an empty id; fix or remove that line")
+        raise RatingsError(f"{path}: line {number}: an empty id; fix or remove that line")
     return text.strip(" ")
 
 
@@ -207,12 +209,12 @@ class _Kinds:
 
 def _check_file(path):
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such file; check the path (prepare_dataset.sh downloads "
-                        "MovieLens)")
+        raise RatingsError(f"{path}: no such file; check the path (prepare_dataset.sh downloads "
+                           "MovieLens)")
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory; give the ratings file inside it")
+        raise RatingsError(f"{path}: is a directory; give the ratings file inside it")
     if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: file is empty; download or write it again")
+        raise RatingsError(f"{path}: file is empty; download or write it again")
 
 
 def _header(path):
@@ -220,13 +222,13 @@ def _header(path):
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
             return next(csv.reader([f.readline()]), [])
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
+        raise RatingsError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
 
 
 def _position(path, header, column):
     if column not in header:
-        raise DataError(f"{path}: header {','.join(header)!r} lacks {column}; name the rating "
-                        "column with --rating_col")
+        raise RatingsError(f"{path}: header {','.join(header)!r} lacks {column}; name the rating "
+                           "column with --rating_col")
     return header.index(column)
 
 
@@ -238,7 +240,7 @@ def _read_headerless(path, separator, positions, fields, kinds):
         # the C parser takes the field count from the first line and refuses longer lines
         # after it, so only the first line can have the wrong count here
         problem = _field_count(path, 1, len(frame.columns), fields, options)
-        raise DataError(f"{path}: line 1: {problem}")
+        raise RatingsError(f"{path}: line 1: {problem}")
     if separator == ":":
         _check_dat_separators(frame, path)
     return _columns(frame, path, 1, options, positions, kinds)
@@ -252,7 +254,7 @@ def _check_dat_separators(frame, path):
     between = frame.iloc[:, 1:6:2]
     if any((column.cat.categories != "").any() for _, column in between.items()):
         filled = (between.notna() & between.ne("")).any(axis=1).to_numpy()
-        raise DataError(f"{path}: line {int(np.flatnonzero(filled)[0]) + 1}: {_DAT_SEPARATORS}")
+        raise RatingsError(f"{path}: line {int(np.flatnonzero(filled)[0]) + 1}: {_DAT_SEPARATORS}")
 
 
 def _read_named(path, wanted, named, reader, kinds):
@@ -267,8 +269,8 @@ def _read_named(path, wanted, named, reader, kinds):
         flags = [_FLAGS[role] + ("" if given else " (by default)")
                  for role, other, given in read if other == column]
         if len(flags) > 1:
-            raise DataError(f"{path}: {', '.join(flags[:-1])} and {flags[-1]} name the same "
-                            f"column {column!r}; name a different column for each")
+            raise RatingsError(f"{path}: {', '.join(flags[:-1])} and {flags[-1]} name the same "
+                               f"column {column!r}; name a different column for each")
     header = _header(path)
     missing = [column for column in wanted if column not in header and column != NO_TIME]
     if missing:
@@ -278,7 +280,8 @@ def _read_named(path, wanted, named, reader, kinds):
                 "columns use --user_col, --item_col, --time_col")
         if missing == list(wanted[3:]):
             hint = "name the rating column with --rating_col"
-        raise DataError(f"{path}: header {','.join(header)!r} lacks {', '.join(missing)}; {hint}")
+        raise RatingsError(f"{path}: header {','.join(header)!r} lacks {', '.join(missing)}; "
+                           f"{hint}")
     for role, column, _ in read:
         _check_named_once(path, header, column, role)
     positions = [None if column == NO_TIME else header.index(column) for column in wanted]
@@ -289,8 +292,9 @@ def _check_named_once(path, header, column, role):
     # which of the columns of that name holds the values cannot be told; the first is no better
     # a guess than the others
     if header.count(column) > 1:
-        raise DataError(f"{path}: line 1: the header repeats {column!r}, the {_WHAT[role]} "
-                        f"column; rename all but one of them, or name another with {_FLAGS[role]}")
+        raise RatingsError(f"{path}: line 1: the header repeats {column!r}, the {_WHAT[role]} "
+                           f"column; rename all but one of them, or name another with "
+                           f"{_FLAGS[role]}")
 
 
 def _read_with_header(path, header, positions, kinds):
@@ -301,8 +305,8 @@ def _read_with_header(path, header, positions, kinds):
     if not isinstance(frame.index, pd.RangeIndex):
         # pandas turns the extra leading fields of a first line longer than the header into an
         # index, shifting every column
-        raise DataError(f"{path}: line 2: more fields than the header's {len(header)}; fix or "
-                        "remove that line")
+        raise RatingsError(f"{path}: line 2: more fields than the header's {len(header)}; fix or "
+                           "remove that line")
     return _columns(frame, path, 2, options, positions, kinds)
 
 
@@ -324,7 +328,7 @@ def _read(path, options, dtype, fields=None):
             warnings.simplefilter("ignore", pd.errors.DtypeWarning)
             frame = pd.read_csv(path, engine="c", skip_blank_lines=False, dtype=dtype, **options)
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty; download or write it again") from None
+        raise RatingsError(f"{path}: file is empty; download or write it again") from None
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
         problem = " ".join(str(e).split())
         counts = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", problem)
@@ -333,14 +337,14 @@ def _read(path, options, dtype, fields=None):
             if fields is not None and expected != fields:
                 # pandas expects the first line's count: there, not here, is the wrong one
                 expected, line, saw = fields, 1, expected
-            raise DataError(f"{path}: line {line}: "
-                            f"{_field_count(path, line, saw, expected, options)}") from None
-        raise DataError(f"{path}: cannot parse ({problem}); check that the file is complete and "
-                        f"in a known format ({_KNOWN_FORMATS})") from None
+            raise RatingsError(f"{path}: line {line}: "
+                               f"{_field_count(path, line, saw, expected, options)}") from None
+        raise RatingsError(f"{path}: cannot parse ({problem}); check that the file is complete and "
+                           f"in a known format ({_KNOWN_FORMATS})") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
+        raise RatingsError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
     if frame.empty:
-        raise DataError(f"{path}: no ratings in the file; download or write it again")
+        raise RatingsError(f"{path}: no ratings in the file; download or write it again")
     return frame
 
 
@@ -403,7 +407,7 @@ def _columns(frame, path, first_line, options, positions, kinds):
 
 def _refuse(path, row, first_line, column, text, problem, rule):
     problem = f"missing {_WHAT[column]}" if not text else f"{_WHAT[column]} {_shown(text)} {problem}"
-    raise DataError(f"{path}: line {row + first_line}: {problem}; {rule}")
+    raise RatingsError(f"{path}: line {row + first_line}: {problem}; {rule}")
 
 
 def _texts(fields, column, path, first_line):

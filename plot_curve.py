@@ -25,10 +25,6 @@ DEFAULT_TOPK = 10
 METRIC_PREFIXES = ("hr@", "ndcg@", "val_hr@", "val_ndcg@")
 
 
-class PlotError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
-
-
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog="plot_curve.py",
                                 description="Plot HR@k, NDCG@k and training loss per epoch")
@@ -49,11 +45,11 @@ def read_curve(path):
     is not an object is skipped with a warning, as a line that is not JSON is.
     """
     if os.path.isdir(path):
-        raise PlotError(f"--log {path}: is a directory; pass the log.json ncf.py wrote in it "
-                        f"(its --log_path)")
+        raise cli.UserError(f"--log {path}: is a directory; pass the log.json ncf.py wrote in it "
+                            f"(its --log_path)")
     if not os.path.isfile(path):
-        raise PlotError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
-                        f"(its --log_path)")
+        raise cli.UserError(f"--log {path}: no such file; pass the log.json ncf.py wrote "
+                            f"(its --log_path)")
     by_epoch, warnings, topk = {}, [], None
     try:
         # Undecodable bytes become U+FFFD, so a binary line is reported like any non-JSON line.
@@ -86,11 +82,11 @@ def read_curve(path):
                     continue
                 by_epoch[epoch] = record["data"]
     except OSError as error:
-        raise PlotError(f"--log {path}: cannot read ({error.strerror}); pass a readable "
-                        f"log") from None
+        raise cli.UserError(f"--log {path}: cannot read ({error.strerror}); pass a readable "
+                            f"log") from None
     if not by_epoch:
-        raise PlotError(f"--log {path}: no epoch records; pass the log.json of a training run "
-                        f"(ncf.py --mode train) that finished at least one epoch")
+        raise cli.UserError(f"--log {path}: no epoch records; pass the log.json of a training run "
+                            f"(ncf.py --mode train) that finished at least one epoch")
     # Only now: a file that is no log at all gets its one error line, not a warning per line.
     for warning in warnings:
         print(f"plot_curve.py: warning: {warning}", file=sys.stderr)
@@ -150,13 +146,13 @@ def check_output(output, log):
     """Refuse an --output whose replacement would destroy something: the log itself, or a
     device, pipe or link (fileio.check_replaceable), before the log is read."""
     if os.path.isfile(log) and os.path.exists(output) and os.path.samefile(output, log):
-        raise PlotError(f"--output {output}: is the --log itself; pass another file name, such "
-                        f"as curve.png")
+        raise cli.UserError(f"--output {output}: is the --log itself; pass another file name, such "
+                            f"as curve.png")
     try:
         check_replaceable(output)
     except OSError as error:
-        raise PlotError(f"--output {output}: {error.strerror}; pass the name of a new or "
-                        f"regular file") from None
+        raise cli.UserError(f"--output {output}: {error.strerror}; pass the name of a new or "
+                            f"regular file") from None
 
 
 def draw(curve, topk, title, output):
@@ -165,8 +161,8 @@ def draw(curve, topk, title, output):
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise PlotError("matplotlib is needed to draw the curve: pip install matplotlib "
-                        "(or pip install -r requirements-optional.txt)") from None
+        raise cli.UserError("matplotlib is needed to draw the curve: pip install matplotlib "
+                            "(or pip install -r requirements-optional.txt)") from None
     figure = Figure(figsize=(8, 7), layout="constrained")
     FigureCanvasAgg(figure)
     accuracy, loss = figure.subplots(2, 1, sharex=True)
@@ -198,22 +194,18 @@ def draw(curve, topk, title, output):
         with atomic_output(output) as temporary:
             figure.savefig(temporary, format="png", dpi=100)
     except OSError as error:
-        raise PlotError(f"--output {output}: cannot write there ({error.strerror}); pass a "
-                        f"writable path") from None
+        raise cli.UserError(f"--output {output}: cannot write there ({error.strerror}); pass a "
+                            f"writable path") from None
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_output(args.output, args.log)
-        curve, topk = read_curve(args.log)
-        draw(curve, topk, f"Learning curve: {args.log}", args.output)
-    except PlotError as error:
-        print(f"plot_curve.py: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    check_output(args.output, args.log)
+    curve, topk = read_curve(args.log)
+    draw(curve, topk, f"Learning curve: {args.log}", args.output)
     print(f"Wrote {args.output} ({len(curve['epoch'])} epochs)")
     return curve
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

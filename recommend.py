@@ -20,11 +20,9 @@ import torch
 from tqdm import tqdm
 
 import cli
-import dataloading
-import ncf
-from checkpoint import CheckpointError
+import train
 from fileio import atomic_output
-from recommender import Recommender, RecommendError, load_titles, titles_note
+from recommender import Recommender, load_titles, titles_note
 
 PROG = "recommend.py"
 
@@ -67,7 +65,7 @@ def scoring_precision(requested, device):
     bf16 (an AVX2-only CPU) runs slower than float32."""
     if requested != "auto":
         return requested
-    native = torch.cuda.is_bf16_supported() if device == "cuda" else ncf.cpu_has_native_bf16()
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else train.cpu_has_native_bf16()
     return "bf16" if native else "fp32"
 
 
@@ -90,8 +88,8 @@ def write_all_users(recommender, topk, titles, output):
     progress bar on a terminal)."""
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
-        raise RecommendError(f"--output {output}: directory {directory} does not exist; "
-                             f"create it or pass a path in an existing directory")
+        raise cli.UserError(f"--output {output}: directory {directory} does not exist; "
+                            f"create it or pass a path in an existing directory")
     order = torch.from_numpy(np.argsort(recommender.user_ids, kind="stable"))
     step = recommender.users_per_batch()
     try:
@@ -103,37 +101,29 @@ def write_all_users(recommender, topk, titles, output):
                 table.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
                 bar.update(len(users))
     except OSError as error:
-        raise RecommendError(f"--output {output}: cannot write ({error.strerror}); pass a "
-                             f"writable file path") from None
+        raise cli.UserError(f"--output {output}: cannot write ({error.strerror}); pass a "
+                            f"writable file path") from None
 
 
 def main(argv=None):
     """Returns the recommendation table for --users; None after writing --all_users' CSV."""
     args = parse_args(argv)
     cli.reuse_freed_memory()
-    try:
-        titles = load_titles(args.movies) if args.movies else None
-        recommender = Recommender(args.data, args.checkpoint, args.device,
-                                  scoring_precision(args.precision, args.device))
-        note = titles_note(titles, recommender.item_ids, args.movies)
-        if note:
-            print(f"{PROG}: {note}", file=sys.stderr)
-        if args.all_users:
-            write_all_users(recommender, args.topk, titles, args.output)
-            return None
-        users = recommender.dense_users(list(dict.fromkeys(args.users)))
-        table = add_titles(recommender.table(users, args.topk), titles)
-        print_table(table)
-        sys.stdout.flush()
-        return table
-    except (RecommendError, dataloading.DataError, CheckpointError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:
-        # The reader (head, a pager) went away having read what it wanted.
-        cli.discard_stdout()
-        sys.exit(0)
+    titles = load_titles(args.movies) if args.movies else None
+    recommender = Recommender(args.data, args.checkpoint, args.device,
+                              scoring_precision(args.precision, args.device))
+    note = titles_note(titles, recommender.item_ids, args.movies)
+    if note:
+        print(f"{PROG}: {note}", file=sys.stderr)
+    if args.all_users:
+        write_all_users(recommender, args.topk, titles, args.output)
+        return None
+    users = recommender.dense_users(list(dict.fromkeys(args.users)))
+    table = add_titles(recommender.table(users, args.topk), titles)
+    print_table(table)
+    sys.stdout.flush()
+    return table
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+import cli
+
 import dataloading
 import scoring
 from checkpoint import check_matches, load_model
@@ -34,10 +36,6 @@ BF16_CPU_CHUNK_PAIRS = 2 ** 16
 BOUNDS_TRIAL_USERS = 64
 
 
-class RecommendError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
-
-
 class Recommender:
     """A model with the data it was trained on: scores users, hides their training items."""
 
@@ -48,14 +46,14 @@ class Recommender:
         for name, (path, ids), count in zip(ID_MAPS, (self.user_ids, self.item_ids),
                                             (nb_users, nb_items)):
             if len(ids) != count:
-                raise RecommendError(f"{path}: has {len(ids)} ids but the "
-                                     f"ratings have {count}; re-run convert.py on this directory")
+                raise cli.UserError(f"{path}: has {len(ids)} ids but the "
+                                    f"ratings have {count}; re-run convert.py on this directory")
             repeated = pd.Index(ids).duplicated()
             if repeated.any():
                 # Two dense ids under one original id: answers would go to the wrong one.
-                raise RecommendError(f"{path}: id {ids[repeated.argmax()]} appears twice; each "
-                                     f"original id maps to one dense id, re-run convert.py on "
-                                     f"this directory")
+                raise cli.UserError(f"{path}: id {ids[repeated.argmax()]} appears twice; each "
+                                    f"original id maps to one dense id, re-run convert.py on "
+                                    f"this directory")
         self.user_ids, self.item_ids = self.user_ids[1], self.item_ids[1]
         self.text_ids = self.user_ids.dtype == object
         model = load_model(checkpoint_path, device).eval()
@@ -110,7 +108,7 @@ class Recommender:
         original_ids = list(dict.fromkeys(self._key(user) for user in original_ids))
         unknown = [user for user in original_ids if user not in self.position]
         if unknown:
-            raise RecommendError(
+            raise cli.UserError(
                 f"--users: unknown user id {unknown[0]}: not among the {len(self.user_ids)} users "
                 f"of {self.data_dir} (convert.py drops users with fewer than --min_ratings "
                 f"ratings); pass ids of users kept there")
@@ -159,11 +157,11 @@ def load_id_map(data_dir, name):
         with open(path, "rb") as handle:
             ids = json.load(handle)
     except (OSError, ValueError) as error:
-        raise RecommendError(f"{path}: cannot be read ({type(error).__name__}); re-run "
-                             "convert.py to rewrite it") from None
+        raise cli.UserError(f"{path}: cannot be read ({type(error).__name__}); re-run "
+                            "convert.py to rewrite it") from None
     if not isinstance(ids, list) or not all(isinstance(value, str) for value in ids):
-        raise RecommendError(f"{path}: not a JSON list of text ids; re-run convert.py to "
-                             "rewrite it")
+        raise cli.UserError(f"{path}: not a JSON list of text ids; re-run convert.py to "
+                            "rewrite it")
     return path, np.array(ids, dtype=object)
 
 
@@ -210,14 +208,14 @@ def titles_note(titles, item_ids, path):
 def load_titles(path):
     """movieId -> title from a MovieLens movies.csv."""
     if not os.path.isfile(path):
-        raise RecommendError(f"--movies {path}: not found; pass MovieLens movies.csv")
+        raise cli.UserError(f"--movies {path}: not found; pass MovieLens movies.csv")
     try:
         movies = pd.read_csv(path, usecols=["movieId", "title"])
     except (ValueError, pd.errors.ParserError) as error:
         reason = str(error).splitlines()[0]
-        raise RecommendError(f"--movies {path}: expected MovieLens movies.csv with columns "
-                             f"movieId,title ({reason}); pass that file") from None
+        raise cli.UserError(f"--movies {path}: expected MovieLens movies.csv with columns "
+                            f"movieId,title ({reason}); pass that file") from None
     except OSError as error:
-        raise RecommendError(f"--movies {path}: cannot read ({error.strerror}); pass a "
-                             f"readable movies.csv") from None
+        raise cli.UserError(f"--movies {path}: cannot read ({error.strerror}); pass a "
+                            f"readable movies.csv") from None
     return movies.drop_duplicates("movieId").set_index("movieId")["title"]

@@ -1,4 +1,4 @@
-"""Scoring every item for many users with a trained NeuMF, and full-ranking evaluation.
+"""Scoring every item for many users with a trained NeuMF.
 
 Scoring all items one (user, item) pair at a time through `model(user, item)` repeats work:
 the first MLP layer acts on [user_embed, item_embed], so W1 [u; i] + b1 = (W1_u u + b1) + W1_i i,
@@ -16,8 +16,6 @@ whose bound reaches the k-th best of a first few (about 1.6 % of 26,744 items fo
 a NeuMF trained one epoch at the ml-20m shape), with the same answer.
 """
 import torch
-
-import dataloading
 
 # bounded_top_items: items scored first per item of the top k; the share of items kept above
 # which scoring every item is faster. At the ml-20m shape a scattered pair cost 1.7x a pair of a
@@ -420,7 +418,7 @@ def top_items(scores, excluded, k):
     """(item indices, scores), [rows, min(k, items)] each, of each row's best items, best first,
     never an excluded one: where fewer are left, the last indices are -1.
 
-    NaN ranks last, after -inf, as in dataloading.ranked_ahead; topk alone would put it first.
+    NaN ranks last, after -inf, as in evaluation.ranked_ahead; topk alone would put it first.
     """
     # float64 has room below every float32 score for -inf and NaN, keeping -inf for exclusion.
     keys = scores.double()
@@ -443,55 +441,3 @@ def bounded_users_per_batch(nb_items):
     hold about 2**21 entries. At the ml-20m shape (78 users) 40-160 users a batch ran alike, 9
     users 1.3x slower: the per-batch steps (probe, bar, gathers) then dominate."""
     return max(1, 2 ** 21 // nb_items)
-
-
-def full_ranking_ranks(model, test_users, test_items, train_users, train_items, share=None,
-                       chunk_pairs=None):
-    """0-based rank of each test positive among all items its user has not trained on.
-
-    test_users, test_items: [U] one positive per user (ncf.py's test_items[:, -1]).
-    train_users, train_items: the training positives; a user's own are not candidates, except
-    its test positive, which always is.
-    Ties: an item with a score equal to the positive's counts ahead of it only when its item id
-    is lower, the rule dataloading.positive_ranks applies to columns; NaN ranks last, as
-    there. Scores are logits, not sigmoids as in the sampled protocol: the order is
-    the same, without the ties that float32 sigmoid rounding creates among large logits.
-    share: (begin, end) rows of the test users to rank here; other rows are 0, so the [U] tensors
-    of all processes add up (all-reduce, sum) to every user's rank.
-    model: a NeuMF, or a scorer standing in for one (baselines.py): a callable users ->
-    [len(users), nb_items] scores, with attributes nb_users, nb_items, device and chunk_pairs.
-    Returns int64 [U], on the model's device, ready for dataloading.hit_rate_and_ndcg(ranks, k).
-    """
-    nb_test = len(test_users)
-    begin, end = share if share is not None else (0, nb_test)
-    if not 0 <= begin <= end <= nb_test:
-        raise ValueError(f"share ({begin}, {end}) is not inside the {nb_test} test users")
-    if isinstance(model, torch.nn.Module):
-        scorer = FactoredScorer(model, chunk_pairs)
-        device = scorer.mf_items.device
-    else:
-        scorer, device = model, model.device
-    nb_items = scorer.nb_items
-    for name, ids, limit in (("test_users", test_users, scorer.nb_users),
-                             ("train_users", train_users, scorer.nb_users),
-                             ("test_items", test_items, nb_items),
-                             ("train_items", train_items, nb_items)):
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= limit):
-            raise ValueError(f"{name} holds ids outside the model's [0, {limit})")
-    trained = TrainingItems(train_users.to(device), train_items.to(device), scorer.nb_users)
-    test_users = test_users.to(device, torch.int64)
-    test_items = test_items.to(device, torch.int64)
-    ranks = torch.zeros(nb_test, dtype=torch.int64, device=device)
-    item_ids = torch.arange(nb_items, device=device)
-    step = users_per_batch(nb_items, scorer.chunk_pairs)
-    with torch.inference_mode():
-        for start in range(begin, end, step):
-            stop = min(start + step, end)
-            users, positives = test_users[start:stop], test_items[start:stop, None]
-            scores = scorer(users)
-            positive_scores = scores.gather(1, positives)
-            ahead = dataloading.ranked_ahead(scores, positive_scores, item_ids < positives,
-                                             item_ids == positives)
-            ahead &= ~trained.mask(users, nb_items)
-            ranks[start:stop] = ahead.sum(dim=1)
-    return ranks

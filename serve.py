@@ -22,7 +22,6 @@ server tens of microseconds (README), and the Docker image runs it with nothing 
 import collections
 import json
 import re
-import signal
 import sys
 import threading
 import traceback
@@ -33,9 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 import cli
-import dataloading
-from checkpoint import CheckpointError
-from recommender import Recommender, RecommendError, load_titles, titles_note
+from recommender import Recommender, load_titles, titles_note
 
 PROG = "serve.py"
 DEFAULT_TOPK = 10
@@ -369,43 +366,36 @@ def listen(host, port, service):
         return Server((host, port), service)
     except (OSError, OverflowError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise RecommendError(f"--host {host} --port {port}: cannot listen there ({reason}); "
-                             f"pick another --port, or an address of this machine") from None
+        raise cli.UserError(f"--host {host} --port {port}: cannot listen there ({reason}); "
+                            f"pick another --port, or an address of this machine") from None
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        titles = load_titles(args.movies) if args.movies else None
-        recommender = Recommender(args.data, args.load_checkpoint_path, args.device,
-                                  args.precision)
-        note = titles_note(titles, recommender.item_ids, args.movies)
-        if note:
-            print(f"{PROG}: {note}", file=sys.stderr)
-        concurrent_scorings = 1
-        if args.device == "cpu":
-            # A request per core, each on one thread, rather than one request at a time on all
-            # of them: the same rate on an idle CPU, several times the rate on a busy one, where
-            # threads of one product wait on each other (README: serving figures).
-            concurrent_scorings = torch.get_num_threads()
-            torch.set_num_threads(1)
-        service = Service(recommender, titles, not args.no_fallback, concurrent_scorings)
-        server = listen(args.host, args.port, service)
-    except (RecommendError, dataloading.DataError, CheckpointError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    titles = load_titles(args.movies) if args.movies else None
+    recommender = Recommender(args.data, args.load_checkpoint_path, args.device, args.precision)
+    note = titles_note(titles, recommender.item_ids, args.movies)
+    if note:
+        print(f"{PROG}: {note}", file=sys.stderr)
+    concurrent_scorings = 1
+    if args.device == "cpu":
+        # A request per core, each on one thread, rather than one request at a time on all
+        # of them: the same rate on an idle CPU, several times the rate on a busy one, where
+        # threads of one product wait on each other (docs: serving figures).
+        concurrent_scorings = torch.get_num_threads()
+        torch.set_num_threads(1)
+    service = Service(recommender, titles, not args.no_fallback, concurrent_scorings)
+    server = listen(args.host, args.port, service)
     host, port = server.server_address[:2]
     print(f"{PROG}: {len(recommender.user_ids)} users, {len(recommender.item_ids)} items; "
           f"serving on http://{host}:{port}", flush=True)
-    # As PID 1 in a container a process that does not handle SIGTERM ignores `docker stop`.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C and SIGTERM (`docker stop`: as PID 1 a process that does not handle it ignores
+    # it) end serve_forever through cli.run's one line.
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

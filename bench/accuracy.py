@@ -1,6 +1,6 @@
 """Best HR@k / NDCG@k of full training runs over several seeds, as a markdown table.
 
-    python bench/accuracy.py --ratings ../shared/data/ml-latest-small/ratings.csv
+    python bench/accuracy.py --ratings /data/ml-latest-small/ratings.csv  # ./prepare_dataset.sh
     python bench/accuracy.py --generate ml-latest-small      # generate.py's data instead
 
 Converts the ratings once (convert.py, seed 1) into WORKDIR, then trains with ncf.py for each
@@ -16,8 +16,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 import generate  # noqa: E402
-from child_process import run_or_exit  # noqa: E402
+from child_process import run_child  # noqa: E402
 from fileio import atomic_output  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 
@@ -31,20 +32,19 @@ def cached_source(marker):
         return None
 
 
-def prepare(args, prog="accuracy.py"):
+def prepare(args):
     """(workdir, converted data) of the ratings; converted again unless the cache is of the same
     file, unchanged since: the directory's name alone once let another file of the same folder
-    (or of a folder of the same name) be measured on the first one's data. A failed conversion
-    exits with one line that starts with `prog`."""
+    (or of a folder of the same name) be measured on the first one's data."""
     if args.generate:
         name, source = f"generated-{args.generate}", f"generate.py --preset {args.generate}"
     else:
         path = os.path.abspath(args.ratings)
         if not os.path.isfile(path):
-            print(f"{prog}: error: {args.ratings}: no such ratings file; put MovieLens there "
-                  f"(download_dataset.sh) or measure generated data (accuracy.py --generate "
-                  f"PRESET, models.py --datasets generated)", file=sys.stderr)
-            sys.exit(2)
+            raise cli.UserError(f"{args.ratings}: no such ratings file; put MovieLens there "
+                                f"(./prepare_dataset.sh ml-latest-small) or measure generated "
+                                f"data (accuracy.py --generate PRESET, models.py --datasets "
+                                f"generated)")
         stat = os.stat(path)
         name = (f"{os.path.basename(os.path.dirname(path))}-"
                 f"{os.path.splitext(os.path.basename(path))[0]}")
@@ -60,7 +60,7 @@ def prepare(args, prog="accuracy.py"):
             users, items, mean_ratings = generate.PRESETS[args.generate]
             generate.write_csv(generate.generate_ratings(users, items, mean_ratings, seed=1),
                                ratings)
-        run_or_exit(prog, f"the conversion of {ratings}",
+        run_child(f"the conversion of {ratings}",
                     [sys.executable, os.path.join(ROOT, "convert.py"), "--path", ratings,
                      "--output", data])
         with atomic_output(marker) as temporary, open(temporary, "w") as out:
@@ -75,7 +75,7 @@ def run_seed(workdir, data, seed, args):
                "-e", str(args.epochs), "--seed", str(seed), "--checkpoint_dir", run_dir,
                "--log_path", log_path, *args.ncf_flags]
     print(" ".join(command), flush=True)
-    run_or_exit("accuracy.py", f"the ncf.py run of seed {seed}", command)
+    run_child(f"the ncf.py run of seed {seed}", command)
     records = read_log(log_path)
     summary = log_records(records, "summary")[-1]
     seconds = np.mean([record["train_epoch_time"] + record["validation_epoch_time"]
@@ -110,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -3,6 +3,8 @@ failure is one line, as the project's other errors are."""
 import subprocess
 import sys
 
+import cli
+
 
 def failure_reason(finished):
     """Why a finished process failed: its last stderr line (its own one-line error, or a
@@ -15,16 +17,15 @@ def failure_reason(finished):
     return f"exit status {finished.returncode}"
 
 
-def run_or_exit(prog, what, command, **kwargs):
+def run_child(what, command, **kwargs):
     """subprocess.run(command, **kwargs), its stderr captured and passed on once it succeeds;
-    when it fails, `PROG: error: WHAT failed: REASON` on stderr and exit status 2.
+    a failure is a cli.UserError, `WHAT failed: REASON`.
 
     Captured rather than shown as it comes, so that a failure is that one line and not the
     child's error followed by a restatement of it.
     """
     finished = subprocess.run(command, stderr=subprocess.PIPE, text=True, **kwargs)
     if finished.returncode:
-        print(f"{prog}: error: {what} failed: {failure_reason(finished)}", file=sys.stderr)
-        sys.exit(2)
+        raise cli.UserError(f"{what} failed: {failure_reason(finished)}")
     sys.stderr.write(finished.stderr)
     return finished

@@ -18,8 +18,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cli  # noqa: E402
 import generate  # noqa: E402
-from child_process import run_or_exit  # noqa: E402
+from child_process import run_child  # noqa: E402
 
 TARGET_SECONDS, TARGET_BYTES = 35, 2.5e9
 
@@ -58,7 +59,7 @@ def main(argv=None):
     probe = ("import resource, subprocess, sys; status = subprocess.run(sys.argv[1:]).returncode; "
              "status and sys.exit(status if status > 0 else 128 - status); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    finished = run_or_exit("convert_bench.py", "convert.py",
+    finished = run_child("convert.py",
                            [sys.executable, "-c", probe, *command], stdout=subprocess.PIPE)
     seconds = time.perf_counter() - started
     print(finished.stdout.strip().splitlines()[0])
@@ -76,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,15 +4,14 @@ NDCG@k (sampled and full-ranking), epochs and time, over seeds and datasets.
     python bench/models.py                                   # both datasets, seeds 1 2 3
     python bench/models.py --datasets generated --seeds 1 -e 2  # a quick look
 
-The data is bench/accuracy.py's: ml-latest-small's ratings.csv and generate.py's ml-latest-small
-preset, each converted once (convert.py, seed 1). For every seed, each in its own ncf.py process
-with -b 8192 -e EPOCHS --full_ranking and the other flags at their defaults: GMF, MLP, NeuMF from
-scratch, then NeuMF from that seed's GMF and MLP (--alpha 0.5) with Adam and with plain SGD at
---sgd_lr. k is the runs' -k (10 unless given after `--`). Full-ranking figures are those of the
-epoch with the best sampled HR@k (the model.pth a run keeps); times are training seconds,
-evaluation left out.
+The data is bench/accuracy.py's: ml-latest-small's ratings.csv (--ml_latest_small, default
+$NCF_REAL_DATA) and generate.py's ml-latest-small preset, each converted once (convert.py, seed
+1). For every seed, each in its own ncf.py process with -b 8192 -e EPOCHS --full_ranking and the
+other flags at their defaults: GMF, MLP, NeuMF from scratch, then NeuMF from that seed's GMF and
+MLP (--alpha 0.5) with Adam and with plain SGD at --sgd_lr. k is the runs' -k (10 unless given
+after `--`). Full-ranking figures are those of the epoch with the best sampled HR@k (the
+model.pth a run keeps); times are training seconds, evaluation left out.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -23,13 +22,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 from accuracy import prepare  # noqa: E402
-from child_process import run_or_exit  # noqa: E402
+from child_process import run_child  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 
-DATASETS = {"ml-latest-small": {"ratings": os.path.join(ROOT, "..", "shared", "data",
-                                                        "ml-latest-small", "ratings.csv")},
-            "generated": {"generate": "ml-latest-small"}}
+DATASETS = ("ml-latest-small", "generated")
 # (row name, run name, ncf.py flags); {gmf} and {mlp} are the same seed's model.pth files.
 RUNS = [
     ("GMF", "gmf", ["--model", "gmf"]),
@@ -50,7 +48,7 @@ def train(data, run_dir, seed, flags, args):
                "-e", str(args.epochs), "--seed", str(seed), "--checkpoint_dir", run_dir,
                "--log_path", log_path, "--full_ranking", *flags, *args.ncf_flags]
     print(" ".join(command), flush=True)
-    run_or_exit("models.py", f"the ncf.py run in {run_dir}", command, stdout=subprocess.DEVNULL)
+    run_child(f"the ncf.py run in {run_dir}", command, stdout=subprocess.DEVNULL)
     records = read_log(log_path)
     summary = log_records(records, "summary")[-1]
     best = next(record for record in log_records(records, "epoch")
@@ -65,10 +63,11 @@ def train(data, run_dir, seed, flags, args):
 
 def run_seed(name, seed, args, all_results):
     """Trains every run of `seed` on `name`, adding their results to all_results[name]."""
-    source = DATASETS[name]
-    workdir, data = prepare(SimpleNamespace(ratings=source.get("ratings"),
-                                            generate=source.get("generate"),
-                                            workdir=args.workdir), "models.py")
+    if name == "generated":
+        source = SimpleNamespace(ratings=None, generate="ml-latest-small")
+    else:
+        source = SimpleNamespace(ratings=args.ml_latest_small, generate=None)
+    workdir, data = prepare(SimpleNamespace(**vars(source), workdir=args.workdir))
     results = all_results.setdefault(name, {run: [] for _, run, _ in RUNS})
     paths = {kind: os.path.join(workdir, f"seed{seed}", kind, "model.pth")
              for kind in ("gmf", "mlp")}
@@ -103,9 +102,12 @@ def table(all_results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
-                        default=list(DATASETS))
+    parser = cli.ArgumentParser(prog="models.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--ml_latest_small", default=os.environ.get("NCF_REAL_DATA"),
+                        help="ml-latest-small's ratings.csv (./prepare_dataset.sh "
+                             "ml-latest-small writes /data/ml-latest-small/ratings.csv); "
+                             "default: $NCF_REAL_DATA")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("-e", "--epochs", type=int, default=20)
     parser.add_argument("--sgd_lr", type=float, default=0.1,
@@ -113,6 +115,9 @@ def main(argv=None):
     parser.add_argument("--workdir", default="/tmp/ncf-models")
     parser.add_argument("ncf_flags", nargs="*", help="more ncf.py flags for every run, after --")
     args = parser.parse_args(argv)
+    if "ml-latest-small" in args.datasets and not args.ml_latest_small:
+        parser.error("--datasets ml-latest-small needs its ratings.csv: pass --ml_latest_small "
+                     "or set NCF_REAL_DATA, or measure --datasets generated")
     all_results = {}
     # Seed by seed, the table so far printed after each, so that a long measurement stopped
     # early still leaves every dataset's finished seeds.
@@ -128,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -22,7 +22,7 @@ random model's none, hence not in part 1), float32 over every item and, where na
 shortlist, with the users whose top-k differs from float32's; the wall time of `recommend.py
 --all_users` on it (--precision fp32, and bf16 where native), the share of users whose top-k
 differs between the two, and HR@k / NDCG@k by the sampled protocol (100 test negatives, as
-ncf.py) beside the full-ranking protocol (scoring.full_ranking_ranks).
+ncf.py) beside the full-ranking protocol (evaluation.full_ranking_ranks).
 """
 import copy
 import os
@@ -40,17 +40,13 @@ sys.path.insert(0, REPO)
 import cli  # noqa: E402
 import dataloading  # noqa: E402
 import evaluation  # noqa: E402
-import ncf  # noqa: E402
 import recommender  # noqa: E402
 import scoring  # noqa: E402
-from checkpoint import CheckpointError, check_matches, load_model  # noqa: E402
+import train  # noqa: E402
+from checkpoint import check_matches, load_model  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
 TRAINING_ITEMS_PER_USER = 144  # ml-20m: 20M ratings over 138,493 users
-
-
-class BenchError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -189,7 +185,7 @@ def part_one(args, rounds=10):
           f"{flop_all / factored_all / 1e9:.1f} GFLOP/s")
     print(f"those matrix products alone: {rate / 1e9:.1f} GFLOP/s -> floor "
           f"{flop_all / rate / 60:.1f} min for all users")
-    if ncf.cpu_has_native_bf16():
+    if train.cpu_has_native_bf16():
         compare_bf16(args, model, scorer, users, rounds)
     else:
         print("bf16 shortlist not timed: this CPU has no native bf16 (AMX, AVX512_BF16)")
@@ -233,7 +229,7 @@ def compare_bf16(args, model, scorer, users, rounds):
           f"{flop_all / (bf16 * 60) / 1e9:.0f} GFLOP/s of them")
 
 
-def compare_bounded(args, model, train, nb_users, rounds=10):
+def compare_bounded(args, model, train_pairs, nb_users, rounds=10):
     """recommend.py's top-k on the trained model, timed in turns on --sample_users of its users:
     the bounded search (scoring.bounded_top_items) against float32 over every item and, where
     bf16 is native, the bf16 shortlist; each extrapolated to all users."""
@@ -246,10 +242,10 @@ def compare_bounded(args, model, train, nb_users, rounds=10):
     bounds = scoring.ItemBounds(scorer)
     built = time.perf_counter() - start
     shortlist_scorer = None
-    if ncf.cpu_has_native_bf16():
+    if train.cpu_has_native_bf16():
         shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(),
                                                   recommender.BF16_CPU_CHUNK_PAIRS)
-    trained = scoring.TrainingItems(train[:, 0], train[:, 1], nb_users)
+    trained = scoring.TrainingItems(train_pairs[:, 0], train_pairs[:, 1], nb_users)
     users = torch.randperm(nb_users, generator=torch.Generator().manual_seed(2))[
         :args.sample_users]
     ways = {"fp32": (None, None), "bounded": (None, bounds)}
@@ -289,8 +285,8 @@ def run_recommend(args, output, precision):
         stderr=subprocess.PIPE, text=True)
     if finished.returncode:
         lines = finished.stderr.strip().splitlines()
-        raise BenchError(lines[-1] if lines else
-                         f"recommend.py failed (exit status {finished.returncode})")
+        raise cli.UserError(lines[-1] if lines else
+                            f"recommend.py failed (exit status {finished.returncode})")
     wall = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
@@ -304,11 +300,11 @@ def run_recommend(args, output, precision):
 
 
 def part_two(args):
-    train, test, negatives, nb_users, nb_items = dataloading.open_dataset(args.data)[:5]
+    train_pairs, test, negatives, nb_users, nb_items = dataloading.open_dataset(args.data)[:5]
     model = load_model(args.checkpoint).eval()
     check_matches(model.state_dict(), args.checkpoint, nb_users, nb_items)
-    compare_bounded(args, model, train, nb_users)
-    precisions = ["fp32", "bf16"] if ncf.cpu_has_native_bf16() else ["fp32"]
+    compare_bounded(args, model, train_pairs, nb_users)
+    precisions = ["fp32", "bf16"] if train.cpu_has_native_bf16() else ["fp32"]
     found = {}
     with tempfile.TemporaryDirectory() as directory:
         for precision in precisions:
@@ -326,13 +322,14 @@ def part_two(args):
     # ncf.py's own evaluation, so the sampled figures are the ones training reports; it scores
     # users x 101 candidates a chunk of rows at a time.
     users, items, duplicates = dataloading.create_test_data(test, negatives)
-    eval_args = ncf.parse_args(["--data", args.data, "--topk", str(args.topk)])
-    context = ncf.Context(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
+    eval_args = train.Recipe(topk=args.topk)
+    context = train.Context(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
     sampled = evaluation.val_epoch(model, users, items, duplicates, eval_args, context)
     start = time.perf_counter()
-    ranks = scoring.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])
+    ranks = evaluation.full_ranking_ranks(model, test[:, 0], test[:, 1], train_pairs[:, 0],
+                                          train_pairs[:, 1])
     seconds = time.perf_counter() - start
-    full = dataloading.hit_rate_and_ndcg(ranks, args.topk)
+    full = evaluation.hit_rate_and_ndcg(ranks, args.topk)
     k = args.topk
     print(f"sampled ({negatives.shape[1]} negatives): HR@{k} = {sampled[0]:.4f}, "
           f"NDCG@{k} = {sampled[1]:.4f}")
@@ -345,12 +342,8 @@ def main(argv=None):
     cli.reuse_freed_memory()  # as recommend.py does
     part_one(args)
     if args.data:
-        try:
-            part_two(args)
-        except (BenchError, CheckpointError, dataloading.DataError) as error:
-            print(f"recommend_bench.py: error: {error}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        part_two(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -20,8 +20,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import cli  # noqa: E402
-from checkpoint import CheckpointError, atomic_save  # noqa: E402
-from child_process import run_or_exit  # noqa: E402
+from checkpoint import atomic_save  # noqa: E402
+from child_process import run_child  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 from train_bench import make_data  # noqa: E402
 
@@ -55,11 +55,7 @@ def write_dataset(directory, positives):
     os.makedirs(directory, exist_ok=True)
     train, test, negatives = make_data(USERS, ITEMS, positives)
     for name, tensor in zip(FILES, (train, test, negatives)):
-        try:
-            atomic_save(tensor, os.path.join(directory, name))
-        except CheckpointError as error:
-            print(f"scaling.py: error: {error}", file=sys.stderr)
-            sys.exit(2)
+        atomic_save(tensor, os.path.join(directory, name))
 
 
 def run(nproc, data, args):
@@ -76,7 +72,7 @@ def run(nproc, data, args):
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                    "--master_port", str(29600 + nproc), *flags]
     print(f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '-')} {' '.join(command)}", flush=True)
-    run_or_exit("scaling.py", f"the {nproc}-process run", command, cwd=ROOT, env=env)
+    run_child(f"the {nproc}-process run", command, cwd=ROOT, env=env)
     epoch = log_records(read_log(log_path), "epoch")[-1]
     return {"processes": nproc, "threads_per_process": env.get("OMP_NUM_THREADS", "-"),
             "train_samples_per_s": epoch["train_throughput"],
@@ -112,4 +108,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

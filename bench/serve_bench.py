@@ -32,6 +32,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cli  # noqa: E402
 from inference import cpu_model  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
@@ -92,7 +93,7 @@ def wait_for_health(process, port):
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:
         if process.poll() is not None:
-            fail(f"serve.py exited with status {process.returncode}")
+            raise cli.UserError(f"serve.py exited with status {process.returncode}")
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             connection.request("GET", "/health")
@@ -105,15 +106,9 @@ def wait_for_health(process, port):
         finally:
             connection.close()
         if time.monotonic() >= deadline:
-            fail(f"serve.py did not answer /health with status 200 in {STARTUP_SECONDS} s "
-                 f"(last try: {last})")
+            raise cli.UserError(f"serve.py did not answer /health with status 200 in "
+                                f"{STARTUP_SECONDS} s (last try: {last})")
         time.sleep(HEALTH_RETRY_SECONDS)
-
-
-def fail(message):
-    """The benchmark's own failure: one line and exit status 2, as the project's other tools."""
-    print(f"serve_bench.py: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def cpu_seconds(pid):
@@ -163,7 +158,7 @@ def load(port, nb_users, clients, requests, topk, generator, health=False):
         thread.join()
     wall = time.perf_counter() - start
     if failures:
-        fail(f"{len(failures)} wrong answers, first: {failures[0]}")
+        raise cli.UserError(f"{len(failures)} wrong answers, first: {failures[0]}")
     total = sum(per_client) + WARMUP_PER_CLIENT * clients
     milliseconds = np.array(latencies) * 1000
     return total, total / wall, np.percentile(milliseconds, 50), np.percentile(milliseconds, 99)
@@ -210,4 +205,4 @@ def serve(args, shape, directory, checkpoint, precision, generator):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -8,7 +8,7 @@ belongs to one of them.
 The baseline is the original's recipe as written for a GPU, run on the CPU: int64 epoch
 tensors with float labels shuffled into full copies, the whole batch through the model at
 once, ReLU then `F.dropout`, and evaluation over all users in batches of --valid_batch_size.
-Ours is `ncf.train_epoch` / `evaluation.val_epoch` on the same data and the same model sizes.
+Ours is `train.train_epoch` / `evaluation.val_epoch` on the same data and the same model sizes.
 Training is timed over a few optimiser steps (an epoch of 55 M samples takes many minutes on a
 laptop CPU): the baseline's --steps steps after a warm-up step; ours a train_epoch of
 --steps + 1 batches, building its samples included. samples/s = batch size x steps / time.
@@ -37,8 +37,8 @@ import cli  # noqa: E402
 import dataloading  # noqa: E402
 import evaluation  # noqa: E402
 import inference  # noqa: E402
-import ncf  # noqa: E402
-from child_process import run_or_exit  # noqa: E402
+import train  # noqa: E402
+from child_process import run_child  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
 MF_DIM, LAYERS = 64, [256, 256, 128, 64]
@@ -124,27 +124,26 @@ def run_baseline(train, test, negatives, nb_users, nb_items, args):
     return train_rate, eval_rate
 
 
-def run_ours(train, test, negatives, nb_users, nb_items, args):
-    cli.reuse_freed_memory()  # as ncf.main does; the baseline keeps the C library's default
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, False, VARIANT_DTYPES[args.child])
-    run_args = ncf.parse_args(["--data", "-", "-b", str(args.batch_size), "--valid_batch_size",
-                               str(args.valid_batch_size)])
-    model, ddp_model = ncf.build_model(run_args, nb_users, nb_items, ctx)
-    optimizer = ncf.build_optimizer(run_args, model)
-    scaler = ncf.grad_scaler(ctx)
-    train_users, train_items = train[:, 0].int(), train[:, 1].int()
+def run_ours(pairs, test, negatives, nb_users, nb_items, args):
+    cli.reuse_freed_memory()  # as ncf.py does; the baseline keeps the C library's default
+    ctx = train.Context(torch.device("cpu"), 0, 1, False, VARIANT_DTYPES[args.child])
+    run_args = train.Recipe(batch_size=args.batch_size, valid_batch_size=args.valid_batch_size)
+    model, ddp_model = train.build_model(run_args, nb_users, nb_items, ctx)
+    optimizer = train.build_optimizer(run_args, model)
+    scaler = train.grad_scaler(ctx)
+    train_users, train_items = pairs[:, 0].int(), pairs[:, 1].int()
     # Train over a prefix of the positives that holds exactly steps + 1 batches, so the
     # epoch's data pipeline is paid for in proportion, as in a full epoch.
     samples = args.batch_size * (args.steps + 1)
     prefix = -(-samples // 5)
-    ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:args.batch_size // 5 + 1],
+    train.train_epoch(ddp_model, optimizer, scaler, train_users[:args.batch_size // 5 + 1],
                     train_items[:args.batch_size // 5 + 1], nb_items, 0, run_args, ctx)
     # A full epoch's samples, held while training as a real epoch holds them, so peak memory
     # covers all the positives (the prefix's own samples come on top: an overstatement).
     full_epoch = dataloading.epoch_samples(train_users, train_items, nb_items, 4, 1, 0,
-                                           ncf.epoch_generator(1, 2, ctx.device))
+                                           train.epoch_generator(1, 2, ctx.device))
     start = time.perf_counter()
-    ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:prefix], train_items[:prefix],
+    train.train_epoch(ddp_model, optimizer, scaler, train_users[:prefix], train_items[:prefix],
                     nb_items, 1, run_args, ctx)
     train_rate = prefix * 5 // args.batch_size * args.batch_size / (time.perf_counter() - start)
     del full_epoch
@@ -251,7 +250,7 @@ def main(argv=None):
     if args.child:
         return child(args)
     variants = args.variants
-    if "ours-bf16" in variants and not ncf.cpu_has_native_bf16():
+    if "ours-bf16" in variants and not train.cpu_has_native_bf16():
         print("ours-bf16 skipped: this CPU has no bf16 units (AMX or AVX512_BF16), so "
               "--opt_level O2 trains in float32 here")
         variants = [variant for variant in variants if variant != "ours-bf16"]
@@ -261,8 +260,7 @@ def main(argv=None):
                    "--users", str(args.users), "--items", str(args.items),
                    "--positives", str(args.positives), "-b", str(args.batch_size),
                    "--valid_batch_size", str(args.valid_batch_size), "--steps", str(args.steps)]
-        finished = run_or_exit("train_bench.py", f"the {variant} run", command,
-                               stdout=subprocess.PIPE)
+        finished = run_child(f"the {variant} run", command, stdout=subprocess.PIPE)
         results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
     print(f"shape: {args.users:,} users, {args.items:,} items, {args.positives:,} positives; "
           f"batch {args.batch_size:,}, {args.steps} timed steps; {torch.get_num_threads()} "
@@ -280,13 +278,13 @@ def main(argv=None):
     by_variant = {result["variant"]: result for result in results}
     for new, old in (("ours", "baseline"), ("ours-bf16", "ours")):
         if new in by_variant and old in by_variant:
-            train, evaluation, memory = (
+            training, evaluating, memory = (
                 by_variant[new][key] / by_variant[old][key]
                 for key in ("train_samples_per_s", "eval_samples_per_s", "peak_rss_gb"))
-            print(f"{new} / {old}: train x{train:.2f}, eval x{evaluation:.2f}, "
+            print(f"{new} / {old}: train x{training:.2f}, eval x{evaluating:.2f}, "
                   f"peak memory x{memory:.2f}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

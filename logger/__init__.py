@@ -16,6 +16,8 @@ import math
 import os
 import time
 
+import cli
+
 PREFIX = "DLLL "
 PARAMETER = "PARAMETER"
 
@@ -53,17 +55,17 @@ class JsonLogger:
         self._write({"type": "METADATA", "metric": metric, "metadata": _jsonable(metadata)})
 
     @contextlib.contextmanager
-    def write_failures_as(self, error_class, kept):
-        """Inside it, a failed write of this log (a full disk, a file size limit) raises
-        error_class with the project's one line: the flag, the reason, what the log and the run
-        kept (`kept`), what to do. Other OSErrors pass unchanged."""
+    def write_failures_reported(self, kept):
+        """Inside it, a failed write of this log (a full disk, a file size limit) raises a
+        cli.UserError: the flag, the reason, what the log and the run kept (`kept`), what to do.
+        Other OSErrors pass unchanged."""
         try:
             yield
         except OSError as error:
             if self.path is None or error.filename != self.path:
                 raise
-            raise error_class(f"--log_path {self.path}: writing failed ({error.strerror}); "
-                              f"{kept}; free space or pass --log_path elsewhere") from None
+            raise cli.UserError(f"--log_path {self.path}: writing failed ({error.strerror}); "
+                                f"{kept}; free space or pass --log_path elsewhere") from None
 
     def _write(self, fields):
         if self.path is None:

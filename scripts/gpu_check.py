@@ -4,12 +4,12 @@
     python3 scripts/gpu_check.py --dry-run-cpu      # the same code path, tiny, on the CPU
 
 Checks: the CUDA forward pass against the CPU one on the same weights and ids (fp32, tf32 and
-fp16 autocast), AMP training steps through ncf.train_epoch (finite loss, weights updated), and
-dataloading's evaluation tensors and ranks against the CPU's.
+fp16 autocast), AMP training steps through train.train_epoch (finite loss, weights updated), and
+evaluation's tensors and ranks against the CPU's.
 Timings, on tensors of ml-20m's shape generated on the GPU (no dataset, no network): training
-with ncf.train_epoch and evaluation with evaluation.val_epoch in fp32, tf32 and amp, and the forward
-pass with inference.benchmark at batch 1,024 and 1,048,576. Every measurement has a time cap
-and the whole run a deadline, so it ends within 8 minutes however slow the card.
+with train.train_epoch and evaluation with evaluation.val_epoch in fp32, tf32 and amp, and the
+forward pass with inference.benchmark at batch 1,024 and 1,048,576. Every measurement has a time
+cap and the whole run a deadline, so it ends within 8 minutes however slow the card.
 Writes gpu_check.md and gpu_check.json to --out (default: $OUT if set, else ./gpu_check_out),
 rewritten after every measurement. Exit status 1 when a check fails. Needs torch and numpy.
 """
@@ -31,9 +31,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import dataloading  # noqa: E402
 import evaluation  # noqa: E402
-import ncf  # noqa: E402
+import train  # noqa: E402
 from fileio import atomic_output, make_writable_dir  # noqa: E402
 from inference import benchmark, device_name, synchronize  # noqa: E402
 from neumf import NeuMF  # noqa: E402
@@ -55,9 +56,9 @@ MAX_INFERENCE_SAMPLES = 2 ** 25
 # (about 3e-7 seen); tf32 and fp16 round inputs to 10 mantissa bits (about 5e-4 seen for fp16).
 FORWARD_LIMITS = {"fp32": 1e-5, "tf32": 1e-2, "amp": 1e-2}
 
-# The original on one A100 40GB, ml-20m, batch 1,048,576 (SPEC.md). Its "fp32" training figure
-# ran with TF32, PyTorch's default for matrix products on that card at the time, so it sits on
-# the tf32 row.
+# The original's published figures on one A100 40GB, ml-20m, batch 1,048,576. Its "fp32"
+# training figure ran with TF32, PyTorch's default for matrix products on that card at the
+# time, so it sits on the tf32 row.
 PUBLISHED_A100 = {
     ("train", "tf32", 2 ** 20): 22.6e6,
     ("train", "amp", 2 ** 20): 34.1e6,
@@ -220,7 +221,7 @@ def draw(cdf, count, generator):
 
 
 def generate_tensors(shape, device, seed=SEED):
-    """What ncf.load_data returns for a converted dataset of `shape`, built on the device.
+    """What dataloading.load_splits returns for a converted dataset of `shape`, built on the device.
 
     Item popularity is Zipf-like and user activity lognormal, as in MovieLens, so embedding
     reads hit popular rows as often as in real training.
@@ -231,7 +232,7 @@ def generate_tensors(shape, device, seed=SEED):
     activity = torch.empty(shape.nb_users, device=device, dtype=torch.float64)
     user_cdf = torch.cumsum(activity.log_normal_(0.0, 1.3, generator=generator), 0)
     train_users = draw(user_cdf, shape.nb_positives, generator)
-    # Every user rates something, so nb_users is max id + 1 as ncf.load_data computes it.
+    # Every user rates something, so nb_users is max id + 1 as dataloading.load_splits computes it.
     train_users[:shape.nb_users] = torch.arange(shape.nb_users, device=device)
     train_items = draw(item_cdf, shape.nb_positives, generator)
     test = torch.stack((torch.arange(shape.nb_users, device=device),
@@ -244,12 +245,10 @@ def generate_tensors(shape, device, seed=SEED):
                    test_items.to(ids), duplicate_mask)
 
 
-def training_args(shape, mode, batch_size=None):
-    return ncf.parse_args([
-        "--data", f"generated-{shape.name}", "-b", str(batch_size or shape.batch_size),
-        "--valid_batch_size", str(shape.valid_batch_size), "--seed", str(SEED),
-        "--opt_level", "O2" if mode == "amp" else "O0",
-        "--factors", str(shape.factors), "--layers", *map(str, shape.layers)])
+def training_args(shape, batch_size=None):
+    return train.Recipe(batch_size=batch_size or shape.batch_size,
+                        valid_batch_size=shape.valid_batch_size, seed=SEED,
+                        factors=shape.factors, layers=list(shape.layers))
 
 
 def positives_for_steps(steps, args):
@@ -305,22 +304,22 @@ def check_forward(report, shape, device):
 
 def check_amp_step(report, shape, data, device):
     set_precision("amp")
-    ctx = ncf.Context(device, rank=0, world_size=1, is_main=False,
+    ctx = train.Context(device, rank=0, world_size=1, is_main=False,
                       autocast_dtype=torch.float16)
-    args = training_args(shape, "amp", batch_size=shape.check_batch_size)
-    model, ddp_model = ncf.build_model(args, shape.nb_users, shape.nb_items, ctx)
+    args = training_args(shape, batch_size=shape.check_batch_size)
+    model, ddp_model = train.build_model(args, shape.nb_users, shape.nb_items, ctx)
     before = [parameter.detach().clone() for parameter in model.parameters()]
-    optimizer = ncf.build_optimizer(args, model)
+    optimizer = train.build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type)
     positives = positives_for_steps(AMP_CHECK_STEPS, args)
-    loss = ncf.train_epoch(ddp_model, optimizer, scaler, data.train_users[:positives],
+    loss = train.train_epoch(ddp_model, optimizer, scaler, data.train_users[:positives],
                            data.train_items[:positives], shape.nb_items, 0, args, ctx)
     after = list(model.parameters())
     updated = all(not torch.equal(old, new) for old, new in zip(before, after))
     finite = all(bool(torch.isfinite(new).all()) for new in after)
     report.check("amp step", math.isfinite(loss) and updated and finite,
                  f"{AMP_CHECK_STEPS} steps of batch {args.batch_size:,} through "
-                 f"ncf.train_epoch (float16 autocast, GradScaler, fused Adam): mean loss "
+                 f"train.train_epoch (float16 autocast, GradScaler, fused Adam): mean loss "
                  f"{loss:.4f}, every parameter updated: {updated}, all finite: {finite}, "
                  f"loss scale {scaler.get_scale():g}",
                  loss=loss, updated=updated, finite=finite)
@@ -335,9 +334,9 @@ def check_test_data(report, device):
                                                                generator=generator)), dim=1)
     scores = torch.randint(0, 8, (nb_users, TEST_NEGATIVES + 1), generator=generator) / 8.0
     expected = dataloading.create_test_data(test, negatives)
-    expected += (dataloading.positive_ranks(scores, expected[1], expected[2]),)
+    expected += (evaluation.positive_ranks(scores, expected[1], expected[2]),)
     got = dataloading.create_test_data(test.to(device), negatives.to(device))
-    got += (dataloading.positive_ranks(scores.to(device), got[1], got[2]),)
+    got += (evaluation.positive_ranks(scores.to(device), got[1], got[2]),)
     names = ("users", "items", "duplicate_mask", "ranks")
     differing = [name for name, want, have in zip(names, expected, got)
                  if not torch.equal(want, have.cpu())]
@@ -353,22 +352,22 @@ def time_training(report, shape, data, mode, device, clock):
 
     Returns the trained model and what evaluating it needs, or None when skipped.
     """
-    args = training_args(shape, mode)
+    args = training_args(shape)
     row = {"benchmark": "train", "mode": mode, "batch_size": args.batch_size}
     if clock.allow("train") <= 0:
         report.row({**row, "skipped": "time guard"})
         return None
     set_precision(mode)
-    ctx = ncf.Context(device, rank=0, world_size=1, is_main=False,
+    ctx = train.Context(device, rank=0, world_size=1, is_main=False,
                       autocast_dtype=torch.float16 if mode == "amp" else None)
-    model, ddp_model = ncf.build_model(args, shape.nb_users, shape.nb_items, ctx)
-    optimizer = ncf.build_optimizer(args, model)
+    model, ddp_model = train.build_model(args, shape.nb_users, shape.nb_items, ctx)
+    optimizer = train.build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=ctx.autocast_dtype is not None)
     epochs = itertools.count()
     samples_per_positive = 1 + args.negative_samples
 
     def epoch(positives):
-        return timed(lambda: ncf.train_epoch(
+        return timed(lambda: train.train_epoch(
             ddp_model, optimizer, scaler, data.train_users[:positives],
             data.train_items[:positives], shape.nb_items, next(epochs), args, ctx), device)
 
@@ -376,7 +375,7 @@ def time_training(report, shape, data, mode, device, clock):
     epoch(probe)  # kernels, cuBLAS handles and the allocator's pools are set up here
     probe_seconds, _ = epoch(probe)
     seconds_per_step = probe_seconds / PROBE_STEPS
-    full_steps = ncf.steps_per_epoch(shape.nb_positives * samples_per_positive, args, ctx)
+    full_steps = train.steps_per_epoch(shape.nb_positives * samples_per_positive, args, ctx)
     allowed = clock.allow("train")
     if 2 * full_steps * seconds_per_step <= allowed:
         positives = shape.nb_positives
@@ -386,7 +385,7 @@ def time_training(report, shape, data, mode, device, clock):
     epoch(positives)
     seconds, loss = epoch(positives)
     samples = positives * samples_per_positive
-    steps = ncf.steps_per_epoch(samples, args, ctx)
+    steps = train.steps_per_epoch(samples, args, ctx)
     unit = ("1 epoch" if positives == shape.nb_positives else
             f"a shortened epoch ({steps} of {full_steps} steps; a whole one would pass the "
             f"{clock.limits.train:g} s cap)")
@@ -518,4 +517,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

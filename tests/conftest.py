@@ -7,7 +7,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-REAL_DATA = os.path.join(ROOT, "..", "shared", "data", "ml-latest-small", "ratings.csv")
+# Real MovieLens ml-latest-small, for the tests that measure on it: its ratings.csv, as
+# `./prepare_dataset.sh ml-latest-small` leaves it (/data/ml-latest-small/ratings.csv).
+REAL_DATA = os.environ.get("NCF_REAL_DATA", "")
 
 
 def write_clustered_dataset(directory, nb_users=300, nb_items=200, clusters=10,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import baselines
+import cli
 import dataloading
 from conftest import write_clustered_dataset
 from logger import log_records, read_log
@@ -245,7 +246,7 @@ def bad_inputs(tmp_path_factory, tiny):
 def test_refusals_are_one_line(argv, named, bad_inputs, capsys):
     before = sorted(os.listdir(bad_inputs["tmp"]))
     with pytest.raises(SystemExit) as leaving:
-        baselines.main([arg.format(**bad_inputs) for arg in argv])
+        cli.run(baselines.main, [arg.format(**bad_inputs) for arg in argv])
     captured = capsys.readouterr()
     assert leaving.value.code == 2
     lines = captured.err.splitlines()

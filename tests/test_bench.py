@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,8 +22,8 @@ def test_bench_run_quick_prints_the_table(tmp_path):
                 "evaluation, ours", "peak RSS, ours", "inference fp32, batch 1,024",
                 "training, ours, share of the matrix-product limit"):
         assert f"| {row} |" in table
-    import ncf
-    assert ("| training, ours-bf16 |" in table) == ncf.cpu_has_native_bf16()
+    import train
+    assert ("| training, ours-bf16 |" in table) == train.cpu_has_native_bf16()
     assert "samples/s" in table and "quick shape" in run.stdout
 
 
@@ -67,8 +69,8 @@ def test_train_bench_refuses_nonsense_sizes_in_one_line(capsys, flags, problem):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import train_bench
     with pytest.raises(SystemExit) as exited:
-        train_bench.parse_args(["--users", "2000", "--items", "1000", "--positives", "60000",
-                                "-b", "16384", *flags])
+        cli.run(train_bench.parse_args, ["--users", "2000", "--items", "1000", "--positives",
+                                         "60000", "-b", "16384", *flags])
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"train_bench.py: error: {problem}; see --help\n"
 
@@ -88,7 +90,7 @@ def test_a_failed_variant_is_one_line_with_its_reason(monkeypatch, capsys, statu
 
     monkeypatch.setattr(train_bench.subprocess, "run", failing)
     with pytest.raises(SystemExit) as exited:
-        train_bench.main(["--quick", "--variants", "baseline"])
+        cli.run(train_bench.main, ["--quick", "--variants", "baseline"])
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"train_bench.py: error: the baseline run failed: {reason}\n"
 
@@ -144,7 +146,7 @@ def test_stress_refuses_a_run_that_would_try_nothing(capsys, tmp_path):
                            (["--timeout", "0"], "--timeout must be above 0 seconds, got 0.0"),
                            (["--timeout", "nan"], "--timeout must be above 0 seconds, got nan")):
         with pytest.raises(SystemExit) as exited:
-            stress_distributed.main(["--workdir", str(tmp_path / "w"), *flags])
+            cli.run(stress_distributed.main, ["--workdir", str(tmp_path / "w"), *flags])
         assert exited.value.code == 2
         assert capsys.readouterr().err == f"stress_distributed.py: error: {problem}; see --help\n"
     assert not list(tmp_path.iterdir())
@@ -182,19 +184,19 @@ def test_accuracy_converts_each_ratings_file_for_itself(tmp_path, monkeypatch):
     assert prepare("ratings.csv") == first and converted[2:] == ["ratings.csv"]
 
 
-@pytest.mark.parametrize("prog", ["accuracy.py", "models.py"])
-def test_a_missing_ratings_file_is_one_line(tmp_path, capsys, prog):
+@pytest.mark.parametrize("script", ["accuracy", "models"])
+def test_a_missing_ratings_file_is_one_line(tmp_path, capsys, script):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import accuracy
+    program = __import__(script)
     missing = str(tmp_path / "ratings.csv")
+    argv = (["--ratings", missing] if script == "accuracy" else ["--ml_latest_small", missing])
     with pytest.raises(SystemExit) as exited:
-        accuracy.prepare(SimpleNamespace(ratings=missing, generate=None,
-                                         workdir=str(tmp_path / "work")), prog)
+        cli.run(program.main, argv + ["--workdir", str(tmp_path / "work")])
     assert exited.value.code == 2
     assert capsys.readouterr().err == (
-        f"{prog}: error: {missing}: no such ratings file; put MovieLens there "
-        f"(download_dataset.sh) or measure generated data (accuracy.py --generate PRESET, "
-        f"models.py --datasets generated)\n")
+        f"{script}.py: error: {missing}: no such ratings file; put MovieLens there "
+        f"(./prepare_dataset.sh ml-latest-small) or measure generated data (accuracy.py "
+        f"--generate PRESET, models.py --datasets generated)\n")
     assert not (tmp_path / "work").exists()
 
 
@@ -207,7 +209,7 @@ def test_scaling_refuses_nonsense_sizes_in_one_line(capsys, tmp_path, flags, pro
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import scaling
     with pytest.raises(SystemExit) as exited:
-        scaling.main(["--workdir", str(tmp_path / "w"), *flags])
+        cli.run(scaling.main, ["--workdir", str(tmp_path / "w"), *flags])
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"scaling.py: error: {problem}; see --help\n"
     assert not list(tmp_path.iterdir())
@@ -302,12 +304,12 @@ def test_a_failed_ncf_run_is_one_line_naming_it(tmp_path, monkeypatch, capsys, s
 
     monkeypatch.setattr(subprocess, "run", failing)
     monkeypatch.setattr(accuracy, "prepare", lambda args: (str(tmp_path), "data"))
-    monkeypatch.setattr(models, "prepare", lambda args, prog="models.py": (str(tmp_path), "data"))
+    monkeypatch.setattr(models, "prepare", lambda args: (str(tmp_path), "data"))
     with pytest.raises(SystemExit) as exited:
         if script == "accuracy":
-            accuracy.main(["--generate", "small", "--seeds", "7", "--", "-e", "0"])
+            cli.run(accuracy.main, ["--generate", "small", "--seeds", "7", "--", "-e", "0"])
         else:
-            models.main(["--datasets", "generated", "--seeds", "7", "--", "-e", "0"])
+            cli.run(models.main, ["--datasets", "generated", "--seeds", "7", "--", "-e", "0"])
     assert exited.value.code == 2
     run = "of seed 7" if script == "accuracy" else f"in {tmp_path / 'seed7' / 'gmf'}"
     assert capsys.readouterr().err == f"{script}.py: error: the ncf.py run {run} failed: {error}\n"
@@ -345,7 +347,7 @@ def test_convert_bench_failure_is_one_line_and_exit_status_2(monkeypatch, capsys
     monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(
         command, status, "", stderr))
     with pytest.raises(SystemExit) as exited:
-        convert_bench.main(["--preset", "small"])
+        cli.run(convert_bench.main, ["--preset", "small"])
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"convert_bench.py: error: convert.py failed: {reason}\n"
 
@@ -386,8 +388,7 @@ class HealthChecks:
 @pytest.mark.parametrize("answers, problem", [
     ([ConnectionRefusedError(111, "Connection refused"), 503, 200], None),
     ([ConnectionRefusedError(111, "Connection refused")] + [503] * 4,
-     "serve_bench.py: error: serve.py did not answer /health with status 200 in 2 s (last "
-     "try: status 503)"),
+     "serve.py did not answer /health with status 200 in 2 s (last try: status 503)"),
 ])
 def test_waiting_for_serve_py_pauses_closes_and_gives_up_in_time(monkeypatch, capsys, answers,
                                                                  problem):
@@ -402,10 +403,9 @@ def test_waiting_for_serve_py_pauses_closes_and_gives_up_in_time(monkeypatch, ca
     if problem is None:
         serve_bench.wait_for_health(running, 8000)
     else:
-        with pytest.raises(SystemExit) as exited:
+        with pytest.raises(cli.UserError) as refused:
             serve_bench.wait_for_health(running, 8000)
-        assert exited.value.code == 2
-        assert capsys.readouterr().err == f"{problem}\n"
+        assert str(refused.value) == problem
     assert checks.tries == checks.closed == len(answers)
     assert checks.sleeps == [0.5] * (len(answers) - 1)
 
@@ -415,6 +415,6 @@ def test_serve_py_ending_before_it_answers_is_one_line_and_exit_status_2(capsys)
     import serve_bench
     ended = SimpleNamespace(poll=lambda: 1, returncode=1)
     with pytest.raises(SystemExit) as exited:
-        serve_bench.wait_for_health(ended, 8000)
+        cli.run(lambda argv: serve_bench.wait_for_health(ended, 8000))
     assert exited.value.code == 2
-    assert capsys.readouterr().err == "serve_bench.py: error: serve.py exited with status 1\n"
+    assert capsys.readouterr().err == "test_bench.py: error: serve.py exited with status 1\n"

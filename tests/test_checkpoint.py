@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import cli
 import fileio
 import inference
 import ncf
@@ -47,20 +48,21 @@ def one_error_line(capsys, prog, path):
 
 
 def ncf_test(data, path):
-    ncf.main(["--data", data, "--mode", "test", "--load_checkpoint_path", str(path),
-              "--log_path", str(path.parent / "test.json"), *SHAPE])
+    return ncf.main, ["--data", data, "--mode", "test", "--load_checkpoint_path", str(path),
+                      "--log_path", str(path.parent / "test.json"), *SHAPE]
 
 
 def recommend_users(data, path):
-    recommend.main(["--data", data, "--checkpoint", str(path), "--users", "100"])
+    return recommend.main, ["--data", data, "--checkpoint", str(path), "--users", "100"]
 
 
 def inference_bench(data, path):
-    inference.main(["--device", "cpu", "--load_checkpoint_path", str(path), "--batch_sizes", "4",
-                    "--num_batches", "1", "--warmup_batches", "0",
-                    "--log_path", str(path.parent / "inference.json")])
+    return inference.main, ["--device", "cpu", "--load_checkpoint_path", str(path),
+                            "--batch_sizes", "4", "--num_batches", "1", "--warmup_batches", "0",
+                            "--log_path", str(path.parent / "inference.json")]
 
 
+# tool: (data, checkpoint) -> (its main, the arguments that evaluate the checkpoint)
 TOOLS = {"ncf.py": ncf_test, "recommend.py": recommend_users, "inference.py": inference_bench}
 
 
@@ -119,7 +121,7 @@ def test_tampered_state_dict_is_one_line(tiny_data, trained, tmp_path, capsys, t
     path = tmp_path / "model.pth"
     torch.save(damage(dict(trained[0])), path)
     with pytest.raises(SystemExit) as exit_info:
-        TOOLS[tool](tiny_data, path)
+        cli.run(*TOOLS[tool](tiny_data, path))
     assert exit_info.value.code == 2
     line = one_error_line(capsys, tool, path)
     assert f"not a NeuMF checkpoint ({expected}" in line
@@ -130,7 +132,8 @@ def test_tampered_state_dict_is_one_line(tiny_data, trained, tmp_path, capsys, t
 def test_untampered_state_dict_is_accepted_by_every_tool(tiny_data, trained, tmp_path, tool):
     path = tmp_path / "model.pth"
     torch.save(trained[0], path)
-    TOOLS[tool](tiny_data, path)
+    main, argv = TOOLS[tool](tiny_data, path)
+    main(argv)
 
 
 @pytest.mark.parametrize("layers", [[8], [8, 4], [16, 8, 4, 2]])
@@ -260,7 +263,7 @@ def test_tampered_last_pth_is_refused_before_use(tiny_data, trained, tmp_path, c
                                                  expected):
     torch.save(damage(trained[1]), tmp_path / "last.pth")
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume"))
+        cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "2", "--resume"))
     assert exit_info.value.code == 2
     line = one_error_line(capsys, "ncf.py", tmp_path / "last.pth")
     assert f": not a training state written by ncf.py ({expected}" in line
@@ -272,7 +275,7 @@ def test_tampered_model_inside_last_pth_is_refused(tiny_data, trained, tmp_path,
     state["model"]["mf_user_embed.weight"] = state["model"]["mf_user_embed.weight"].flatten()
     torch.save(state, tmp_path / "last.pth")
     with pytest.raises(SystemExit):
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume"))
+        cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "2", "--resume"))
     assert "not a NeuMF checkpoint (mf_user_embed.weight has shape [120]" in \
         one_error_line(capsys, "ncf.py", tmp_path / "last.pth")
 
@@ -297,7 +300,7 @@ def test_a_flipped_bit_in_a_weight_is_refused_in_one_line(tiny_data, trained, tm
     assert not torch.equal(torch.load(path, weights_only=True)["final.weight"],
                            trained[0]["final.weight"])
     with pytest.raises(SystemExit) as exit_info:
-        TOOLS[tool](tiny_data, path)
+        cli.run(*TOOLS[tool](tiny_data, path))
     assert exit_info.value.code == 2
     line = one_error_line(capsys, tool, path)
     assert line.startswith(f"{tool}: error: {path}: damaged: its entry archive/data/")
@@ -314,7 +317,7 @@ def test_non_finite_weights_are_refused_in_one_line(tiny_data, trained, tmp_path
     path = tmp_path / "model.pth"
     torch.save(state, path)
     with pytest.raises(SystemExit) as exit_info:
-        TOOLS[tool](tiny_data, path)
+        cli.run(*TOOLS[tool](tiny_data, path))
     assert exit_info.value.code == 2
     assert one_error_line(capsys, tool, path) == (
         f"{tool}: error: {path}: mlp.0.weight holds NaN or infinite weights; use a checkpoint "
@@ -350,7 +353,7 @@ def test_code_running_pickle_is_refused_in_one_line(tiny_data, tmp_path, capsys,
     write_pickle(kind, path, marker)
     with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exit_info:
         warnings.simplefilter("always")
-        TOOLS[tool](tiny_data, path)
+        cli.run(*TOOLS[tool](tiny_data, path))
     assert exit_info.value.code == 2
     assert "refused: it holds objects that would run code" in one_error_line(capsys, tool, path)
     assert not marker.exists()
@@ -436,7 +439,7 @@ def test_full_disk_during_training_is_one_line_and_keeps_last_epoch(tiny_data, t
 
     monkeypatch.setattr(checkpoint.torch, "save", save_until_epoch_two)
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "3"))
+        cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "3"))
     assert exit_info.value.code == 2
     assert "cannot be saved (No space left on device)" in \
         one_error_line(capsys, "ncf.py", tmp_path / "last.pth")
@@ -508,7 +511,7 @@ def test_second_training_on_a_locked_checkpoint_dir_is_refused(tiny_data, tmp_pa
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(SystemExit) as exit_info:
-            ncf.main(train_flags(tiny_data, tmp_path, "-e", "1"))
+            cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "1"))
         assert exit_info.value.code == 2
         line = one_error_line(capsys, "ncf.py", f"--checkpoint_dir {tmp_path}")
         assert line.endswith(f"in use by another training (pid {holder.pid}); wait for it to "
@@ -555,8 +558,8 @@ def test_a_directory_proved_unwritable_is_not_left_created(tmp_path, monkeypatch
 
 def refused_training(data, checkpoint_dir, tmp_path, *extra):
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(["--data", str(data), "--checkpoint_dir", str(checkpoint_dir), "--log_path",
-                  str(tmp_path / "log.json"), "-b", "256", *SHAPE, *extra])
+        cli.run(ncf.main, ["--data", str(data), "--checkpoint_dir", str(checkpoint_dir),
+                           "--log_path", str(tmp_path / "log.json"), "-b", "256", *SHAPE, *extra])
     assert exit_info.value.code == 2
 
 

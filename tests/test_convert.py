@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import cli
 import convert
 import dataloading
 import fileio
@@ -191,7 +192,7 @@ def test_seeds_up_to_the_range_every_tool_takes_are_fine(tmp_path, tiny):
 
 def failure(capsys, *argv):
     with pytest.raises(SystemExit) as caught:
-        run(*argv)
+        cli.run(convert.main, [str(a) for a in argv])
     assert caught.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -527,7 +528,8 @@ def test_load_state_names_the_file_when_the_weights_do_not_fit():
 REAL = Path(REAL_DATA)
 
 
-@pytest.mark.skipif(not REAL.exists(), reason=f"{REAL} not present")
+@pytest.mark.skipif(not REAL_DATA or not REAL.is_file(),
+                    reason="NCF_REAL_DATA does not name ml-latest-small's ratings.csv")
 def test_ml_latest_small(tmp_path, capsys):
     assert run("--path", REAL, "--output", tmp_path) == 0
     metadata = json.loads((tmp_path / "metadata.json").read_text())

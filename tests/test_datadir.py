@@ -7,6 +7,7 @@ import subprocess
 import pytest
 import torch
 
+import cli
 import convert
 import dataloading
 import ncf
@@ -156,9 +157,9 @@ def bad_directory(request, tmp_path):
     return directory, expected
 
 
-def one_error_line(capsys, prog, call):
+def one_error_line(capsys, prog, main, argv):
     with pytest.raises(SystemExit) as caught:
-        call()
+        cli.run(main, argv)
     assert caught.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), lines
@@ -167,18 +168,18 @@ def one_error_line(capsys, prog, call):
 
 def test_ncf_refuses_in_one_line(bad_directory, tmp_path, capsys):
     directory, expected = bad_directory
-    line = one_error_line(capsys, "ncf.py", lambda: ncf.main([
+    line = one_error_line(capsys, "ncf.py", ncf.main, [
         "--data", directory, "--checkpoint_dir", str(tmp_path / "ck"),
-        "--log_path", str(tmp_path / "log.json")]))
+        "--log_path", str(tmp_path / "log.json")])
     assert expected in line and "convert.py" in line
     assert not (tmp_path / "log.json").exists()
 
 
 def test_recommend_refuses_in_one_line(bad_directory, tmp_path, capsys):
     directory, expected = bad_directory
-    line = one_error_line(capsys, "recommend.py", lambda: recommend.main([
+    line = one_error_line(capsys, "recommend.py", recommend.main, [
         "--data", directory, "--checkpoint", str(tmp_path / "model.pth"), "--users", "10",
-        "--device", "cpu"]))
+        "--device", "cpu"])
     assert expected in line
 
 
@@ -246,8 +247,8 @@ def test_resume_refuses_data_with_other_test_negatives(one_epoch, tmp_path, caps
     work = tmp_path / "ck"
     shutil.copytree(checkpoints, work)
     capsys.readouterr()
-    line = one_error_line(capsys, "ncf.py", lambda: ncf.main(
-        train_args(other, work, "-e", "2", "--resume")))
+    line = one_error_line(capsys, "ncf.py", ncf.main, 
+        train_args(other, work, "-e", "2", "--resume"))
     assert "last.pth: the saved run's data fingerprint differs from that of --data" in line
     assert "Epoch 1" not in capsys.readouterr().out
 
@@ -288,8 +289,8 @@ def test_conversion_onto_a_full_disk_leaves_nothing(full_disk, tmp_path, capsys)
         f"{user},{(user * 7 + step) % 500},5,{step}\n" for user in range(1000)
         for step in range(20)))
     output = full_disk / "data"
-    line = one_error_line(capsys, "convert.py", lambda: convert.main(
-        ["--path", str(ratings), "--output", str(output)]))
+    line = one_error_line(capsys, "convert.py", convert.main, 
+        ["--path", str(ratings), "--output", str(output)])
     assert f"{output}: cannot write the output (No space left on device)" in line
     # nor the directory it created
     assert os.listdir(full_disk) == []

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dataloading
-from dataloading import (batches, create_test_data, epoch_samples, hit_rate_and_ndcg,
-                         positive_ranks, ranking_metrics, share_bounds)
+from dataloading import batches, create_test_data, epoch_samples, share_bounds
+from evaluation import hit_rate_and_ndcg, positive_ranks, ranking_metrics
 
 
 def plain_rank(scores, items):

@@ -160,10 +160,10 @@ def test_legacy_launcher_passes_local_rank_as_an_argument(clustered_data, tmp_pa
 @pytest.mark.parametrize("world_size, finalized", [("2", False), ("1", True)])
 def test_an_unexpected_error_of_one_of_several_processes_skips_finalization(world_size,
                                                                             finalized):
-    # Finalization is where gloo's worker threads abort a process (cli.run_as_process), so a
+    # Finalization is where gloo's worker threads abort a process (cli.run), so a
     # traceback of one of several processes is printed, then the process leaves without it.
     program = ("import atexit, cli; atexit.register(print, 'finalized'); "
-               "cli.run_as_process(lambda: {}['missing'])")
+               "cli.run(lambda argv: {}['missing'])")
     done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "WORLD_SIZE": world_size}, timeout=60)
     assert done.returncode == 1

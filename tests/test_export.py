@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import export
 from test_recommend import ITEM_IDS, USER_IDS, model_for
 from test_serve import ROOT, write_served_data
@@ -18,9 +19,13 @@ def files(tmp_path):
     return {**write_served_data(tmp_path), "tmp": tmp_path}
 
 
+def export_argv(files, output, *extra):
+    return ["--load_checkpoint_path", files["checkpoint"], "--data", files["data"],
+            "--output", str(output), *extra]
+
+
 def run_export(files, output, *extra):
-    export.main(["--load_checkpoint_path", files["checkpoint"], "--data", files["data"],
-                 "--output", str(output), *extra])
+    export.main(export_argv(files, output, *extra))
 
 
 def every_pair():
@@ -95,7 +100,7 @@ def test_the_written_graph_is_checked_against_the_model(files, monkeypatch, caps
         assert output.is_file()
         return
     with pytest.raises(SystemExit) as exit_info:
-        run_export(files, output, "--format", "torchscript")
+        cli.run(export.main, export_argv(files, output, "--format", "torchscript"))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "the exported logits differ from the model's" in error
@@ -134,7 +139,7 @@ def test_refusals_are_one_line_and_write_nothing(files, monkeypatch, capsys, fla
     if setup:
         setup(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        export.main([word for pair in argv.items() for word in pair])
+        cli.run(export.main, [word for pair in argv.items() for word in pair])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("export.py: error: ") and named in error
@@ -162,7 +167,7 @@ def test_a_directory_or_the_checkpoint_as_output_is_refused_before_any_work(file
     out.mkdir()
     checkpoint = Path(files["checkpoint"]).read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        run_export(files, output(files), "--format", "torchscript")
+        cli.run(export.main, export_argv(files, output(files), "--format", "torchscript"))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "export.py: error: " + error.format(
         out=out, checkpoint=files["checkpoint"]) + "\n"

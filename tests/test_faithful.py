@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import evaluation
 import ncf
+import train
 from conftest import ROOT
 from logger import PREFIX, log_records, read_log
 from neumf import NeuMF
@@ -105,8 +107,8 @@ def test_bad_starting_checkpoint_is_one_line(clustered_data, tmp_path, capsys, m
                                              make_checkpoint):
     path, problem = make_checkpoint(tmp_path, clustered_data)
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_args(clustered_data, tmp_path, "--mode", mode, "--load_checkpoint_path",
-                            str(path)))
+        cli.run(ncf.main, train_args(clustered_data, tmp_path, "--mode", mode,
+                                     "--load_checkpoint_path", str(path)))
     assert exit_info.value.code == 2
     err = one_error_line(capsys.readouterr())
     assert f"{path}: " in err and problem in err
@@ -194,7 +196,7 @@ def test_validation_loss_counts_each_candidate_once(tmp_path):
     test_users, test_items, mask = dataloading.create_test_data(
         torch.stack((users, items[:, -1]), dim=1), items[:, :-1])
     args = ncf.parse_args(["--data", "unused", "--topk", "2"])
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, True, False)
+    ctx = train.Context(torch.device("cpu"), 0, 1, True)
     *_, loss = evaluation.val_epoch(model, test_users, test_items, mask, args, ctx)
     expected = []
     with torch.no_grad():
@@ -233,7 +235,7 @@ def test_validation_loss_counts_each_candidate_once(tmp_path):
 ])
 def test_bad_flags_are_one_line(clustered_data, tmp_path, capsys, flags, named):
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_args(clustered_data, tmp_path, "-e", "1", *flags))
+        cli.run(ncf.main, train_args(clustered_data, tmp_path, "-e", "1", *flags))
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert named in one_error_line(captured)
@@ -243,7 +245,7 @@ def test_bad_flags_are_one_line(clustered_data, tmp_path, capsys, flags, named):
 
 def test_divergence_stops_with_one_line_and_keeps_last_good_state(clustered_data, tmp_path,
                                                                   monkeypatch, capsys):
-    trained = ncf.train_epoch
+    trained = train.train_epoch
 
     def diverging(ddp_model, *args):
         loss = trained(ddp_model, *args)
@@ -255,9 +257,9 @@ def test_divergence_stops_with_one_line_and_keeps_last_good_state(clustered_data
             return float("nan")
         return loss
 
-    monkeypatch.setattr(ncf, "train_epoch", diverging)
+    monkeypatch.setattr(train, "train_epoch", diverging)
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_args(clustered_data, tmp_path, "-e", "3"))
+        cli.run(ncf.main, train_args(clustered_data, tmp_path, "-e", "3"))
     assert exit_info.value.code == 2
     err = one_error_line(capsys.readouterr())
     last = tmp_path / "ck" / "last.pth"
@@ -275,7 +277,7 @@ def test_full_disk_under_the_log_is_one_line(clustered_data, tmp_path, monkeypat
     real_log = tmp_path / "real.json"
     real_log.write_text("")
     log.symlink_to(real_log)
-    trained = ncf.train_epoch
+    trained = train.train_epoch
 
     def disk_fills_at_epoch_1(*args):
         if args[6] == 1:
@@ -283,9 +285,9 @@ def test_full_disk_under_the_log_is_one_line(clustered_data, tmp_path, monkeypat
             log.symlink_to("/dev/full")
         return trained(*args)
 
-    monkeypatch.setattr(ncf, "train_epoch", disk_fills_at_epoch_1)
+    monkeypatch.setattr(train, "train_epoch", disk_fills_at_epoch_1)
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_args(clustered_data, tmp_path, "-e", "3"))
+        cli.run(ncf.main, train_args(clustered_data, tmp_path, "-e", "3"))
     assert exit_info.value.code == 2
     err = one_error_line(capsys.readouterr())
     assert f"--log_path {log}: writing failed (No space left on device)" in err

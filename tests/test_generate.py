@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli
 import generate  # noqa: E402
 
 SMALL = generate.PRESETS["small"]
@@ -134,7 +135,7 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, capsys):
         ["--output", out, "--users", "many"],
     ):
         with pytest.raises(SystemExit) as exited:
-            generate.main(args)
+            cli.run(generate.main, args)
         assert exited.value.code == 2, args
         error = capsys.readouterr().err
         assert error.startswith("generate.py: error: ") and error.count("\n") == 1, error
@@ -143,7 +144,7 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, capsys):
 
 def expect_one_line_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as exited:
-        generate.main(argv)
+        cli.run(generate.main, argv)
     assert exited.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines

@@ -13,8 +13,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+import cli  # noqa: E402
 import gpu_check  # noqa: E402
 import ncf  # noqa: E402
+import train  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
 CHECKS = {"forward fp32", "forward tf32", "forward amp", "amp step", "test data"}
@@ -88,7 +90,7 @@ def test_unwritable_out_is_a_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        gpu_check.main(["--dry-run-cpu", "--out", str(blocker / "out")])
+        cli.run(gpu_check.main, ["--dry-run-cpu", "--out", str(blocker / "out")])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--out" in error and str(blocker / "out") in error
@@ -109,11 +111,11 @@ def test_forward_comparison_sees_a_changed_weight():
 
 def test_positives_for_steps_is_the_fewest_that_give_that_many_steps():
     args = ncf.parse_args(["--data", "x", "-b", "1000"])
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, True)
+    ctx = train.Context(torch.device("cpu"), 0, 1, True)
     for steps in (1, 4, 7):
         positives = gpu_check.positives_for_steps(steps, args)
-        assert ncf.steps_per_epoch(positives * 5, args, ctx) == steps
-        assert ncf.steps_per_epoch((positives - 1) * 5, args, ctx) == steps - 1
+        assert train.steps_per_epoch(positives * 5, args, ctx) == steps
+        assert train.steps_per_epoch((positives - 1) * 5, args, ctx) == steps - 1
 
 
 def test_generated_tensors_have_the_shape_ncf_load_data_gives():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import cli
 import inference
 from logger import log_records, read_log
 from neumf import NeuMF, build
@@ -82,8 +83,8 @@ def test_checkpoint_contradicting_a_flag_is_refused(tmp_path, capsys):
     path = tmp_path / "model.pth"
     torch.save(NeuMF(40, 25, 6, [12, 6]).state_dict(), path)
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["--device", "cpu", "--load_checkpoint_path", str(path),
-                        "--layers", "12", "8"])
+        cli.run(inference.main, ["--device", "cpu", "--load_checkpoint_path", str(path),
+                                 "--layers", "12", "8"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error == (f"inference.py: error: {path}: checkpoint has --layers 12 6, run asks for "
@@ -101,7 +102,7 @@ def test_checkpoint_contradicting_a_flag_is_refused(tmp_path, capsys):
 ])
 def test_bad_flags_exit_2(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["--device", "cpu"] + argv)
+        cli.run(inference.main, ["--device", "cpu"] + argv)
     assert exit_info.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in last_line and flag in last_line
@@ -110,7 +111,7 @@ def test_bad_flags_exit_2(argv, flag, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["--device", "cuda"])
+        cli.run(inference.main, ["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda: no CUDA device" in capsys.readouterr().err
 
@@ -160,7 +161,7 @@ def test_what_cannot_fit_is_refused_before_anything_runs(argv, named, tmp_path, 
     monkeypatch.setattr(inference, "free_memory", lambda device: 100_000)
     monkeypatch.setattr(inference, "benchmark", pytest.fail)
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(TINY + argv + ["--log_path", str(tmp_path / "log.json")])
+        cli.run(inference.main, TINY + argv + ["--log_path", str(tmp_path / "log.json")])
     assert exit_info.value.code == 2
     line = one_error_line(capsys)
     assert line.startswith(f"inference.py: error: {named}") and "GiB free on" in line
@@ -177,7 +178,7 @@ def test_an_allocation_failure_is_one_line_and_other_errors_are_not_hidden(tmp_p
     argv = TINY + ["--batch_sizes", "7", "--log_path", str(tmp_path / "log.json")]
     monkeypatch.setattr(inference, "benchmark", fail("DefaultCPUAllocator: can't allocate memory"))
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(argv)
+        cli.run(inference.main, argv)
     assert exit_info.value.code == 2
     assert one_error_line(capsys).startswith("inference.py: error: --batch_sizes 7 (with "
                                              "--num_batches + --warmup_batches 6): does not fit")
@@ -194,7 +195,7 @@ def test_a_shape_flag_the_model_has_no_use_for_is_refused_only_when_given(
         kind, flags, refused, tmp_path, capsys):
     shape = ["--device", "cpu", "--model", kind, "--n_users", "30", "--n_items", "20"]
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(shape + flags)
+        cli.run(inference.main, shape + flags)
     assert exit_info.value.code == 2
     assert one_error_line(capsys) == f"inference.py: error: {refused}; see --help"
     results = inference.main(shape + ["--batch_sizes", "2", "--num_batches", "1",
@@ -207,8 +208,8 @@ def test_a_shape_flag_the_checkpoints_model_has_no_use_for_is_refused(tmp_path, 
     path = tmp_path / "gmf.pth"
     torch.save(build("gmf", 40, 25, 6, [12, 6]).state_dict(), path)
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["--device", "cpu", "--load_checkpoint_path", str(path),
-                        "--layers", "12", "6", "--log_path", str(tmp_path / "log.json")])
+        cli.run(inference.main, ["--device", "cpu", "--load_checkpoint_path", str(path),
+                                 "--layers", "12", "6", "--log_path", str(tmp_path / "log.json")])
     assert exit_info.value.code == 2
     assert one_error_line(capsys) == (f"inference.py: error: {path}: checkpoint holds a gmf "
                                       f"model, which has no MLP layers; drop --layers")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import load
-from load import DataError, load_ratings
+from load import RatingsError, load_ratings
 
 
 def write(directory, name, text):
@@ -96,7 +96,7 @@ def test_whole_numbers_written_as_floats_are_accepted(tmp_path):
 
 
 def error(path, **columns):
-    with pytest.raises(DataError) as caught:
+    with pytest.raises(RatingsError) as caught:
         load_ratings(path, **columns)
     message = str(caught.value)
     assert "\n" not in message

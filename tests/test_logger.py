@@ -3,11 +3,8 @@ import os
 
 import pytest
 
+import cli
 from logger import PARAMETER, JsonLogger, log_records, read_log
-
-
-class ToolError(Exception):
-    pass
 
 
 def test_a_failed_write_of_the_log_becomes_the_tools_one_line(tmp_path):
@@ -16,8 +13,8 @@ def test_a_failed_write_of_the_log_becomes_the_tools_one_line(tmp_path):
     logger.log(PARAMETER, {"seed": 1})
     os.remove(path)
     os.mkdir(path)  # the next write cannot open it
-    with pytest.raises(ToolError) as caught:
-        with logger.write_failures_as(ToolError, "it holds the settings"):
+    with pytest.raises(cli.UserError) as caught:
+        with logger.write_failures_reported("it holds the settings"):
             logger.log((), {"hr@10": 0.5})
     assert str(caught.value) == (f"--log_path {path}: writing failed (Is a directory); it holds "
                                  f"the settings; free space or pass --log_path elsewhere")
@@ -27,12 +24,12 @@ def test_other_os_errors_pass_unchanged(tmp_path):
     logger = JsonLogger(str(tmp_path / "log.json"))
     other = tmp_path / "model.pth"
     with pytest.raises(FileNotFoundError) as caught:
-        with logger.write_failures_as(ToolError, "kept"):
+        with logger.write_failures_reported("kept"):
             open(other)
     assert caught.value.filename == str(other)
     # a rank without a log (path None) has no write to fail
     with pytest.raises(PermissionError):
-        with JsonLogger(None).write_failures_as(ToolError, "kept"):
+        with JsonLogger(None).write_failures_reported("kept"):
             raise PermissionError(13, "Permission denied", None)
 
 

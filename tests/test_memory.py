@@ -92,7 +92,7 @@ def test_cpu_out_of_memory_is_one_line_and_other_errors_are_not_hidden(
     if program is baselines:
         monkeypatch.setattr(baselines.dataloading, "open_dataset", lambda path: None)
     with pytest.raises(SystemExit) as leaving:
-        program.main(argv)
+        cli.run(program.main, argv)
     assert leaving.value.code == 2
     assert capsys.readouterr().err == expected
     monkeypatch.setattr(program, target, raising(RuntimeError("a bug")))

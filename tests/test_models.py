@@ -7,11 +7,14 @@ import pytest
 import torch
 
 import checkpoint
+import cli
+import evaluation
 import export
 import inference
 import ncf
 import recommend
 import scoring
+import train
 from conftest import TINY_ITEMS as ITEMS, TINY_USERS as USERS, write_clustered_dataset
 from neumf import GMF, MLP, NeuMF, build, load_pretrained, parameter_count
 
@@ -103,8 +106,8 @@ def test_ncf_starts_neumf_from_the_two_files(tiny_data, halves, tmp_path):
     args = ncf.parse_args(train_flags(tiny_data, tmp_path, "--pretrained_gmf",
                                       str(halves["gmf"]), "--pretrained_mlp",
                                       str(halves["mlp"]), "--alpha", "0.3"))
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, True)
-    model, _ = ncf.build_model(args, USERS, ITEMS, ctx)
+    ctx = train.Context(torch.device("cpu"), 0, 1, True)
+    model, _ = train.build_model(args, USERS, ITEMS, ctx)
     ncf.load_starting_weights(args, ctx, model, USERS, ITEMS)
     gmf, mlp = (checkpoint.load_model(halves[kind]).eval() for kind in ("gmf", "mlp"))
     users, items = pairs(USERS, ITEMS)
@@ -133,7 +136,7 @@ def test_full_ranking_of_a_half_counts_the_items_scored_ahead(kind):
     with torch.no_grad():
         scores = model(*pairs(4, 6)).view(4, 6)
     positives = torch.tensor([0, 2, 5, 1])
-    ranks = scoring.full_ranking_ranks(model, torch.arange(4), positives,
+    ranks = evaluation.full_ranking_ranks(model, torch.arange(4), positives,
                                        torch.tensor([0, 3]), torch.tensor([1, 4]))
     trained = torch.zeros(4, 6, dtype=torch.bool)
     trained[0, 1] = trained[3, 4] = True
@@ -211,8 +214,8 @@ def test_inference_and_export_take_every_kind(tiny_data, halves, tmp_path, capsy
 
 def test_inference_refuses_a_model_flag_the_checkpoint_contradicts(halves, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["--load_checkpoint_path", str(halves["gmf"]), "--model", "mlp",
-                        "--log_path", str(tmp_path / "log.json")])
+        cli.run(inference.main, ["--load_checkpoint_path", str(halves["gmf"]), "--model", "mlp",
+                                 "--log_path", str(tmp_path / "log.json")])
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines == [f"inference.py: error: {halves['gmf']}: checkpoint has --model gmf, run "
@@ -290,7 +293,7 @@ REFUSALS = [
                          ids=[name for name, _, _ in REFUSALS])
 def test_refusals_are_one_line(tiny_data, halves, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "1", *flags(halves)))
+        cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "1", *flags(halves)))
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
@@ -303,8 +306,9 @@ def test_halves_of_another_dataset_are_refused(halves, tmp_path, capsys):
     other = write_clustered_dataset(str(tmp_path / "other"), nb_users=USERS + 1, nb_items=ITEMS,
                                     clusters=4, per_user=8, negatives=10)
     with pytest.raises(SystemExit):
-        ncf.main(train_flags(other, tmp_path, "-e", "1", "--pretrained_gmf", str(halves["gmf"]),
-                             "--pretrained_mlp", str(halves["mlp"])))
+        cli.run(ncf.main, train_flags(other, tmp_path, "-e", "1", "--pretrained_gmf",
+                                      str(halves["gmf"]), "--pretrained_mlp",
+                                      str(halves["mlp"])))
     assert capsys.readouterr().err.splitlines() == [
         f"ncf.py: error: {halves['gmf']}: checkpoint has {USERS} users and {ITEMS} items, data "
         f"has {USERS + 1} users and {ITEMS} items; use the checkpoint of this dataset"]
@@ -322,7 +326,7 @@ def test_resume_refuses_another_model_or_optimizer(tiny_data, tmp_path, capsys, 
     ncf.main(train_flags(tiny_data, tmp_path, "-e", "1", *saved))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume", *resumed))
+        cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "2", "--resume", *resumed))
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and f"cannot resume: {changed} from the saved run" in lines[0]
@@ -336,7 +340,7 @@ def test_resume_refuses_a_kind_the_saved_settings_do_not_record(tiny_data, tmp_p
     torch.save(state, tmp_path / "last.pth")
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume", "--model", "gmf"))
+        cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "2", "--resume", "--model", "gmf"))
     assert capsys.readouterr().err.splitlines() == [
         f"ncf.py: error: {tmp_path / 'last.pth'}: checkpoint holds a NeuMF model, --model gmf "
         f"needs a GMF one; pass the model.pth of an ncf.py --model gmf run"]
@@ -377,8 +381,8 @@ def test_resume_refuses_a_damaged_sgd_state(tiny_data, tmp_path, capsys, damage,
     torch.save(state, tmp_path / "last.pth")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_flags(tiny_data, tmp_path, "-e", "2", "--resume", "--optimizer",
-                             state["args"]["optimizer"]))
+        cli.run(ncf.main, train_flags(tiny_data, tmp_path, "-e", "2", "--resume", "--optimizer",
+                                      state["args"]["optimizer"]))
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ncf.py: error: {tmp_path / 'last.pth'}: ")

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+import cli
 import convert
 import dataloading
 import recommend
@@ -31,7 +32,7 @@ def id_map(directory, name):
 
 def failure(capsys, *argv):
     with pytest.raises(SystemExit) as caught:
-        run(*argv)
+        cli.run(convert.main, [str(a) for a in argv])
     assert caught.value.code == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
@@ -399,6 +400,6 @@ def test_recommend_answers_in_text_ids(tmp_path, capsys):
     assert sorted(table["movieId"][table["userId"] == "carol"]) == ["coffee", "juice"]
     assert table["movieId"][table["userId"] == "alice"].tolist() == ["juice"]
     with pytest.raises(SystemExit):
-        recommend.main(["--data", str(out), "--checkpoint", str(tmp_path / "model.pth"),
-                        "--users", "dave"])
+        cli.run(recommend.main, ["--data", str(out), "--checkpoint", str(tmp_path / "model.pth"),
+                                 "--users", "dave"])
     assert "unknown user id dave" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import cli
 import plot_curve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,7 +86,7 @@ def test_bad_logs_exit_2(tmp_path, capsys, lines, message):
     if lines is not None:
         log.write_text("\n".join(lines))
     with pytest.raises(SystemExit) as exit_info:
-        plot_curve.main(["--log", str(log), "--output", str(tmp_path / "curve.png")])
+        cli.run(plot_curve.main, ["--log", str(log), "--output", str(tmp_path / "curve.png")])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"plot_curve.py: error: --log {log}: {message}")
@@ -99,7 +100,7 @@ def test_missing_matplotlib_exits_2(tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)
     log = write_log(tmp_path / "log.json", [epoch(0, 0.4, 0.2, 0.5)])
     with pytest.raises(SystemExit) as exit_info:
-        plot_curve.main(["--log", str(log), "--output", str(tmp_path / "curve.png")])
+        cli.run(plot_curve.main, ["--log", str(log), "--output", str(tmp_path / "curve.png")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "plot_curve.py: error: matplotlib is needed to draw the curve: pip install matplotlib "
@@ -224,7 +225,7 @@ def test_the_star_marks_the_hr_ncf_py_selected_on(tmp_path, monkeypatch, records
 
 def test_a_directory_as_log_is_named_as_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        plot_curve.main(["--log", str(tmp_path), "--output", str(tmp_path / "curve.png")])
+        cli.run(plot_curve.main, ["--log", str(tmp_path), "--output", str(tmp_path / "curve.png")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"plot_curve.py: error: --log {tmp_path}: is a directory; "
                                        f"pass the log.json ncf.py wrote in it (its --log_path)\n")
@@ -247,7 +248,7 @@ def test_an_output_it_would_destroy_is_refused(tmp_path, capsys, kind):
         output.symlink_to(tmp_path / "elsewhere.png")
     kept = os.lstat(output)
     with pytest.raises(SystemExit) as exit_info:
-        plot_curve.main(["--log", str(log), "--output", str(output)])
+        cli.run(plot_curve.main, ["--log", str(log), "--output", str(output)])
     assert exit_info.value.code == 2
     problem = ("is the --log itself; pass another file name, such as curve.png"
                if "log" in kind else "exists and is not a regular file (a device, pipe or link); "

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+import dataloading
 import evaluation
 import ncf
 import scoring
+import train
 from logger import read_log
 
 
@@ -38,7 +40,7 @@ def test_mixed_precision_picks_bf16_only_on_a_cpu_with_bf16_units(monkeypatch, f
 def watch_precision(monkeypatch):
     """{'train': dtypes of the first MLP layer's outputs, 'eval': autocast states while scoring}."""
     seen = {"train": set(), "eval": set()}
-    build = ncf.build_model
+    build = train.build_model
 
     def watched_build(*args):
         model, ddp_model = build(*args)
@@ -53,7 +55,7 @@ def watch_precision(monkeypatch):
         seen["eval"].add(torch.is_autocast_enabled("cpu"))
         return candidates(self, *args)
 
-    monkeypatch.setattr(ncf, "build_model", watched_build)
+    monkeypatch.setattr(train, "build_model", watched_build)
     monkeypatch.setattr(scoring.FactoredScorer, "candidates", watched_candidates)
     return seen
 
@@ -89,13 +91,15 @@ def test_run_trains_in_and_records_the_precision_chosen(clustered_data, tmp_path
 
 
 def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(clustered_data):
-    """CUDA's O2 path (float16 autocast, GradScaler, fused Adam) through ncf.train_epoch."""
+    """CUDA's O2 path (float16 autocast, GradScaler, fused Adam) through train.train_epoch."""
     args = ncf.parse_args(["--data", clustered_data, "-b", "2048"])
-    ctx = ncf.Context(torch.device("cpu"), 0, 1, False, torch.float16)
-    nb_users, nb_items, train_users, train_items, *test_data = ncf.load_data(args, ctx)
-    model, ddp_model = ncf.build_model(args, nb_users, nb_items, ctx)
-    optimizer = ncf.build_optimizer(args, model)
-    scaler = ncf.grad_scaler(ctx)
+    ctx = train.Context(torch.device("cpu"), 0, 1, False, torch.float16)
+    splits = dataloading.load_splits(args.data, ctx.device)
+    nb_items, train_users, train_items = splits.nb_items, splits.train_users, splits.train_items
+    test_data = (splits.test.users, splits.test.items, splits.test.duplicate_mask)
+    model, ddp_model = train.build_model(args, splits.nb_users, nb_items, ctx)
+    optimizer = train.build_optimizer(args, model)
+    scaler = train.grad_scaler(ctx)
     assert scaler.is_enabled()
     initial_scale = scaler.get_scale()
     output_dtypes = set()
@@ -104,8 +108,8 @@ def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(cluster
     before = [parameter.detach().clone() for parameter in model.parameters()]
     overflow = model.final.bias.register_hook(lambda grad: grad * math.inf)
     one_step = 2048 // 5 + 1
-    ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:one_step],
-                    train_items[:one_step], nb_items, 0, args, ctx)
+    train.train_epoch(ddp_model, optimizer, scaler, train_users[:one_step],
+                      train_items[:one_step], nb_items, 0, args, ctx)
     overflow.remove()
     assert output_dtypes == {torch.float16}
     assert all(torch.equal(old, new) for old, new in zip(before, model.parameters()))
@@ -113,8 +117,8 @@ def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(cluster
     assert scaler.get_scale() == initial_scale * scaler.get_backoff_factor()
 
     untrained_hr, _, _ = evaluation.val_epoch(model, *test_data, args, ctx)
-    losses = [ncf.train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items,
-                              epoch, args, ctx) for epoch in range(1, 5)]
+    losses = [train.train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items,
+                                epoch, args, ctx) for epoch in range(1, 5)]
     hr, _, _ = evaluation.val_epoch(model, *test_data, args, ctx)
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert all(state["step"].item() > 0 for state in optimizer.state.values())

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import cli
 import recommend
 import recommender
 import scoring
@@ -53,8 +54,12 @@ def data(tmp_path):
             "tmp": tmp_path}
 
 
+def recommend_argv(data, *args):
+    return ["--data", data["dir"], "--checkpoint", data["checkpoint"], *args]
+
+
 def run(data, *args):
-    return recommend.main(["--data", data["dir"], "--checkpoint", data["checkpoint"], *args])
+    return recommend.main(recommend_argv(data, *args))
 
 
 def expected_top(user, k):
@@ -113,7 +118,7 @@ def test_movies_csv_of_other_data_gets_a_note(data, tmp_path, capsys):
 
 def test_unknown_user_is_a_one_line_error(data, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(data, "--users", "101", "999")
+        cli.run(recommend.main, recommend_argv(data, "--users", "101", "999"))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "unknown user id 999" in error
@@ -123,7 +128,7 @@ def test_an_id_map_naming_an_id_twice_is_refused(data, capsys):
     path = os.path.join(data["dir"], "user_ids.pt")
     torch.save(torch.tensor([101, 7, 101, 300]), path)
     with pytest.raises(SystemExit) as exit_info:
-        run(data, "--users", "101")
+        cli.run(recommend.main, recommend_argv(data, "--users", "101"))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"recommend.py: error: {path}: id 101 appears twice; "
                                        f"each original id maps to one dense id, re-run "
@@ -133,7 +138,7 @@ def test_an_id_map_naming_an_id_twice_is_refused(data, capsys):
 def test_missing_id_map_says_to_rerun_convert(data, capsys):
     os.remove(os.path.join(data["dir"], "item_ids.pt"))
     with pytest.raises(SystemExit) as exit_info:
-        run(data, "--users", "101")
+        cli.run(recommend.main, recommend_argv(data, "--users", "101"))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "item_ids.pt: not found" in error and "convert.py" in error
@@ -142,7 +147,7 @@ def test_missing_id_map_says_to_rerun_convert(data, capsys):
 def test_checkpoint_of_another_dataset_is_refused(data, capsys):
     torch.save(model_for(5, 10).state_dict(), data["checkpoint"])
     with pytest.raises(SystemExit) as exit_info:
-        run(data, "--users", "101")
+        cli.run(recommend.main, recommend_argv(data, "--users", "101"))
     assert exit_info.value.code == 2
     assert "checkpoint has 5 users and 10 items, data has 4 users" in capsys.readouterr().err
 
@@ -164,7 +169,7 @@ def test_all_users_csv_round_trip(data):
 
 def test_output_without_all_users_is_refused(data, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(data, "--users", "101", "--output", "x.csv")
+        cli.run(recommend.main, recommend_argv(data, "--users", "101", "--output", "x.csv"))
     assert exit_info.value.code == 2
     assert "--output goes with --all_users" in capsys.readouterr().err
 
@@ -214,7 +219,7 @@ def test_a_reader_that_goes_away_ends_it_quietly(data):
 ])
 def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, requested, device, native,
                                                         expected):
-    monkeypatch.setattr(recommend.ncf, "cpu_has_native_bf16", lambda: native and device == "cpu")
+    monkeypatch.setattr(recommend.train, "cpu_has_native_bf16", lambda: native and device == "cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: native and device == "cuda")
     assert recommend.scoring_precision(requested, device) == expected
 
@@ -224,7 +229,7 @@ def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, requested, 
 ])
 def test_all_users_shortlists_in_bf16_where_native_unless_told_fp32(data, monkeypatch, native,
                                                                     flags, shortlisted):
-    monkeypatch.setattr(recommend.ncf, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(recommend.train, "cpu_has_native_bf16", lambda: native)
     built = []
     original = recommend.Recommender
 
@@ -271,7 +276,7 @@ def test_an_output_that_is_a_pipe_or_link_is_not_replaced(data, capsys, tmp_path
     link.symlink_to(tmp_path / "elsewhere.csv")
     for output in (pipe, link):
         with pytest.raises(SystemExit) as exit_info:
-            run(data, "--all_users", "--output", str(output))
+            cli.run(recommend.main, recommend_argv(data, "--all_users", "--output", str(output)))
         assert exit_info.value.code == 2
         assert capsys.readouterr().err == (
             f"recommend.py: error: --output {output}: cannot write (exists and is not a regular "

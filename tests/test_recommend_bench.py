@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
@@ -17,7 +19,7 @@ TINY = ["--users", "30", "--items", "60", "--factors", "4", "--layers", "16", "8
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_top_k_is_compared_with_fp32_only_where_bf16_is_native(monkeypatch, capsys, native):
-    monkeypatch.setattr(recommend_bench.ncf, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(recommend_bench.train, "cpu_has_native_bf16", lambda: native)
     recommend_bench.main(TINY)
     printed = capsys.readouterr().out
     compared = re.search(r"top-10 of 12 users .* bf16 shortlist \+ fp32 rescoring .*"
@@ -44,13 +46,13 @@ def test_bf16_top_k_is_compared_with_fp32_only_where_bf16_is_native(monkeypatch,
 ])
 def test_nonsense_sizes_are_one_line_exit_2(capsys, flags, problem):
     with pytest.raises(SystemExit) as exited:
-        recommend_bench.main(TINY + flags)
+        cli.run(recommend_bench.main, TINY + flags)
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"recommend_bench.py: error: {problem}; see --help\n"
 
 
 def test_one_sampled_user_is_enough(monkeypatch, capsys):
-    monkeypatch.setattr(recommend_bench.ncf, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(recommend_bench.train, "cpu_has_native_bf16", lambda: False)
     recommend_bench.main(TINY + ["--sample_users", "1"])
     assert "1 users x 60 items" in capsys.readouterr().out
 
@@ -61,7 +63,7 @@ def test_the_item_side_is_paid_once_not_per_user(monkeypatch, capsys):
     readings = iter(range(0, 10 ** 9, 600))
     monkeypatch.setattr(recommend_bench, "time", SimpleNamespace(
         perf_counter=lambda: next(readings)))
-    monkeypatch.setattr(recommend_bench.ncf, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(recommend_bench.train, "cpu_has_native_bf16", lambda: False)
     recommend_bench.main(TINY)
     printed = capsys.readouterr().out
     assert ("12 users x 60 items:  factored 6000.0 s (and 600.0 s for the item side, once),  "
@@ -79,7 +81,7 @@ def test_part_two_times_the_bounded_search_against_every_item(monkeypatch, capsy
     torch.manual_seed(0)
     checkpoint = tmp_path / "model.pth"
     torch.save(NeuMF(30, 20, 4, [16, 8, 4]).state_dict(), checkpoint)
-    monkeypatch.setattr(recommend_bench.ncf, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(recommend_bench.train, "cpu_has_native_bf16", lambda: False)
     if bounded:
         # One item a cluster: bounds equal to the logits, so the search rules items out (but
         # half of 20 items stay for a top-10: more than the share that hands over to all).

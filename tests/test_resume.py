@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import cli
 import ncf
 from checkpoint import CheckpointError, load_checkpoint
 from logger import log_records, read_log
@@ -71,7 +72,7 @@ def test_resume_refuses_a_changed_model(clustered_data, uninterrupted, tmp_path,
     for name in ("last.pth", "model.pth"):
         (tmp_path / name).write_bytes((uninterrupted / name).read_bytes())
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume", "--factors", "8"))
+        cli.run(ncf.main, flags(clustered_data, tmp_path, "-e", "5", "--resume", "--factors", "8"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "cannot resume: factors (64 -> 8)" in err
@@ -81,7 +82,7 @@ def test_resume_refuses_another_cut_off(clustered_data, uninterrupted, tmp_path,
     # The saved best is an HR@10; compared with HR@1 of new epochs it would pick the wrong one.
     (tmp_path / "last.pth").write_bytes((uninterrupted / "last.pth").read_bytes())
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume", "-k", "1"))
+        cli.run(ncf.main, flags(clustered_data, tmp_path, "-e", "5", "--resume", "-k", "1"))
     assert exit_info.value.code == 2
     assert "cannot resume: topk (10 -> 1) differs from" in capsys.readouterr().err
 
@@ -105,7 +106,7 @@ def test_resume_refuses_another_precision(clustered_data, uninterrupted, tmp_pat
         assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 5
         return
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(flags(clustered_data, tmp_path, "-e", "5", "--resume"))
+        cli.run(ncf.main, flags(clustered_data, tmp_path, "-e", "5", "--resume"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
@@ -115,7 +116,7 @@ def test_resume_refuses_another_precision(clustered_data, uninterrupted, tmp_pat
 
 def test_resume_without_a_saved_state_says_so(clustered_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        ncf.main(flags(clustered_data, tmp_path, "--resume"))
+        cli.run(ncf.main, flags(clustered_data, tmp_path, "--resume"))
     assert "last.pth: no such checkpoint file" in capsys.readouterr().err
 
 
@@ -123,8 +124,8 @@ def test_checkpoint_of_another_dataset_is_refused(clustered_data, tmp_path, caps
     from neumf import NeuMF
     torch.save(NeuMF(610, 9724, 64, [256, 256, 128, 64]).state_dict(), tmp_path / "other.pth")
     with pytest.raises(SystemExit):
-        ncf.main(["--data", clustered_data, "--mode", "test", "--load_checkpoint_path",
-                  str(tmp_path / "other.pth"), "--log_path", str(tmp_path / "l.json")])
+        cli.run(ncf.main, ["--data", clustered_data, "--mode", "test", "--load_checkpoint_path",
+                           str(tmp_path / "other.pth"), "--log_path", str(tmp_path / "l.json")])
     assert "checkpoint has 610 users and 9724 items, data has 300 users and 200 items" in \
         capsys.readouterr().err
 

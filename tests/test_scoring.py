@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import dataloading
+import evaluation
 import scoring
 from neumf import NeuMF
 
@@ -93,11 +94,11 @@ def test_full_ranking_ranks_on_a_hand_made_case():
         [3, 5],          # user 3: item 3 ties at a higher id, so it does not
         [4, 4], [4, 2],  # user 4: trained on its own test positive, which stays a candidate
     ])
-    ranks = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1])
+    ranks = evaluation.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1])
     assert ranks.dtype == torch.int64
     # user 4's scores are [-2, -5, -1, -5, -3, 0]: items 0 and 5 are ahead, item 2 is trained.
     assert ranks.tolist() == [0, 1, 1, 0, 2]
-    hit_rate, ndcg = dataloading.hit_rate_and_ndcg(ranks, 1)
+    hit_rate, ndcg = evaluation.hit_rate_and_ndcg(ranks, 1)
     assert hit_rate == pytest.approx(2 / 5) and ndcg == pytest.approx(2 / 5)
 
 
@@ -124,13 +125,13 @@ def test_full_ranking_matches_a_brute_force_count_and_shares_add_up():
     test_users = torch.tensor([0, 1, 2, 3, 4, 5])
     test_items = torch.randint(0, 30, (6,), generator=generator)
     expected = brute_force_ranks(model, test_users, test_items, train)
-    ranks = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1],
+    ranks = evaluation.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1],
                                        chunk_pairs=7)
     assert ranks.tolist() == expected
     assert len(set(expected)) > 2  # the case is not degenerate
-    first = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1],
+    first = evaluation.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1],
                                        share=(0, 2))
-    second = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0],
+    second = evaluation.full_ranking_ranks(model, test_users, test_items, train[:, 0],
                                         train[:, 1], share=(2, 6))
     assert first[2:].tolist() == [0] * 4 and second[:2].tolist() == [0, 0]
     assert (first + second).tolist() == expected
@@ -139,10 +140,10 @@ def test_full_ranking_matches_a_brute_force_count_and_shares_add_up():
 def test_full_ranking_refuses_ids_outside_the_model():
     model = random_model(3, 4, 2, [4])
     with pytest.raises(ValueError, match="test_items"):
-        scoring.full_ranking_ranks(model, torch.tensor([0]), torch.tensor([4]),
+        evaluation.full_ranking_ranks(model, torch.tensor([0]), torch.tensor([4]),
                                    torch.tensor([0]), torch.tensor([1]))
     with pytest.raises(ValueError, match="share"):
-        scoring.full_ranking_ranks(model, torch.tensor([0]), torch.tensor([1]),
+        evaluation.full_ranking_ranks(model, torch.tensor([0]), torch.tensor([1]),
                                    torch.tensor([0]), torch.tensor([1]), share=(0, 2))
 
 
@@ -163,8 +164,8 @@ def test_full_ranking_ranks_at_least_as_low_as_the_sampled_protocol(clustered_da
     with torch.no_grad():
         scores = model(users[:, None].expand_as(items).reshape(-1), items.reshape(-1),
                        sigmoid=True).view(items.shape)
-    sampled = dataloading.positive_ranks(scores, items, duplicates)
-    full = scoring.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])
+    sampled = evaluation.positive_ranks(scores, items, duplicates)
+    full = evaluation.full_ranking_ranks(model, test[:, 0], test[:, 1], train[:, 0], train[:, 1])
     assert (full >= sampled).all()
     assert (full > sampled).float().mean() > 0.5
     assert full.max() < model.nb_items
@@ -194,7 +195,7 @@ def test_full_ranking_ranks_nan_last():
     test_users = torch.tensor([0, 1, 2, 3, 4])
     test_items = torch.tensor([1, 3, 0, 4, 2])
     train = torch.tensor([[1, 2]])  # user 1 trained on item 2 (+inf): not a candidate
-    ranks = scoring.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1])
+    ranks = evaluation.full_ranking_ranks(model, test_users, test_items, train[:, 0], train[:, 1])
     # user 0: only +inf is ahead of 1.0, the NaNs are behind.
     # users 1 and 2: a NaN positive is behind every other candidate, the other NaN included.
     # user 3: its positive is +inf, nothing is ahead. user 4: its -inf trails -1, -0.5, +inf.

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import cli
 import serve
 from conftest import write_clustered_dataset
 from recommender import Recommender, load_titles
@@ -377,7 +378,7 @@ def junk(path):
 
 def one_error_line(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
-        serve.main(argv)
+        cli.run(serve.main, argv)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("serve.py: error: ")

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import cli
 import convert
 import generate
 import inference
@@ -116,7 +117,7 @@ def listing(top):
 def test_bad_input_is_one_line_exit_2_naming_it(tool, argv, named, inputs, capsys):
     before = listing(inputs["tmp"])
     with pytest.raises(SystemExit) as exit_info:
-        TOOLS[tool]([word.format(**inputs) for word in argv])
+        cli.run(TOOLS[tool], [word.format(**inputs) for word in argv])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()

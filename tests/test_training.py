@@ -4,8 +4,11 @@ import os
 import pytest
 import torch
 
+import cli
 import dataloading
+import evaluation
 import ncf
+import train
 from logger import log_records, read_log
 
 
@@ -63,18 +66,18 @@ def test_threshold_stops_early(clustered_data, tmp_path, capsys):
                                                                     (2, 1000, 17)])
 def test_optimiser_steps_per_epoch(clustered_data, tmp_path, monkeypatch, grads_accumulated,
                                    batch, expected_steps):
-    train = torch.load(os.path.join(clustered_data, "train_ratings.pt"), weights_only=True)
-    samples = len(train) * 5
+    pairs = torch.load(os.path.join(clustered_data, "train_ratings.pt"), weights_only=True)
+    samples = len(pairs) * 5
     assert (samples // batch) // grads_accumulated == expected_steps
     steps = []
-    build = ncf.build_optimizer
+    build = train.build_optimizer
 
     def counting_optimizer(args, model):
         optimizer = build(args, model)
         optimizer.register_step_post_hook(lambda *_: steps.append(1))
         return optimizer
 
-    monkeypatch.setattr(ncf, "build_optimizer", counting_optimizer)
+    monkeypatch.setattr(train, "build_optimizer", counting_optimizer)
     args = train_args(clustered_data, tmp_path, "-e", "1", "--grads_accumulated",
                       str(grads_accumulated))
     args[args.index("-b") + 1] = str(batch)
@@ -86,7 +89,7 @@ def test_oversize_batch_is_refused_before_training(clustered_data, tmp_path, cap
     earlier_log = "DLLL {\"earlier\": \"run\"}\n"
     (tmp_path / "log.json").write_text(earlier_log)
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_args(clustered_data, tmp_path, "-e", "1", "-b", str(2 ** 20)))
+        cli.run(ncf.main, train_args(clustered_data, tmp_path, "-e", "1", "-b", str(2 ** 20)))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -100,13 +103,13 @@ def test_first_epoch_replaces_an_older_runs_model_even_at_hr_0(clustered_data, t
     # An older run's weights, of another shape, left in the directory.
     (tmp_path / "ck").mkdir()
     torch.save({"stale": torch.zeros(3)}, tmp_path / "ck" / "model.pth")
-    evaluate = ncf.evaluation.sampled_evaluation
+    evaluate = evaluation.sampled_evaluation
 
     def scoring_nothing(*args):
         metrics, loss, candidates = evaluate(*args)
         return {key: 0.0 for key in metrics}, loss, candidates
 
-    monkeypatch.setattr(ncf.evaluation, "sampled_evaluation", scoring_nothing)
+    monkeypatch.setattr(evaluation, "sampled_evaluation", scoring_nothing)
     summary = ncf.main(train_args(clustered_data, tmp_path, "-e", "2", "--threshold", "1.1",
                                   "-f", "8", "--layers", "16", "8"))
     assert summary["best_accuracy"] == 0.0 and summary["best_epoch"] == 0
@@ -119,8 +122,8 @@ def test_unwritable_checkpoint_dir_fails_at_start(clustered_data, tmp_path, caps
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(["--data", clustered_data, "--checkpoint_dir", str(blocker / "ck"),
-                  "--log_path", str(tmp_path / "log.json"), "-b", "2048"])
+        cli.run(ncf.main, ["--data", clustered_data, "--checkpoint_dir", str(blocker / "ck"),
+                           "--log_path", str(tmp_path / "log.json"), "-b", "2048"])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert f"--checkpoint_dir {blocker / 'ck'}: cannot write there" in captured.err
@@ -129,7 +132,7 @@ def test_unwritable_checkpoint_dir_fails_at_start(clustered_data, tmp_path, caps
 
 def test_missing_data_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_args(str(tmp_path / "nothing"), tmp_path))
+        cli.run(ncf.main, train_args(str(tmp_path / "nothing"), tmp_path))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ncf.py: error: ") and "train_ratings.pt: not found" in err
@@ -145,7 +148,7 @@ def test_missing_data_is_one_line(tmp_path, capsys):
 ])
 def test_bad_flags_exit_2(clustered_data, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(train_args(clustered_data, tmp_path, *flags))
+        cli.run(ncf.main, train_args(clustered_data, tmp_path, *flags))
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -195,18 +198,18 @@ def test_cpu_pieces_give_the_whole_batch_gradient(clustered_data, monkeypatch):
     def one_step(piece):
         monkeypatch.setattr(dataloading, "CPU_CHUNK", piece)
         args = ncf.parse_args(["--data", clustered_data, "-b", "4096", "--dropout", "0"])
-        ctx = ncf.Context(torch.device("cpu"), 0, 1, True)
-        nb_users, nb_items, train_users, train_items, *_ = ncf.load_data(args, ctx)
-        model, ddp_model = ncf.build_model(args, nb_users, nb_items, ctx)
-        optimizer = ncf.build_optimizer(args, model)
+        ctx = train.Context(torch.device("cpu"), 0, 1, True)
+        splits = dataloading.load_splits(args.data, ctx.device)
+        model, ddp_model = train.build_model(args, splits.nb_users, splits.nb_items, ctx)
+        optimizer = train.build_optimizer(args, model)
         gradients = {}
         names = {id(parameter): name for name, parameter in model.named_parameters()}
         optimizer.register_step_pre_hook(lambda opt, *_: gradients.update(
             {names[id(p)]: p.grad.clone() for group in opt.param_groups for p in group["params"]}))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         positives = 4096 // 5 + 1  # one full batch: one optimiser step
-        loss = ncf.train_epoch(ddp_model, optimizer, scaler, train_users[:positives],
-                               train_items[:positives], nb_items, 0, args, ctx)
+        loss = train.train_epoch(ddp_model, optimizer, scaler, splits.train_users[:positives],
+                                 splits.train_items[:positives], splits.nb_items, 0, args, ctx)
         return loss, gradients
 
     whole_loss, whole = one_step(2 ** 18)

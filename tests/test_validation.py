@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import cli
 import dataloading
 import ncf
 from logger import log_records, read_log
@@ -183,8 +184,8 @@ def test_ncf_refuses_a_bad_split_in_one_line(tmp_path, capsys, validation_flag, 
         edit_metadata(directory, validation=False)
     change(directory)
     with pytest.raises(SystemExit) as caught:
-        ncf.main(["--data", directory, "--checkpoint_dir", str(tmp_path / "ck"),
-                  "--log_path", str(tmp_path / "log.json")])
+        cli.run(ncf.main, ["--data", directory, "--checkpoint_dir", str(tmp_path / "ck"),
+                           "--log_path", str(tmp_path / "log.json")])
     assert caught.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("ncf.py: error: "), lines
