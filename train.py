@@ -24,6 +24,7 @@ import evaluation
 from checkpoint import atomic_save, check_matches, check_training_state, load_checkpoint, load_state
 from logger import PARAMETER
 from neumf import build, parameter_count
+from progress import Progress
 
 # Harmless to change on --resume (a warning); anything else that differs changes the model or
 # the data an epoch is made of, so the run could not equal an uninterrupted one (a refusal).
@@ -210,7 +211,8 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
     steps = steps_per_epoch(samples_per_epoch(len(train_users), args), args, ctx)
     epoch_batches = dataloading.batches(users, items, labels, local_batch)
     loss_sum = torch.zeros((), device=ctx.device)
-    for _ in progress(range(steps), ctx, f"epoch {epoch}"):
+    shown = Progress(steps, f"epoch {epoch}", "step", stream=sys.stdout, enabled=ctx.is_main)
+    for _ in range(steps):
         pieces = [piece for _, batch in zip(range(args.grads_accumulated), epoch_batches)
                   for piece in chunks(batch, ctx)]
         for index, (user, item, label, weight) in enumerate(pieces):
@@ -228,6 +230,8 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        shown.update()
+    shown.close()
     if ctx.world_size > 1:
         dist.all_reduce(loss_sum)
     return loss_sum.item() / max(1, steps * args.grads_accumulated * ctx.world_size)
@@ -250,17 +254,6 @@ def chunks(batch, ctx):
     return [(user[start:start + piece], item[start:start + piece], label[start:start + piece],
              min(piece, len(user) - start) / len(user))
             for start in range(0, len(user), piece)]
-
-
-def progress(iterable, ctx, description):
-    """A progress bar on an interactive terminal (main rank only); the bare iterable otherwise."""
-    if not (ctx.is_main and sys.stdout.isatty()):
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
 
 
 def synchronize(ctx):
