@@ -6,7 +6,7 @@
 DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
 sigmoid output. The answer is float32's over every item, found exactly by scoring only the items
-whose upper bound can reach a user's top k (scoring.bounded_top_items; from 4,096 items). Where
+whose upper bound can reach a user's top k (bounded_topk.bounded_top_items; from 4,096 items). Where
 the bounds rule out too few items, every item is scored in one pass of the factored model
 (scoring.py), and where bfloat16 is native (a CPU with AMX or AVX512_BF16, a CUDA device with
 bf16) a bfloat16 pass then picks each user's shortlist, which float32 scores and orders

@@ -2,8 +2,8 @@
 what recommend.py prints and serve.py serves.
 
 Items a user rated in training are never recommended. A user's best items are found exactly from
-bounds on clusters of items (scoring.bounded_top_items), or by scoring every item in one pass of
-the factored model (scoring.py); the item side of both is computed once when the Recommender is
+bounds on clusters of items (bounded_topk.py), or by scoring every item in one pass of the
+factored model (scoring.py); the item side of both is computed once when the Recommender is
 built.
 """
 import copy
@@ -17,6 +17,7 @@ import torch
 
 import cli
 
+import bounded_topk
 import dataloading
 import scoring
 from checkpoint import check_matches, load_model
@@ -70,7 +71,7 @@ class Recommender:
         self.trained = scoring.TrainingItems(train[:, 0].to(device), train[:, 1].to(device),
                                              nb_users)
         # Exact top-k from a few hundred scored items a user instead of all (scoring.py).
-        self.bounds = self._useful_bounds() if scoring.bounds_pay(self.scorer) else None
+        self.bounds = self._useful_bounds() if bounded_topk.bounds_pay(self.scorer) else None
         # Ties go to the lower dense id: a stable sort keeps the answer the same run to run.
         self.ratings = torch.bincount(train[:, 1], minlength=nb_items)
         self.most_rated = torch.sort(self.ratings, descending=True, stable=True).indices
@@ -82,11 +83,11 @@ class Recommender:
         """ItemBounds of the scorer, or None when they rule out too few items for a top-10 of a
         fixed sample of users: bounds that cannot prune (random weights) cost a request about
         6 ms at the ml-20m shape before it scores every item anyway."""
-        bounds = scoring.ItemBounds(self.scorer)
+        bounds = bounded_topk.ItemBounds(self.scorer)
         users = torch.randperm(self.scorer.nb_users, generator=torch.Generator().manual_seed(0))
         users = users[:BOUNDS_TRIAL_USERS].to(self.scorer.mf_items.device)
         excluded = self.trained.mask(users, self.scorer.nb_items)
-        pruned = scoring.bounded_top_items(self.scorer, bounds, users, excluded, 10)
+        pruned = bounded_topk.bounded_top_items(self.scorer, bounds, users, excluded, 10)
         return None if pruned is None else bounds
 
     def _key(self, original_id):
@@ -168,7 +169,7 @@ def load_id_map(data_dir, name):
 def batch_users(scorer, shortlist_scorer, bounds):
     """Users per best_items call that keeps its [users, items] matrices small."""
     if bounds is not None:
-        return scoring.bounded_users_per_batch(scorer.nb_items)
+        return bounded_topk.bounded_users_per_batch(scorer.nb_items)
     return scoring.users_per_batch(scorer.nb_items, (shortlist_scorer or scorer).chunk_pairs)
 
 
@@ -176,15 +177,15 @@ def best_items(scorer, shortlist_scorer, users, excluded, topk, bounds=None):
     """(dense items, float32 logits), [len(users), k] each, of each user's best items that
     `excluded` [len(users), nb_items] does not hide; -1 items where fewer are left.
 
-    With bounds (a scoring.ItemBounds of scorer), only the items that can be among the best are
-    scored (scoring.bounded_top_items), unless the bounds keep too many; then every item is. With
-    a shortlist_scorer (a bfloat16 FactoredScorer), that picks max(SHORTLIST_MIN,
+    With bounds (a bounded_topk.ItemBounds of scorer), only the items that can be among the best
+    are scored (bounded_topk.bounded_top_items), unless the bounds keep too many; then every item
+    is. With a shortlist_scorer (a bfloat16 FactoredScorer), that picks max(SHORTLIST_MIN,
     SHORTLIST_PER_K * k) items and the float32 scorer orders those: the answer differs from
     float32 over all items only where bfloat16 rounding drops a top-k item from the shortlist.
     """
     with torch.inference_mode():
         if bounds is not None:
-            best = scoring.bounded_top_items(scorer, bounds, users, excluded, topk)
+            best = bounded_topk.bounded_top_items(scorer, bounds, users, excluded, topk)
             if best is not None:
                 return best
         if shortlist_scorer is None:

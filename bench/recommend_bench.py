@@ -17,8 +17,8 @@ the bfloat16 scorer's products alone (one user's items a call) set its floor.
 
 Part 2, with --data and --checkpoint (a converted dataset and its trained model.pth): the top-k
 of --sample_users of its users timed in turns three ways, the exact bounded search that
-recommend.py runs (scoring.bounded_top_items: a trained model's bounds rule out most items, a
-random model's none, hence not in part 1), float32 over every item and, where native, the bf16
+recommend.py runs (bounded_topk.py: a trained model's bounds rule out most items, a random
+model's none, hence not in part 1), float32 over every item and, where native, the bf16
 shortlist, with the users whose top-k differs from float32's; the wall time of `recommend.py
 --all_users` on it (--precision fp32, and bf16 where native), the share of users whose top-k
 differs between the two, and HR@k / NDCG@k by the sampled protocol (100 test negatives, as
@@ -37,6 +37,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import bounded_topk  # noqa: E402
 import cli  # noqa: E402
 import dataloading  # noqa: E402
 import evaluation  # noqa: E402
@@ -231,15 +232,15 @@ def compare_bf16(args, model, scorer, users, rounds):
 
 def compare_bounded(args, model, train_pairs, nb_users, rounds=10):
     """recommend.py's top-k on the trained model, timed in turns on --sample_users of its users:
-    the bounded search (scoring.bounded_top_items) against float32 over every item and, where
+    the bounded search (bounded_topk.bounded_top_items) against float32 over every item and, where
     bf16 is native, the bf16 shortlist; each extrapolated to all users."""
     scorer = scoring.FactoredScorer(model)
-    if not scoring.bounds_pay(scorer):
+    if not bounded_topk.bounds_pay(scorer):
         print(f"bounded top-{args.topk} not timed: {model.nb_items} items (fewer than "
-              f"{scoring.BOUNDED_MIN_ITEMS}) or no MLP hidden layer")
+              f"{bounded_topk.BOUNDED_MIN_ITEMS}) or no MLP hidden layer")
         return
     start = time.perf_counter()
-    bounds = scoring.ItemBounds(scorer)
+    bounds = bounded_topk.ItemBounds(scorer)
     built = time.perf_counter() - start
     shortlist_scorer = None
     if train.cpu_has_native_bf16():

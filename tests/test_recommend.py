@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import bounded_topk
 import cli
 import recommend
 import recommender
@@ -288,13 +289,13 @@ def test_an_output_that_is_a_pipe_or_link_is_not_replaced(data, capsys, tmp_path
 @pytest.mark.parametrize("max_share, kept", [(1.0, True), (0.25, False)])
 def test_item_bounds_are_kept_only_where_they_rule_items_out(data, monkeypatch, max_share, kept):
     # 10 items for a top-10: every untrained item stays, more than a quarter of them.
-    monkeypatch.setattr(scoring, "BOUNDED_MIN_ITEMS", 1)
-    monkeypatch.setattr(scoring, "MAX_KEPT_SHARE", max_share)
+    monkeypatch.setattr(bounded_topk, "BOUNDED_MIN_ITEMS", 1)
+    monkeypatch.setattr(bounded_topk, "MAX_KEPT_SHARE", max_share)
     built = recommender.Recommender(data["dir"], data["checkpoint"])
     assert (built.bounds is not None) == kept
     users = torch.arange(4)
     table = built.table(users, 3)
     built.bounds = None
     pd.testing.assert_frame_equal(table, built.table(users, 3))
-    monkeypatch.setattr(scoring, "BOUNDED_MIN_ITEMS", 11)
+    monkeypatch.setattr(bounded_topk, "BOUNDED_MIN_ITEMS", 11)
     assert recommender.Recommender(data["dir"], data["checkpoint"]).bounds is None

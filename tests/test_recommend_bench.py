@@ -85,9 +85,9 @@ def test_part_two_times_the_bounded_search_against_every_item(monkeypatch, capsy
     if bounded:
         # One item a cluster: bounds equal to the logits, so the search rules items out (but
         # half of 20 items stay for a top-10: more than the share that hands over to all).
-        monkeypatch.setattr(recommend_bench.scoring, "BOUNDED_MIN_ITEMS", 1)
-        monkeypatch.setattr(recommend_bench.scoring, "ITEMS_PER_CLUSTER", 1)
-        monkeypatch.setattr(recommend_bench.scoring, "MAX_KEPT_SHARE", 1.0)
+        monkeypatch.setattr(recommend_bench.bounded_topk, "BOUNDED_MIN_ITEMS", 1)
+        monkeypatch.setattr(recommend_bench.bounded_topk, "ITEMS_PER_CLUSTER", 1)
+        monkeypatch.setattr(recommend_bench.bounded_topk, "MAX_KEPT_SHARE", 1.0)
     recommend_bench.main(TINY + ["--data", tiny_data, "--checkpoint", str(checkpoint)])
     printed = capsys.readouterr().out
     if bounded:
