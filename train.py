@@ -22,7 +22,6 @@ import cli
 import dataloading
 import evaluation
 from checkpoint import atomic_save, check_matches, check_training_state, load_checkpoint, load_state
-from logger import PARAMETER
 from neumf import build, parameter_count
 from progress import Progress
 
@@ -277,7 +276,6 @@ def train(args, ctx, model, ddp_model, splits, logger, run_start):
     # Wall-clock seconds as the original counts them (loading and evaluation included), carried
     # over from the processes a resumed run was made of, up to their last saved epoch.
     seconds_before = best.run_seconds
-    logger.log(PARAMETER, {"first_epoch": first_epoch, "resumed": args.resume})
     last_path = os.path.join(args.checkpoint_dir, "last.pth")
     # The log key prefix of the split that selects the model and meets --threshold.
     selecting = "" if splits.validation is None else "val_"
@@ -307,16 +305,12 @@ def train(args, ctx, model, ddp_model, splits, logger, run_start):
                   "train_throughput": nb_samples / train_time,
                   "eval_throughput": candidates / val_time,
                   "train_epoch_time": train_time, "validation_epoch_time": val_time}
-        line = (f"Epoch {epoch}: {evaluation.metrics_text(metrics)}, "
-                f"train_loss = {train_loss:.4f}, validation_loss = {validation_loss:.4f}, "
-                f"train_time = {train_time:.2f}, val_time = {val_time:.2f}")
         if args.full_ranking:
             full = evaluation.full_ranking_evaluation(model, splits, args, ctx)
             metrics.update(full)
             record.update(full)
-            line += f", {evaluation.metrics_text(full)}"
         history.append(record)
-        log_line(ctx, line)
+        log_line(ctx, epoch_line(epoch, record, args, splits.validation is not None))
         logger.log((epoch,), record)
         # The validation split, where there is one, picks the model and stops the run, so
         # that the test figures reported for it were not used to choose it.
@@ -339,11 +333,30 @@ def train(args, ctx, model, ddp_model, splits, logger, run_start):
         if ctx.is_main and args.checkpoint_dir:
             save_checkpoint(last_path, model, optimizer, scaler, history, best, args, ctx, splits)
         if reached:
-            log_line(ctx, f"{'validation ' if selecting else ''}HR@{args.topk} {hr:.4f} "
-                          f"reached --threshold {args.threshold}; stopping")
+            log_line(ctx, f"Hit threshold of {args.threshold}" + (
+                f" (validation HR@{args.topk} {hr:.4f})" if selecting else ""))
             break
     return summarize(history, best, args, ctx, logger, seconds_before + time.time() - run_start,
                      splits.validation is not None)
+
+
+def epoch_line(epoch, record, args, validated):
+    """The original's `Epoch N: HR@10 = x, NDCG@10 = y, train_time = s, val_time = s`, so that
+    its parsers keep working, then the losses and any further metrics.
+
+    The original's validation_loss is the loss on the test candidates: beside a validation
+    split's metrics the line calls it test_loss (the log keeps the original's key).
+    """
+    hr, ndcg = f"hr@{args.topk}", f"ndcg@{args.topk}"
+    further = {key: value for key, value in record.items()
+               if key not in (hr, ndcg) and key in evaluation.selected_metrics([record], epoch)}
+    loss_name = "test_loss" if validated else "validation_loss"
+    line = (f"Epoch {epoch}: {evaluation.metrics_text({hr: record[hr], ndcg: record[ndcg]})}, "
+            f"train_time = {record['train_epoch_time']:.2f}, "
+            f"val_time = {record['validation_epoch_time']:.2f}, "
+            f"train_loss = {record['train_loss']:.4f}, "
+            f"{loss_name} = {record['validation_loss']:.4f}")
+    return line + (f", {evaluation.metrics_text(further)}" if further else "")
 
 
 def summarize(history, best, args, ctx, logger, run_seconds, validated):
@@ -352,7 +365,8 @@ def summarize(history, best, args, ctx, logger, run_seconds, validated):
 
     best_accuracy and best_ndcg are the selected model's test HR@k and NDCG@k; `validated`:
     the validation split selected it (selected_by), not the test split as in the original.
-    Its other metrics (validation, full ranking, --report_topk) are logged as best_KEY.
+    Its other metrics (validation, full ranking, --report_topk) are logged as best_KEY, and its
+    losses as train_loss and validation_loss (the 2023 original's summary keys).
     """
     reached = best.time_to_target is not None
     summary = {"best_accuracy": best.hr, "best_ndcg": best.ndcg, "best_epoch": best.epoch,
@@ -368,6 +382,9 @@ def summarize(history, best, args, ctx, logger, run_seconds, validated):
     if validated:
         summary["selected_by"] = "validation"
     if history:
+        selected_record = next(record for record in history if record["epoch"] == best.epoch)
+        summary.update({key: selected_record[key] for key in ("train_loss", "validation_loss")
+                        if key in selected_record})
         train_rates = [record["train_throughput"] for record in history]
         eval_rates = [record["eval_throughput"] for record in history]
         summary.update(best_train_throughput=max(train_rates),
@@ -404,8 +421,9 @@ def test(args, ctx, model, splits, logger):
     throughput = candidates / val_time
     line = (f"{evaluation.metrics_text(metrics)}, val_time = {val_time:.2f}, eval_throughput = "
             f"{throughput:.0f} samples/s, validation_loss = {validation_loss:.4f}")
-    record = {**metrics, "eval_throughput": throughput, "validation_loss": validation_loss,
-              "validation_epoch_time": val_time}
+    # best_eval_throughput: the key both originals log for test mode's one evaluation.
+    record = {**metrics, "eval_throughput": throughput, "best_eval_throughput": throughput,
+              "validation_loss": validation_loss, "validation_epoch_time": val_time}
     if args.full_ranking:
         full = evaluation.full_ranking_evaluation(model, splits, args, ctx)
         metrics.update(full)

@@ -87,8 +87,8 @@ def test_default_output_has_only_the_original_metrics(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith(
         "HR@10 = 1.0000, NDCG@10 = 0.6404, val_time = ")
     logged = log_records(read_log(tmp_path / "log.json"), "summary")[-1]
-    assert set(logged) == {"hr@10", "ndcg@10", "eval_throughput", "validation_loss",
-                           "validation_epoch_time"}
+    assert set(logged) == {"hr@10", "ndcg@10", "eval_throughput", "best_eval_throughput",
+                           "validation_loss", "validation_epoch_time"}
 
 
 def test_training_logs_every_cutoff_and_the_selected_epochs(clustered_data, tmp_path, capsys):

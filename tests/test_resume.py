@@ -47,6 +47,11 @@ def test_resume_continues_exactly(clustered_data, uninterrupted, tmp_path, capsy
     resumed = torch.load(tmp_path / "model.pth", weights_only=True)
     whole = torch.load(uninterrupted / "model.pth", weights_only=True)
     assert all(torch.equal(resumed[key], whole[key]) for key in whole)
+    # The appended log's every settings record carries what the original's readers look up
+    # there (qa/generate_tables.py reads batch_size of each).
+    settings = log_records(read_log(tmp_path / "log.json"), "parameter")
+    assert [record["resume"] for record in settings] == [False, True]
+    assert all(record["batch_size"] == 2048 for record in settings)
 
 
 @pytest.mark.slow

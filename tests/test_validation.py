@@ -259,7 +259,12 @@ def test_threshold_applies_to_validation_hr(clustered_data, tmp_path, capsys):
                         "-f", "8", "--layers", "16", "8", "--threshold", "1.0"])
     assert summary["epochs_run"] == 1 and summary["target_reached"] is True
     assert summary["best_accuracy"] < 1.0
-    assert "validation HR@10 1.0000 reached --threshold 1.0; stopping" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Hit threshold of 1.0 (validation HR@10 1.0000)" in out.splitlines()
+    # the original's validation_loss is the test candidates' loss: named so beside validation
+    epoch_line = next(line for line in out.splitlines() if line.startswith("Epoch 0:"))
+    assert ", test_loss = " in epoch_line and "validation_loss" not in epoch_line
+    assert ", validation HR@10 = 1.0000" in epoch_line
 
 
 def test_resume_keeps_the_validation_selected_best(clustered_data, tmp_path):
