@@ -184,7 +184,15 @@ def held_directory(path):
     """
     created = make_writable_dir(path)
     with removed_if_failed(created):
-        handle = lock_directory(path)
+        try:
+            handle = lock_directory(path)
+        except OSError:
+            # An empty file fits on a full disk, its pid does not: the file would keep the new
+            # directory from being removed.
+            if created:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(path, LOCK_NAME))
+            raise
         try:
             yield
         except BaseException:

@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -60,3 +62,23 @@ def tiny_data(tmp_path_factory):
     torch.save(torch.arange(TINY_USERS) + 100, os.path.join(directory, "user_ids.pt"))
     torch.save(torch.arange(TINY_ITEMS) + 500, os.path.join(directory, "item_ids.pt"))
     return directory
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs, filled to the last block, or a skip where mounting is not permitted."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        with open(mount_point / "filler", "wb") as filler:
+            filler.write(b"\0" * 2 ** 20)
+    except OSError:
+        pass
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)

@@ -573,6 +573,14 @@ def test_a_run_refused_before_training_leaves_no_directory_it_created(tiny_data,
     assert os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_leaves_no_checkpoint_dir_it_created(tiny_data, full_disk, tmp_path, capsys):
+    refused_training(tiny_data, full_disk / "new" / "ck", tmp_path)
+    assert capsys.readouterr().err == (
+        f"ncf.py: error: --checkpoint_dir {full_disk / 'new' / 'ck'}: cannot write there (No "
+        f"space left on device); pass --checkpoint_dir with a writable directory\n")
+    assert os.listdir(full_disk) == ["filler"]
+
+
 def test_a_refused_run_leaves_directories_it_found(tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
