@@ -6,11 +6,11 @@
 DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
 sigmoid output. The answer is float32's over every item, found exactly by scoring only the items
-whose upper bound can reach a user's top k (bounded_topk.bounded_top_items; from 4,096 items). Where
-the bounds rule out too few items, every item is scored in one pass of the factored model
-(scoring.py), and where bfloat16 is native (a CPU with AMX or AVX512_BF16, a CUDA device with
-bf16) a bfloat16 pass then picks each user's shortlist, which float32 scores and orders
-(--precision, default auto).
+whose upper bound can reach a user's top k (bounded_topk.py; a model with an MLP hidden layer
+and at least 4,096 items). Elsewhere every item is scored in one pass of the factored model
+(scoring.py), in float32, except where the bounds would apply but rule out too few items: there,
+where bfloat16 is native (a CPU with AMX or AVX512_BF16, a CUDA device with bf16), a bfloat16
+pass picks each user's shortlist, which float32 scores and orders (--precision, default auto).
 """
 import os
 import sys
@@ -20,9 +20,8 @@ import torch
 from tqdm import tqdm
 
 import cli
-import train
 from fileio import atomic_output
-from recommender import Recommender, load_titles, titles_note
+from recommender import PRECISIONS, Recommender, load_titles, titles_note
 
 PROG = "recommend.py"
 
@@ -41,10 +40,12 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title]")
     parser.add_argument("-k", "--topk", type=int, default=10, help="items per user")
     parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="bf16: a bfloat16 pass picks max(100, 4k) items per user, float32 "
-                             "scores and orders them; fp32: every item in float32; auto "
-                             "(default): bf16 where the device has native bf16, else fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bf16: where the item bounds would apply (an MLP hidden layer, "
+                             "4,096 items or more) but rule out too few items, a bfloat16 pass "
+                             "picks max(100, 4k) items per user, which float32 scores and "
+                             "orders; fp32: float32 throughout; auto (default): bf16 where the "
+                             "device has native bf16. Every other path scores in float32")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
@@ -58,15 +59,6 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     return args
-
-
-def scoring_precision(requested, device):
-    """bf16 or fp32: `requested`, or for auto bf16 where the device runs it natively; emulated
-    bf16 (an AVX2-only CPU) runs slower than float32."""
-    if requested != "auto":
-        return requested
-    native = torch.cuda.is_bf16_supported() if device == "cuda" else train.cpu_has_native_bf16()
-    return "bf16" if native else "fp32"
 
 
 def add_titles(table, titles):
@@ -110,8 +102,7 @@ def main(argv=None):
     args = parse_args(argv)
     cli.reuse_freed_memory()
     titles = load_titles(args.movies) if args.movies else None
-    recommender = Recommender(args.data, args.checkpoint, args.device,
-                              scoring_precision(args.precision, args.device))
+    recommender = Recommender(args.data, args.checkpoint, args.device, args.precision)
     note = titles_note(titles, recommender.item_ids, args.movies)
     if note:
         print(f"{PROG}: {note}", file=sys.stderr)

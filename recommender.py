@@ -15,16 +15,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-import cli
-
 import bounded_topk
+import cli
 import dataloading
 import scoring
+import train
 from checkpoint import check_matches, load_model
 
 ID_MAPS = ("user_ids", "item_ids")
+# --precision of recommend.py and serve.py: whether a bfloat16 shortlist serves (shortlist_wanted).
+PRECISIONS = ("auto", "bf16", "fp32")
 _WHOLE_NUMBER = re.compile(r"[+-]?\d{1,19}", re.ASCII)
-# With precision bf16, the items rescored in float32 for a top-k: max(SHORTLIST_MIN,
+# With the bfloat16 shortlist, the items rescored in float32 for a top-k: max(SHORTLIST_MIN,
 # SHORTLIST_PER_K * k) of the best by bfloat16 scores.
 SHORTLIST_MIN = 100
 SHORTLIST_PER_K = 4
@@ -38,10 +40,17 @@ BOUNDS_TRIAL_USERS = 64
 
 
 class Recommender:
-    """A model with the data it was trained on: scores users, hides their training items."""
+    """A model with the data it was trained on: scores users, hides their training items.
+
+    precision, one of PRECISIONS: whether a bfloat16 shortlist serves where the item bounds would
+    pay but were dropped (shortlist_wanted); every other path scores in float32.
+    """
 
     def __init__(self, data_dir, checkpoint_path, device="cpu", precision="fp32"):
-        train, _, _, nb_users, nb_items = dataloading.open_dataset(data_dir)[:5]
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {precision!r}")
+        train_pairs, _, _, nb_users, nb_items = dataloading.open_dataset(data_dir)[:5]
         # numpy arrays: int64, or str objects for ids convert.py read as text
         self.user_ids, self.item_ids = (load_id_map(data_dir, name) for name in ID_MAPS)
         for name, (path, ids), count in zip(ID_MAPS, (self.user_ids, self.item_ids),
@@ -60,20 +69,23 @@ class Recommender:
         model = load_model(checkpoint_path, device).eval()
         check_matches(model.state_dict(), checkpoint_path, nb_users, nb_items)
         self.scorer = scoring.FactoredScorer(model)
-        # bfloat16 products run several times faster where the hardware has them (AMX on Xeon
-        # Sapphire Rapids and later, tensor cores on GPUs): they pick a shortlist, float32
-        # scores and orders it, so every score returned is the float32 model's.
-        self.shortlist_scorer = None
-        if precision == "bf16":
-            chunk_pairs = BF16_CPU_CHUNK_PAIRS if torch.device(device).type == "cpu" else None
-            self.shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(),
-                                                           chunk_pairs)
-        self.trained = scoring.TrainingItems(train[:, 0].to(device), train[:, 1].to(device),
-                                             nb_users)
-        # Exact top-k from a few hundred scored items a user instead of all (scoring.py).
-        self.bounds = self._useful_bounds() if bounded_topk.bounds_pay(self.scorer) else None
+        self.trained = scoring.TrainingItems(train_pairs[:, 0].to(device),
+                                             train_pairs[:, 1].to(device), nb_users)
+        self.bounds = self.shortlist_scorer = None
+        if bounded_topk.bounds_pay(self.scorer):
+            # Exact top-k from a few hundred scored items a user instead of all.
+            self.bounds = self._useful_bounds()
+            # Where they were dropped, every item of an MLP over 4,096 or more items is scored:
+            # there alone a bfloat16 pass that picks a shortlist, which float32 then scores and
+            # orders, ran faster where bfloat16 is native (2.4-2.7x with AMX). A GMF, a model
+            # without a hidden layer or fewer items ran as fast or slower with it, and beside
+            # kept bounds it would cost a copy of the model for nothing (docs/recommendations.md).
+            if self.bounds is None and shortlist_wanted(precision, device):
+                chunk_pairs = BF16_CPU_CHUNK_PAIRS if torch.device(device).type == "cpu" else None
+                self.shortlist_scorer = scoring.FactoredScorer(copy.deepcopy(model).bfloat16(),
+                                                               chunk_pairs)
         # Ties go to the lower dense id: a stable sort keeps the answer the same run to run.
-        self.ratings = torch.bincount(train[:, 1], minlength=nb_items)
+        self.ratings = torch.bincount(train_pairs[:, 1], minlength=nb_items)
         self.most_rated = torch.sort(self.ratings, descending=True, stable=True).indices
         self.position = {user: dense for dense, user in enumerate(self.user_ids.tolist())}
         self.device = device
@@ -145,6 +157,20 @@ class Recommender:
             "movieId": self.item_ids[items[kept].numpy()],
             "score": scores[kept].numpy(),
         })
+
+
+def native_bf16(device):
+    """Whether the device runs bfloat16 products natively (a CPU with AMX or AVX512_BF16, a CUDA
+    device with bf16): emulated, on an AVX2-only CPU, they run slower than float32."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return train.cpu_has_native_bf16()
+
+
+def shortlist_wanted(precision, device):
+    """Whether --precision (PRECISIONS) takes the bfloat16 shortlist where it applies: bf16
+    always, auto where the device has native bf16, fp32 never."""
+    return precision == "bf16" or precision == "auto" and native_bf16(device)
 
 
 def load_id_map(data_dir, name):

@@ -1,7 +1,7 @@
 """An HTTP JSON service of top-k recommendations from a trained NeuMF, in the original ids.
 
     python serve.py --data DIR --load_checkpoint_path model.pth [--movies movies.csv]
-                    [--host 127.0.0.1] [--port 8000] [--no_fallback] [--precision bf16]
+                    [--host 127.0.0.1] [--port 8000] [--no_fallback] [--precision auto]
 
     GET  /recommend?user=ID&k=10       one user's answer
     POST /recommend {"users": [ID, ...], "k": 10}
@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 import cli
-from recommender import Recommender, load_titles, titles_note
+from recommender import PRECISIONS, Recommender, load_titles, titles_note
 
 PROG = "serve.py"
 DEFAULT_TOPK = 10
@@ -72,9 +72,12 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: a bfloat16 pass picks max(100, 4k) items, float32 scores "
-                             "them; faster only with bfloat16 hardware (AMX, GPUs)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bf16: where the item bounds would apply (an MLP hidden layer, "
+                             "4,096 items or more) but rule out too few items, a bfloat16 pass "
+                             "picks max(100, 4k) items per user, which float32 scores and "
+                             "orders; fp32: float32 throughout; auto (default): bf16 where the "
+                             "device has native bf16. Every other path scores in float32")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0 to 65535, got {args.port}")

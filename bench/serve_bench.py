@@ -5,15 +5,17 @@
 
 Per shape, a NeuMF with random weights (--factors 64, --layers 256 256 128 64) and random
 training data of the dataset's size (users, items, ratings) are written to a temporary
-directory; serve.py serves them on 127.0.0.1 in its own process, once per --precision. Then
+directory; serve.py serves them on 127.0.0.1 in its own process, once per --precision. Random
+weights leave the item bounds unable to rule items out, so serve.py drops them and scores every
+item: in float32 (fp32), or with the bfloat16 shortlist (bf16; auto where bf16 is native). Then
 for each client count, that many threads, each on its own keep-alive connection, send a fixed
 total of --requests single-user requests for random known users, one after another (after 20
 warm-up requests a client). Latency is per request, as the client sees it; requests/s is the
-total over the wall time. Every answer is checked (status 200, k items, no fallback). A last run per server asks
-GET /health from one client: the cost of the HTTP server alone, without the model. The
-server's CPU time per request (user + system, from /proc) is reported too: on a machine that
-other work keeps busy the rate and latencies fall with the share of the CPU left over, that
-figure much less.
+total over the wall time. Every answer is checked (status 200, k items, no fallback). A last
+run per server asks GET /health from one client: the cost of the HTTP server alone, without the
+model. The server's CPU time per request (user + system, from /proc) is reported too: on a
+machine that other work keeps busy the rate and latencies fall with the share of the CPU left
+over, that figure much less.
 """
 import argparse
 import http.client
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4],
                         help="concurrent clients, one run each")
     parser.add_argument("-k", "--topk", type=int, default=10)
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+    parser.add_argument("--precision", nargs="+", choices=["auto", "bf16", "fp32"],
                         default=["fp32", "bf16"], help="serve.py --precision, one server each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import cli
 import recommend
 import recommender
 import scoring
-from neumf import NeuMF
+from neumf import NeuMF, build
 from recommender import best_items
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,26 +211,47 @@ def test_a_reader_that_goes_away_ends_it_quietly(data):
 
 
 @pytest.mark.parametrize("requested,device,native,expected", [
-    ("auto", "cpu", True, "bf16"),
-    ("auto", "cpu", False, "fp32"),
-    ("fp32", "cpu", True, "fp32"),
-    ("bf16", "cpu", False, "bf16"),
-    ("auto", "cuda", True, "bf16"),
-    ("auto", "cuda", False, "fp32"),
+    ("auto", "cpu", True, True),
+    ("auto", "cpu", False, False),
+    ("fp32", "cpu", True, False),
+    ("bf16", "cpu", False, True),
+    ("auto", "cuda", True, True),
+    ("auto", "cuda", False, False),
 ])
-def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, requested, device, native,
-                                                        expected):
-    monkeypatch.setattr(recommend.train, "cpu_has_native_bf16", lambda: native and device == "cpu")
+def test_auto_precision_shortlists_only_where_bf16_is_native(monkeypatch, requested, device,
+                                                             native, expected):
+    monkeypatch.setattr(recommender.train, "cpu_has_native_bf16",
+                        lambda: native and device == "cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: native and device == "cuda")
-    assert recommend.scoring_precision(requested, device) == expected
+    assert recommender.shortlist_wanted(requested, device) == expected
 
 
-@pytest.mark.parametrize("native,flags,shortlisted", [
-    (True, [], True), (False, [], False), (True, ["--precision", "fp32"], False),
-])
-def test_all_users_shortlists_in_bf16_where_native_unless_told_fp32(data, monkeypatch, native,
-                                                                    flags, shortlisted):
-    monkeypatch.setattr(recommend.train, "cpu_has_native_bf16", lambda: native)
+# (model, bounds: "dropped" where they would pay but keep too many items, "kept", "unpaid" below
+# BOUNDED_MIN_ITEMS; native bf16, --precision flags, whether the bfloat16 shortlist is built)
+SHORTLIST_PATHS = [
+    ("neumf", "dropped", True, [], True),
+    ("neumf", "dropped", False, [], False),
+    ("neumf", "dropped", True, ["--precision", "fp32"], False),
+    ("neumf", "dropped", False, ["--precision", "bf16"], True),
+    ("neumf", "kept", True, [], False),
+    ("neumf", "kept", True, ["--precision", "bf16"], False),
+    ("neumf", "unpaid", True, [], False),
+    ("neumf", "unpaid", True, ["--precision", "bf16"], False),
+    # No hidden layer: no bounds however many items, so no shortlist either.
+    ("gmf", "dropped", True, ["--precision", "bf16"], False),
+]
+
+
+@pytest.mark.parametrize("kind,bounds,native,flags,shortlisted", SHORTLIST_PATHS)
+def test_the_bf16_shortlist_is_built_only_where_the_bounds_were_dropped(
+        data, monkeypatch, kind, bounds, native, flags, shortlisted):
+    if kind != "neumf":
+        torch.save(build(kind, 4, 10, 4, [8, 4]).state_dict(), data["checkpoint"])
+    # 10 items: the bounds apply from 1 item, and a top-10 keeps all of them, more than a
+    # MAX_KEPT_SHARE of 0.25 (dropped) and no more than 1.0 (kept).
+    monkeypatch.setattr(bounded_topk, "BOUNDED_MIN_ITEMS", 11 if bounds == "unpaid" else 1)
+    monkeypatch.setattr(bounded_topk, "MAX_KEPT_SHARE", 1.0 if bounds == "kept" else 0.25)
+    monkeypatch.setattr(recommender.train, "cpu_has_native_bf16", lambda: native)
     built = []
     original = recommend.Recommender
 
@@ -241,6 +262,7 @@ def test_all_users_shortlists_in_bf16_where_native_unless_told_fp32(data, monkey
     monkeypatch.setattr(recommend, "Recommender", spy)
     output = str(data["tmp"] / "recs.csv")
     run(data, "--all_users", "--output", output, "--topk", "3", "--device", "cpu", *flags)
+    assert (built[0].bounds is not None) == (bounds == "kept")
     assert (built[0].shortlist_scorer is not None) == shortlisted
     # Ten items fit in the shortlist: bf16 only picks it, so the answer is float32's exactly.
     fp32 = str(data["tmp"] / "fp32.csv")

@@ -13,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import bounded_topk
 import cli
+import recommend
 import serve
 from conftest import write_clustered_dataset
 from recommender import Recommender, load_titles
@@ -421,17 +423,22 @@ def test_a_port_in_use_is_refused_in_one_line(tmp_path, capsys):
     assert f"--port {port}: cannot listen there" in error
 
 
-def test_bf16_shortlist_gives_the_float32_answers(tmp_path):
+def test_bf16_shortlist_gives_the_float32_answers(tmp_path, monkeypatch):
     """300 items: the bfloat16 shortlist (100 items for k <= 25) is a third of them, and the
     items and scores returned are those of the float32 model."""
+    # The path where the shortlist serves: bounds that would pay, dropped as they keep items.
+    monkeypatch.setattr(bounded_topk, "BOUNDED_MIN_ITEMS", 1)
+    monkeypatch.setattr(bounded_topk, "MAX_KEPT_SHARE", 0.0)
     data = write_clustered_dataset(str(tmp_path), nb_users=40, nb_items=300, clusters=4,
                                    per_user=60, negatives=5)
     torch.save(torch.arange(40) + 1000, os.path.join(data, "user_ids.pt"))
     torch.save(torch.arange(300) + 5000, os.path.join(data, "item_ids.pt"))
     checkpoint = str(tmp_path / "model.pth")
     torch.save(model_for(40, 300).state_dict(), checkpoint)
-    exact = Recommender(data, checkpoint)
+    exact = Recommender(data, checkpoint, precision="fp32")
     shortlisted = Recommender(data, checkpoint, precision="bf16")
+    assert exact.shortlist_scorer is None and shortlisted.shortlist_scorer is not None
+    assert exact.bounds is None and shortlisted.bounds is None
     users = torch.arange(40)
     for k in (1, 10, 25):
         items, scores = exact.top_items(users, k)
@@ -440,6 +447,16 @@ def test_bf16_shortlist_gives_the_float32_answers(tmp_path):
         torch.testing.assert_close(fast_scores, scores, rtol=0, atol=1e-6)
     trained = shortlisted.trained.mask(users, 300)
     assert not trained.gather(1, fast_items).any()
+
+
+@pytest.mark.parametrize("tool", [recommend, serve])
+@pytest.mark.parametrize("given, taken", [([], "auto"), (["--precision", "auto"], "auto"),
+                                          (["--precision", "bf16"], "bf16"),
+                                          (["--precision", "fp32"], "fp32")])
+def test_recommend_and_serve_take_the_same_precisions(tool, given, taken):
+    argv = ["--data", "d", "--load_checkpoint_path", "m.pth", "--device", "cpu", *given]
+    argv += ["--users", "1"] if tool is recommend else []
+    assert tool.parse_args(argv).precision == taken
 
 
 def test_text_user_ids_are_served_as_text(tmp_path):
