@@ -335,6 +335,7 @@ def main(argv=None):
     cli.reuse_freed_memory()
     try:
         dataset = dataloading.open_dataset(args.data)
+        evaluation.check_cutoffs(args, dataset.negatives.shape[1] + 1)
         device = torch.device(args.device)
         logger = open_logger(args, dataset, device)
         results = evaluate(args, dataset, device)

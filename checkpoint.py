@@ -11,6 +11,7 @@ half-written file behind.
 """
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -101,10 +102,14 @@ def load_checkpoint(path):
         # refusal alone is the message.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        if "Weights only load failed" in first_line or "Unsupported" in str(error):
+        refused = "Weights only load failed" in first_line or "Unsupported" in str(error)
+        if refused and not is_whole_pickle(path):
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a damaged one; pass a "
+                                  f"complete file written by ncf.py") from None
+        if refused:
             raise CheckpointError(
                 f"{path}: refused: it holds objects that would run code when loaded "
                 f"(only tensors and plain values are accepted); pass a state_dict saved by "
@@ -115,6 +120,41 @@ def load_checkpoint(path):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: cannot be read, truncated or not a checkpoint "
                               f"({reason}); pass a complete file written by ncf.py") from None
+    not_dense = first_non_dense_tensor(loaded)
+    if not_dense:
+        name, layout = not_dense
+        raise CheckpointError(f"{path}: {name} is a {layout} tensor; ncf.py saves dense tensors "
+                              f"only, pass a checkpoint written by ncf.py")
+    return loaded
+
+
+def is_whole_pickle(path):
+    """Whether `path` starts with a complete pickle (a zip's is torch's own): what torch
+    refused is then the objects in it, not bytes that are no pickle at all (random, cut)."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as stream:
+            for _ in pickletools.genops(stream):
+                pass
+    except Exception:  # pickletools raises ValueError, EOFError and more on what is no pickle
+        return False
+    return True
+
+
+def first_non_dense_tensor(value, name="checkpoint"):
+    """(where, layout) of the first tensor in `value` (nested dicts, lists, tuples) that is not
+    dense, or None: a sparse weight gets past the shape checks and fails deep inside torch."""
+    if isinstance(value, torch.Tensor):
+        return (name, str(value.layout).removeprefix("torch.")) if (
+            value.layout != torch.strided) else None
+    items = (value.items() if isinstance(value, dict) else
+             enumerate(value) if isinstance(value, (list, tuple)) else ())
+    for key, item in items:
+        found = first_non_dense_tensor(item, key if name == "checkpoint" else f"{name}.{key}")
+        if found:
+            return found
+    return None
 
 
 def failed_checksum(path):
@@ -361,10 +401,11 @@ TRAINING_STATE = {
     "optimizer": ("an Adam or SGD state_dict", lambda value: isinstance(value, dict)),
     "scaler": ("a GradScaler state_dict", lambda value: isinstance(value, dict)),
     "epoch": ("a whole number, 0 or more", lambda value: _is_int(value) and value >= 0),
-    "best": (f"a dict with numbers {', '.join(BEST_NUMBERS)}, a whole epoch and "
-             f"{' and '.join(BEST_TIMES)} as numbers or None",
+    "best": (f"a dict with numbers {', '.join(BEST_NUMBERS)} (hr and ndcg in [0, 1]), a whole "
+             f"epoch and {' and '.join(BEST_TIMES)} as numbers or None",
              lambda value: isinstance(value, dict) and _is_int(value.get("epoch"))
              and all(_is_number(value.get(key)) for key in BEST_NUMBERS)
+             and all(0.0 <= value[key] <= 1.0 for key in ("hr", "ndcg"))
              and all(key in value and (value[key] is None or _is_number(value[key]))
                      for key in BEST_TIMES)),
     # Every value of a record is compared or averaged on resume: all must be numbers.

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
 import dataloading
 import scoring
 
@@ -35,6 +36,18 @@ def ranking_metrics(ranks, topks):
         metrics[f"hr@{k}"], metrics[f"ndcg@{k}"] = hit_rate_and_ndcg(ranks, k)
     metrics["mrr"] = (1.0 / (ranks.double() + 1.0)).mean().item()
     return metrics
+
+
+def check_cutoffs(args, nb_candidates):
+    """Refuse a cut-off (-k, --report_topk) at or above the candidates each sampled positive is
+    ranked among: every user would be a hit, HR 1.0, and --threshold met by nothing learnt."""
+    for flag, cutoff in (("-k/--topk", args.topk),
+                         *(("--report_topk", cutoff) for cutoff in args.report_topk)):
+        if cutoff >= nb_candidates:
+            raise cli.UserError(
+                f"{flag} {cutoff}: each test positive is ranked among {nb_candidates} "
+                f"candidates (its {nb_candidates - 1} test negatives and itself), so every user "
+                f"would be a hit at {cutoff}; pass a cut-off below {nb_candidates}")
 
 
 def reported(ranks, args, prefix=""):

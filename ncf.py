@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import cli
 import dataloading
+import evaluation
 import train
 from checkpoint import check_matches, load_checkpoint, load_model, load_state, model_state
 from fileio import DirectoryLocked, held_directory
@@ -334,13 +335,14 @@ def run(args):
             prepare_checkpoint_dir(args.checkpoint_dir, held)
         print_notes(args, ctx)
         splits = load_splits(args, ctx)
+        # Before the model is built and the log opened (which would empty an existing one).
+        evaluation.check_cutoffs(args, splits.test.items.shape[1])
+        if args.mode == "train":
+            train.check_epoch_holds_a_step(len(splits.train_users), args, ctx)
         model, ddp_model = train.build_model(args, splits.nb_users, splits.nb_items, ctx)
         log_line(ctx, str(model))
         log_line(ctx, f"{sum(parameter.numel() for parameter in model.parameters())} parameters")
         load_starting_weights(args, ctx, model, splits.nb_users, splits.nb_items)
-        if args.mode == "train":
-            # Before the log is opened, which would empty an existing one.
-            train.check_epoch_holds_a_step(len(splits.train_users), args, ctx)
         logger = open_logger(args, ctx)
         with logger.write_failures_reported("the checkpoints saved so far are complete"):
             logger.log(PARAMETER, {**vars(args), "world_size": ctx.world_size,

@@ -178,24 +178,44 @@ def samples_per_epoch(nb_positives, args):
 
 def steps_per_epoch(nb_samples, args, ctx):
     """Optimiser steps every rank takes: from the smallest share, so no rank waits on another."""
-    local_batch = args.batch_size // ctx.world_size
-    full_batches = (nb_samples // ctx.world_size) // local_batch
-    return full_batches // args.grads_accumulated
+    return optimiser_steps(nb_samples, args.batch_size, args.grads_accumulated, ctx.world_size)
+
+
+def optimiser_steps(nb_samples, batch_size, grads_accumulated, world_size):
+    local_batch = batch_size // world_size
+    return (nb_samples // world_size) // local_batch // grads_accumulated
+
+
+# The fewest optimiser steps an epoch that check_epoch_holds_a_step's suggested batch gives:
+# enough for Adam to move the model each epoch (-b 8192 on ml-latest-small: 61).
+USEFUL_STEPS = 50
 
 
 def check_epoch_holds_a_step(nb_positives, args, ctx):
+    """Refuse a batch that leaves an epoch without one optimiser step (the original silently
+    trains on nothing there), suggesting the largest power of two giving USEFUL_STEPS."""
     nb_samples = samples_per_epoch(nb_positives, args)
     if args.batch_size < ctx.world_size:
         raise cli.UserError(f"--batch_size {args.batch_size} is smaller than the "
                             f"{ctx.world_size} processes; each process needs at least one "
                             f"sample per batch")
-    if steps_per_epoch(nb_samples, args, ctx) == 0:
-        fitting = 2 ** int(math.log2(max(1, nb_samples // args.grads_accumulated)))
-        raise cli.UserError(
-            f"--batch_size {args.batch_size} x --grads_accumulated {args.grads_accumulated} "
-            f"exceeds an epoch of {nb_samples:,} samples ({nb_positives:,} positives x "
-            f"(1 + {args.negative_samples} negatives)), so no full batch would be trained; "
-            f"use -b {fitting} or smaller")
+    if steps_per_epoch(nb_samples, args, ctx) > 0:
+        return
+    steps = {batch: optimiser_steps(nb_samples, batch, args.grads_accumulated, ctx.world_size)
+             for batch in (2 ** exponent for exponent in range(int(math.log2(nb_samples)) + 1))
+             if batch >= ctx.world_size}
+    fitting = [batch for batch, count in steps.items() if count > 0]
+    if not fitting:
+        raise cli.UserError(f"--grads_accumulated {args.grads_accumulated}: an epoch of "
+                            f"{nb_samples:,} samples cannot fill that many batches of one "
+                            f"sample per process; lower --grads_accumulated")
+    suggested = max([batch for batch in fitting if steps[batch] >= USEFUL_STEPS] or fitting[:1])
+    raise cli.UserError(
+        f"--batch_size {args.batch_size} x --grads_accumulated {args.grads_accumulated} "
+        f"exceeds an epoch of {nb_samples:,} samples ({nb_positives:,} positives x "
+        f"(1 + {args.negative_samples} negatives)), so no full batch would be trained; try "
+        f"-b {suggested}: {steps[suggested]} optimiser steps an epoch (the largest power of two "
+        f"giving at least {USEFUL_STEPS}; -b {max(fitting)} is the largest that trains at all)")
 
 
 def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items, epoch, args,

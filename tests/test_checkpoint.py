@@ -189,6 +189,9 @@ LAST_PTH_DAMAGE = [
     ("best as list", set_entry(["best"], [0.5]), "best is a list of length 1, expected a dict"),
     ("best without hr", delete_entry("best", "hr"), "best is a dict of length 8"),
     ("best time as text", set_entry(["best", "time_to_best"], "soon"), "best is a dict"),
+    ("best hr NaN", set_entry(["best", "hr"], float("nan")), "best is a dict"),
+    ("best hr above 1", set_entry(["best", "hr"], 1.5), "best is a dict"),
+    ("best ndcg below 0", set_entry(["best", "ndcg"], -0.1), "best is a dict"),
     ("history of None", set_entry(["history"], None), "history is None, expected a list"),
     ("history record without throughput", delete_entry("history", 0, "train_throughput"),
      "history is a list of length 1, expected a list of dicts"),
@@ -322,6 +325,37 @@ def test_non_finite_weights_are_refused_in_one_line(tiny_data, trained, tmp_path
     assert one_error_line(capsys, tool, path) == (
         f"{tool}: error: {path}: mlp.0.weight holds NaN or infinite weights; use a checkpoint "
         f"written by ncf.py")
+
+
+def sparse_weight(state):
+    return {**state, "mf_user_embed.weight": state["mf_user_embed.weight"].to_sparse()}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("write, expected", [
+    (lambda path, trained: torch.save(sparse_weight(trained[0]), path),
+     "mf_user_embed.weight is a sparse_coo tensor; ncf.py saves dense tensors only, pass a "
+     "checkpoint written by ncf.py"),
+    (lambda path, trained: torch.save({**trained[1], "model": sparse_weight(trained[1]["model"])},
+                                      path),
+     "model.mf_user_embed.weight is a sparse_coo tensor; ncf.py saves dense tensors only, pass "
+     "a checkpoint written by ncf.py"),
+    # random bytes: no pickle at all, so no objects that would run code
+    (lambda path, trained: path.write_bytes(bytes(range(7, 256)) * 20),
+     "not a PyTorch checkpoint, or a damaged one; pass a complete file written by ncf.py"),
+    (lambda path, trained: path.write_bytes(torch.Generator().manual_seed(3).get_state()
+                                            .numpy().tobytes()[:4000]),
+     "not a PyTorch checkpoint, or a damaged one; pass a complete file written by ncf.py"),
+])
+def test_what_is_no_checkpoint_of_dense_weights_is_named_in_one_line(tiny_data, trained,
+                                                                       tmp_path, capsys, tool,
+                                                                       write, expected):
+    path = tmp_path / "model.pth"
+    write(path, trained)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(*TOOLS[tool](tiny_data, path))
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys, tool, path) == f"{tool}: error: {path}: {expected}"
 
 
 class RunsCode:

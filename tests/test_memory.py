@@ -2,8 +2,10 @@ import ctypes
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import baselines
 import cli
@@ -90,7 +92,8 @@ def test_cpu_out_of_memory_is_one_line_and_other_errors_are_not_hidden(
         monkeypatch, capsys, tmp_path, program, target, argv, expected):
     monkeypatch.setattr(program, target, raising(CPU_OUT_OF_MEMORY))
     if program is baselines:
-        monkeypatch.setattr(baselines.dataloading, "open_dataset", lambda path: None)
+        monkeypatch.setattr(baselines.dataloading, "open_dataset",
+                            lambda path: SimpleNamespace(negatives=torch.zeros(1, 100)))
     with pytest.raises(SystemExit) as leaving:
         cli.run(program.main, argv)
     assert leaving.value.code == 2

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import baselines
 import cli
 import dataloading
 import evaluation
@@ -116,11 +117,42 @@ def test_oversize_batch_is_refused_before_training(clustered_data, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         cli.run(ncf.main, train_args(clustered_data, tmp_path, "-e", "1", "-b", str(2 ** 20)))
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "--batch_size 1048576" in err and "no full batch" in err and "use -b 32768" in err
+    captured = capsys.readouterr()
+    samples = 5 * len(torch.load(os.path.join(clustered_data, "train_ratings.pt"),
+                                 weights_only=True))
+    assert samples // 1024 < 50 <= samples // 512 and 2 ** 15 <= samples < 2 ** 16
+    assert captured.err == (
+        f"ncf.py: error: --batch_size 1048576 x --grads_accumulated 1 exceeds an epoch of "
+        f"{samples:,} samples ({samples // 5:,} positives x (1 + 4 negatives)), so no full "
+        f"batch would be trained; try -b 512: {samples // 512} optimiser steps an epoch (the "
+        f"largest power of two giving at least 50; -b 32768 is the largest that trains at "
+        f"all)\n")
+    # refused before the model is built and printed
+    assert "parameters" not in captured.out
     assert not (tmp_path / "ck" / "last.pth").exists()
     assert (tmp_path / "log.json").read_text() == earlier_log
+
+
+@pytest.mark.parametrize("program", [ncf, baselines])
+@pytest.mark.parametrize("flags, named", [
+    (["-k", "101"], "-k/--topk 101"),
+    (["-k", "1000000000"], "-k/--topk 1000000000"),
+    (["--report_topk", "5", "101"], "--report_topk 101"),
+])
+def test_a_cut_off_every_user_would_hit_is_refused(clustered_data, tmp_path, capsys, program,
+                                                   flags, named):
+    argv = (train_args(clustered_data, tmp_path) if program is ncf else
+            ["--data", clustered_data, "--method", "pop", "--log_path", str(tmp_path / "l.json")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(program.main, argv + flags)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"{program.__name__}.py: error: {named}: each test positive is ranked among 101 "
+        f"candidates (its 100 test negatives and itself), so every user would be a hit at "
+        f"{named.split()[-1]}; pass a cut-off below 101\n")
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "log.json").exists()
+    # at 100 a positive can still miss: ranked behind all 100 negatives
+    assert ncf.main(train_args(clustered_data, tmp_path, "-k", "100", "-e", "1"))
 
 
 def test_first_epoch_replaces_an_older_runs_model_even_at_hr_0(clustered_data, tmp_path,
