@@ -13,10 +13,7 @@ import torch.nn.functional as F
 import cli
 import dataloading
 import scoring
-
-# Log key prefixes and the words stdout says for them.
-SPLIT_LABELS = (("val_", "validation "), ("full_", "full "))
-
+from logger import METRIC_PREFIXES, metric_parts
 
 def hit_rate_and_ndcg(ranks, k):
     """HR@k and NDCG@k from 0-based positive ranks: a hit when rank < k, gain 1/log2(rank+2)."""
@@ -62,13 +59,12 @@ def reported(ranks, args, prefix=""):
 
 def metrics_text(metrics):
     """stdout's `validation full HR@10 = 0.1234, ...` for log keys such as val_full_hr@10."""
+    words = dict(METRIC_PREFIXES)
     parts = []
     for key, value in metrics.items():
-        label = ""
-        for prefix, words in SPLIT_LABELS:
-            if key.startswith(prefix):
-                key, label = key.removeprefix(prefix), label + words
-        name, at, cutoff = key.partition("@")
+        prefixes, metric = metric_parts(key)
+        label = "".join(words[prefix] for prefix in prefixes)
+        name, at, cutoff = metric.partition("@")
         parts.append(f"{label}{name.upper()}{at}{cutoff} = {value:.4f}")
     return ", ".join(parts)
 
@@ -77,14 +73,7 @@ def selected_metrics(history, epoch):
     """The metrics (keys as `reported` makes them) of `epoch`'s record in `history`; none
     before an epoch is selected (-1)."""
     record = next((record for record in history if record["epoch"] == epoch), {})
-    metrics = {}
-    for key, value in record.items():
-        name = key
-        for prefix, _ in SPLIT_LABELS:
-            name = name.removeprefix(prefix)
-        if name.partition("@")[0] in ("hr", "ndcg", "mrr"):
-            metrics[key] = value
-    return metrics
+    return {key: value for key, value in record.items() if metric_parts(key)}
 
 
 def positive_ranks(scores, items, duplicate_mask):

@@ -1,4 +1,5 @@
-"""Draw the learning curve of a training run: HR@k and NDCG@k per epoch, and training loss.
+"""Draw the learning curve of a training run: every ranking metric the log holds per epoch
+(HR@k, NDCG@k, MRR; sampled and full ranking in panels of their own), and training loss.
 
     python plot_curve.py --log log.json --output curve.png
 
@@ -15,28 +16,26 @@ import sys
 
 import cli
 from fileio import atomic_output, check_replaceable
-from logger import PARAMETER, PREFIX
+from logger import PARAMETER, PREFIX, metric_parts
 
 # Epochs are whole numbers that a float holds exactly (matplotlib plots floats).
 LARGEST_EPOCH = 2 ** 53
 # ncf.py's -k/--topk when a log does not record it.
 DEFAULT_TOPK = 10
-# The series plotted: the test split's and, where the run had one, the validation split's.
-METRIC_PREFIXES = ("hr@", "ndcg@", "val_hr@", "val_ndcg@")
 
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog="plot_curve.py",
-                                description="Plot HR@k, NDCG@k and training loss per epoch")
+                                description="Plot the metrics and training loss per epoch")
     parser.add_argument("--log", type=str, required=True, help="log.json written by ncf.py")
     parser.add_argument("--output", type=str, default="curve.png", help="PNG file to write")
     return parser.parse_args(argv)
 
 
 def read_curve(path):
-    """{"epoch": [...], "train_loss": [...], "hr@k": [...], "ndcg@k": [...]} from a log (and
-    val_hr@k, val_ndcg@k where it has them), and the -k/--topk of its last settings record
-    that has one (None without).
+    """{"epoch": [...], "train_loss": [...], "hr@k": [...], "ndcg@k": [...], ...} from a log:
+    every ranking metric it holds (logger.metric_parts: validation, full ranking, further
+    cut-offs, MRR), and the -k/--topk of its last settings record that has one (None without).
 
     A resumed run logs again the epoch it was killed in; the last record of an epoch is the
     one the finished run's weights come from, so it wins. A metric missing from a record
@@ -92,8 +91,7 @@ def read_curve(path):
         print(f"plot_curve.py: warning: {warning}", file=sys.stderr)
     epochs = sorted(by_epoch)
     records = [by_epoch[epoch] for epoch in epochs]
-    metrics = sorted({key for record in records for key in record
-                      if key.startswith(METRIC_PREFIXES)})
+    metrics = sorted({key for record in records for key in record if metric_parts(key)})
     curve = {"epoch": epochs}
     for key in ["train_loss"] + metrics:
         curve[key] = [_number(record.get(key)) for record in records]
@@ -163,13 +161,24 @@ def draw(curve, topk, title, output):
     except ImportError:
         raise cli.UserError("matplotlib is needed to draw the curve: pip install matplotlib "
                             "(or pip install -r requirements-optional.txt)") from None
-    figure = Figure(figsize=(8, 7), layout="constrained")
+    metrics = [key for key in curve if metric_parts(key)]
+    # Full ranking puts the positive among thousands of items, not 101: its figures are an
+    # order of magnitude lower and would flatten the sampled ones on one axis.
+    full = [key for key in metrics if "full_" in metric_parts(key)[0]]
+    panels = [("sampled (positive among its test negatives)",
+               [key for key in metrics if key not in full])]
+    if full:
+        panels.append(("full ranking (positive among all untrained items)", full))
+    figure = Figure(figsize=(8, 3.5 * (len(panels) + 1)), layout="constrained")
     FigureCanvasAgg(figure)
-    accuracy, loss = figure.subplots(2, 1, sharex=True)
+    *axes, loss = figure.subplots(len(panels) + 1, 1, sharex=True)
     epochs = curve["epoch"]
-    for key in curve:
-        if key.startswith(METRIC_PREFIXES):
-            accuracy.plot(epochs, curve[key], marker="o", markersize=3, label=key.upper())
+    for axis, (name, keys) in zip(axes, panels):
+        for key in keys:
+            axis.plot(epochs, curve[key], marker="o", markersize=3, label=key.upper())
+        axis.set_ylabel(name, fontsize="small")
+        axis.grid(alpha=0.3)
+    accuracy = axes[0]
     key = selected_key(curve, topk)
     if key is not None:
         finite = [(value, epoch) for epoch, value in zip(epochs, curve[key])
@@ -179,10 +188,9 @@ def draw(curve, topk, title, output):
             accuracy.plot([best_epoch], [best], marker="*", markersize=14, linestyle="none",
                           color="gold", markeredgecolor="black",
                           label=f"best {key.upper()} {best:.4f} (epoch {best_epoch})")
-    accuracy.set_ylabel("metric")
     accuracy.set_title(title)
-    accuracy.grid(alpha=0.3)
-    accuracy.legend()
+    for axis in axes:
+        axis.legend(fontsize="small")
     loss.plot(epochs, curve["train_loss"], marker="o", markersize=3, color="tab:red")
     loss.set_ylabel("training loss")
     loss.set_xlabel("epoch")

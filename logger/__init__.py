@@ -20,6 +20,23 @@ import cli
 
 PREFIX = "DLLL "
 PARAMETER = "PARAMETER"
+# What a ranking metric's log key may start with, in this order, and the words stdout says for
+# each: the validation split, then the full-ranking protocol (val_full_hr@10).
+METRIC_PREFIXES = (("val_", "validation "), ("full_", "full "))
+
+
+def metric_parts(key):
+    """(the prefixes of METRIC_PREFIXES a log key starts with, the metric after them) for a
+    ranking metric's key (hr@K, ndcg@K, mrr after the prefixes); None for any other key."""
+    prefixes = []
+    for prefix, _ in METRIC_PREFIXES:
+        if key.startswith(prefix):
+            prefixes.append(prefix)
+            key = key.removeprefix(prefix)
+    name = key.partition("@")[0]
+    if name in ("hr", "ndcg") and key.partition("@")[2].isdigit() or key == "mrr":
+        return tuple(prefixes), key
+    return None
 
 
 def _jsonable(value):

@@ -80,14 +80,16 @@ def test_test_mode_without_validation_split(tmp_path, capsys):
 def test_default_output_has_only_the_original_metrics(tmp_path, capsys):
     directory = without_validation(write_split(str(tmp_path / "data")))
     model = item_order_model(tmp_path / "model.pth")
+    # 4 candidates a user (3 test negatives): -k 3 is the largest cut-off a positive can miss
     result = ncf.main(["--data", directory, "--mode", "test", "--load_checkpoint_path", model,
-                       "-f", "1", "--layers", "2", "2", "--log_path", str(tmp_path / "log.json")])
-    assert result["metrics"] == pytest.approx({"hr@10": 1.0, "ndcg@10": ndcg([0, 1, 2, 3], 10)},
+                       "-k", "3", "-f", "1", "--layers", "2", "2", "--log_path",
+                       str(tmp_path / "log.json")])
+    assert result["metrics"] == pytest.approx({"hr@3": 0.75, "ndcg@3": ndcg([0, 1, 2, 3], 3)},
                                               abs=1e-12)
     assert capsys.readouterr().out.splitlines()[-1].startswith(
-        "HR@10 = 1.0000, NDCG@10 = 0.6404, val_time = ")
+        f"HR@3 = 0.7500, NDCG@3 = {ndcg([0, 1, 2, 3], 3):.4f}, val_time = ")
     logged = log_records(read_log(tmp_path / "log.json"), "summary")[-1]
-    assert set(logged) == {"hr@10", "ndcg@10", "eval_throughput", "best_eval_throughput",
+    assert set(logged) == {"hr@3", "ndcg@3", "eval_throughput", "best_eval_throughput",
                            "validation_loss", "validation_epoch_time"}
 
 

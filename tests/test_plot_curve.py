@@ -256,3 +256,27 @@ def test_an_output_it_would_destroy_is_refused(tmp_path, capsys, kind):
     assert capsys.readouterr().err == f"plot_curve.py: error: --output {output}: {problem}\n"
     assert log.read_bytes() == before
     assert (os.lstat(output).st_ino, os.lstat(output).st_mode) == (kept.st_ino, kept.st_mode)
+
+
+def test_every_metric_is_drawn_sampled_and_full_ranking_apart(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    figures = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: (
+        figures.append(figure), savefig(figure, *args, **kwargs)))
+    metrics = {"hr@10": 0.6, "ndcg@10": 0.4, "hr@5": 0.5, "ndcg@5": 0.3, "mrr": 0.35,
+               "val_hr@10": 0.55, "val_ndcg@10": 0.33, "full_hr@10": 0.08, "full_ndcg@10": 0.04,
+               "full_mrr": 0.03, "val_full_hr@10": 0.07, "validation_loss": 0.3,
+               "eval_throughput": 1e6}
+    log = write_log(tmp_path / "log.json", [epoch_of(n, metrics) for n in range(3)])
+    curve = plot_curve.main(["--log", str(log), "--output", str(tmp_path / "curve.png")])
+    assert set(curve) == {"epoch", "train_loss", *metrics} - {"validation_loss",
+                                                            "eval_throughput"}
+    sampled, full, loss = figures[0].axes
+    assert sorted(line.get_label() for line in sampled.get_lines()
+                  if not line.get_label().startswith("best ")) == [
+        "HR@10", "HR@5", "MRR", "NDCG@10", "NDCG@5", "VAL_HR@10", "VAL_NDCG@10"]
+    assert sorted(line.get_label() for line in full.get_lines()) == [
+        "FULL_HR@10", "FULL_MRR", "FULL_NDCG@10", "VAL_FULL_HR@10"]
+    assert loss.get_ylabel() == "training loss"
