@@ -20,6 +20,7 @@ dataset than DIR. The written file is loaded back and run on batches of 1 and 1,
 export fails, leaving nothing at --output, unless it matches the model within 1e-5.
 """
 import importlib
+import inspect
 import os
 import warnings
 
@@ -104,6 +105,13 @@ def compare(exported, graph, path):
                                     f"model's on {size} pairs ({difference}); not written")
 
 
+def torchscript_exporter(onnx_export):
+    """The keyword that picks torch.onnx.export's TorchScript-based exporter where the
+    signature has it (torch 2.5 and later, whose default became the dynamo-based one); older
+    torch, NGC 24.05's 2.4 among them, has only that exporter and refuses the keyword."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(onnx_export).parameters else {}
+
+
 def export_onnx(exported, temporary, path):
     onnx, onnxruntime = import_onnx_packages()
     outputs = ["logits", "probabilities"] if exported.probabilities else ["logits"]
@@ -112,9 +120,10 @@ def export_onnx(exported, temporary, path):
         # The TorchScript-based exporter is deprecated in favour of one that needs onnxscript;
         # the ONNX file it writes is the same standard either way.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(exported, example, temporary, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(exported, example, temporary, opset_version=OPSET,
                           input_names=["user", "item"], output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in ["user", "item"] + outputs})
+                          dynamic_axes={name: {0: "batch"} for name in ["user", "item"] + outputs},
+                          **torchscript_exporter(torch.onnx.export))
     onnx.checker.check_model(temporary)
     session = onnxruntime.InferenceSession(temporary, providers=["CPUExecutionProvider"])
     compare(exported, lambda users, items: session.run(

@@ -119,7 +119,8 @@ def without_onnxruntime(monkeypatch):
 @pytest.mark.parametrize("flags, setup, named", [
     ({"--load_checkpoint_path": lambda tmp: str(tmp / "none.pth")}, None,
      "none.pth: no such checkpoint file"),
-    ({"--load_checkpoint_path": lambda tmp: junk(tmp / "junk.pth")}, None, "junk.pth: refused"),
+    ({"--load_checkpoint_path": lambda tmp: junk(tmp / "junk.pth")}, None,
+     "junk.pth: not a PyTorch checkpoint"),
     ({"--load_checkpoint_path": lambda tmp: save_model(tmp / "other.pth", 5, 10)}, None,
      "other.pth: checkpoint has 5 users and 10 items, data has 4 users and 10 items"),
     ({"--load_checkpoint_path": lambda tmp: save_model(tmp / "other.pth", 4, 11)}, None,
@@ -186,3 +187,17 @@ def test_a_reader_that_goes_away_is_no_error(files):
         error = process.stderr.read()
         assert (process.wait(timeout=120), error) == (0, b"")
     assert output.is_file()
+
+
+def test_the_torchscript_exporter_is_asked_for_only_where_the_keyword_exists():
+    def before_2_5(model, args, f, export_params=True, opset_version=None, input_names=None,
+                   output_names=None, dynamic_axes=None):
+        pass
+
+    def from_2_5(model, args, f, *, dynamo=True, opset_version=None, input_names=None,
+                 output_names=None, dynamic_axes=None):
+        pass
+
+    assert export.torchscript_exporter(before_2_5) == {}
+    assert export.torchscript_exporter(from_2_5) == {"dynamo": False}
+    assert export.torchscript_exporter(torch.onnx.export) == {"dynamo": False}
