@@ -24,6 +24,7 @@ import json
 import re
 import sys
 import threading
+import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +43,9 @@ MAX_BATCH_USERS = 256
 MAX_TEXT_ID = 1024
 # 256 ids of 20 digits with separators are about 6 KiB.
 MAX_BODY_BYTES = 64 * 1024
+# Seconds a POST body has to arrive in, once its headers have: 64 KiB take milliseconds, and a
+# client that stops sending holds a connection and a thread until then.
+BODY_SECONDS = 5.0
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 # At most 20 characters: int() of a very long digit string costs time quadratic in its length.
 # ASCII digits only: int() also reads other scripts' digits, so "١" would be answered as user 1.
@@ -91,13 +95,39 @@ def shown(text, limit=40):
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def is_number(value):
+    """Whether a parsed JSON value is a JSON number: Python's bool is an int, JSON's is not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def json_shown(value, limit=40):
+    """A JSON value as a message names it, its type first, cut short: `the JSON string "1"`."""
+    if value is None:
+        return "JSON null"
+    kind = ("boolean" if isinstance(value, bool) else "number" if is_number(value)
+            else "string" if isinstance(value, str) else "array" if isinstance(value, list)
+            else "object")
+    text = json.dumps(value)
+    return f"the JSON {kind} {text if len(text) <= limit else text[:limit] + '...'}"
+
+
 def whole_number(value, name, low, high, expected):
-    """`value`, a JSON number or a query parameter's text, refused unless it is an integer in
-    [low, high] (JSON's true and false and strings are not numbers here)."""
-    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+    """A query parameter's value (from_query: an int where its text spells one), refused unless
+    it is an integer in [low, high]."""
+    if isinstance(value, int) and low <= value <= high:
         return value
-    text = value if isinstance(value, str) else json.dumps(value)
-    raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: expected {expected}, got {shown(text)}")
+    raise RequestError(HTTPStatus.BAD_REQUEST,
+                       f"{name}: expected {expected}, got {shown(str(value))}")
+
+
+def json_whole_number(value, name, low, high, expected):
+    """A value of a JSON body, refused unless it is a JSON number that is an integer in
+    [low, high]; the refusal names the JSON type that came and the one expected."""
+    if is_number(value) and isinstance(value, int) and low <= value <= high:
+        return value
+    wanted = expected if is_number(value) else f"a JSON number ({expected})"
+    raise RequestError(HTTPStatus.BAD_REQUEST,
+                       f"{name}: got {json_shown(value)}, expected {wanted}")
 
 
 def from_query(text):
@@ -105,20 +135,38 @@ def from_query(text):
     return int(text) if WHOLE_NUMBER.fullmatch(text) else text
 
 
-def parse_user(value, name="user", text_ids=False):
-    """A user id as the data holds them: a 64-bit integer, or with text ids (convert.py
-    --string_ids) a non-empty string, taken as given ("007" is not "7")."""
+def is_text_id(value):
+    return isinstance(value, str) and 0 < len(value) <= MAX_TEXT_ID
+
+
+def parse_user(value, text_ids=False):
+    """The user id of a query, as the data holds them: a 64-bit integer, or with text ids
+    (convert.py --string_ids) a non-empty string, taken as given ("007" is not "7")."""
     if not text_ids:
-        return whole_number(value, name, INT64_MIN, INT64_MAX, "a user id (a 64-bit integer)")
-    if isinstance(value, str) and 0 < len(value) <= MAX_TEXT_ID:
+        return whole_number(value, "user", INT64_MIN, INT64_MAX, "a user id (a 64-bit integer)")
+    if is_text_id(value):
         return value
-    text = value if isinstance(value, str) else json.dumps(value)
-    raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: expected a user id (text of 1 to "
-                                               f"{MAX_TEXT_ID} characters), got {shown(text)}")
+    raise RequestError(HTTPStatus.BAD_REQUEST, f"user: expected a user id (text of 1 to "
+                                               f"{MAX_TEXT_ID} characters), got {shown(value)}")
 
 
-def parse_topk(value):
-    return whole_number(value, "k", 1, MAX_TOPK, f"a whole number from 1 to {MAX_TOPK}")
+def json_user(value, name, text_ids=False):
+    """A user id of a JSON body, as parse_user takes them."""
+    if not text_ids:
+        return json_whole_number(value, name, INT64_MIN, INT64_MAX, "a 64-bit integer user id")
+    if is_text_id(value):
+        return value
+    expected = f"a text user id of 1 to {MAX_TEXT_ID} characters"
+    if not isinstance(value, str):
+        expected = f"a JSON string ({expected})"
+    raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: got {json_shown(value)}, expected "
+                                               f"{expected}")
+
+
+def parse_topk(value, from_json=False):
+    """k of a query (from_query) or, from_json, of a JSON body."""
+    check = json_whole_number if from_json else whole_number
+    return check(value, "k", 1, MAX_TOPK, f"a whole number from 1 to {MAX_TOPK}")
 
 
 def query_fields(query):
@@ -175,8 +223,8 @@ def batch_request(body, text_ids=False):
         raise RequestError(HTTPStatus.BAD_REQUEST,
                            f"users: {len(users)} ids, expected 1 to {MAX_BATCH_USERS}; split "
                            f"the batch")
-    users = [parse_user(user, f"users[{index}]", text_ids) for index, user in enumerate(users)]
-    return users, parse_topk(request.get("k", DEFAULT_TOPK))
+    users = [json_user(user, f"users[{index}]", text_ids) for index, user in enumerate(users)]
+    return users, parse_topk(request.get("k", DEFAULT_TOPK), from_json=True)
 
 
 class Service:
@@ -239,7 +287,8 @@ class Handler(BaseHTTPRequestHandler):
     # and no headers, so the client could not tell the error from an answer.
     default_request_version = "HTTP/1.0"
     server_version = "ncf-serve"
-    # A client that stops sending mid-request is dropped after this many seconds.
+    # A client that stops sending its request line or headers is dropped after this many seconds
+    # (a body has BODY_SECONDS).
     timeout = 30
     # Headers and body go out in two writes; with Nagle's algorithm the second waits for the
     # client's delayed ACK, 40 ms a response.
@@ -259,7 +308,7 @@ class Handler(BaseHTTPRequestHandler):
                 fields = query_fields(url.query)
                 user = fields["user"] if self.text_ids else from_query(fields["user"])
                 payload = self.server.service.recommend(
-                    [parse_user(user, text_ids=self.text_ids)],
+                    [parse_user(user, self.text_ids)],
                     parse_topk(from_query(fields.get("k", str(DEFAULT_TOPK)))))[0]
             elif url.path == "/recommend" and method == "POST":
                 users, k = batch_request(self.read_body(), self.text_ids)
@@ -315,13 +364,27 @@ class Handler(BaseHTTPRequestHandler):
                                f"Content-Length: {shown(length)}, at most {MAX_BODY_BYTES} "
                                f"bytes are taken; send fewer users a request")
         size = int(digits)
-        body = self.rfile.read(size)
         self.body_read = True
-        if len(body) < size:
+        body = bytearray()
+        deadline = time.monotonic() + BODY_SECONDS
+        try:
+            while len(body) < size:
+                # A timeout of 0 would make the socket non-blocking instead.
+                self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
+                chunk = self.rfile.read1(size - len(body))
+                if not chunk:  # the client ended its side
+                    self.close_connection = True
+                    raise RequestError(HTTPStatus.BAD_REQUEST,
+                                       f"body: {len(body)} of the {size} bytes announced arrived")
+                body += chunk
+        except TimeoutError:
             self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST,
-                               f"body: {len(body)} of the {size} bytes announced arrived")
-        return body
+            raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
+                               f"body: {len(body)} of the {size} bytes announced arrived in "
+                               f"{BODY_SECONDS:g} s; send the whole body at once") from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return bytes(body)
 
     def reply(self, status, payload):
         body = json.dumps(payload).encode()

@@ -1,4 +1,5 @@
 """serve.py as a client sees it: a real server process on 127.0.0.1 and real HTTP requests."""
+import contextlib
 import http.client
 import json
 import os
@@ -212,15 +213,15 @@ BAD_REQUESTS = [
     ("POST", "/recommend", b'{"users": 55}', 400, "expected {\"users\""),
     ("POST", "/recommend", b'{"users": []}', 400, "users: 0 ids, expected 1 to 256"),
     ("POST", "/recommend", json.dumps({"users": [55] * 257}).encode(), 400, "257 ids"),
-    ("POST", "/recommend", b'{"users": [55, "101"]}', 400, "users[1]: expected a user id"),
-    ("POST", "/recommend", b'{"users": [true]}', 400, "users[0]: expected a user id (a 64-bit"),
+    ("POST", "/recommend", b'{"users": [55, "101"]}', 400, 'users[1]: got the JSON string "101"'),
+    ("POST", "/recommend", b'{"users": [true]}', 400, "users[0]: got the JSON boolean true"),
     ("POST", "/recommend", b'{"users": [55.0]}', 400, "users[0]"),
-    ("POST", "/recommend", b'{"users": [null]}', 400, "got 'null'"),
+    ("POST", "/recommend", b'{"users": [null]}', 400, "got JSON null"),
     ("POST", "/recommend", b'{"users": [1e400]}', 400, "users[0]"),
     ("POST", "/recommend", b'{"users": [18446744073709551616]}', 400, "users[0]"),
-    ("POST", "/recommend", b'{"users": [55], "k": 0}', 400, "k: expected"),
-    ("POST", "/recommend", b'{"users": [55], "k": "3"}', 400, "k: expected"),
-    ("POST", "/recommend", b'{"users": [55], "k": NaN}', 400, "k: expected"),
+    ("POST", "/recommend", b'{"users": [55], "k": 0}', 400, "k: got the JSON number 0"),
+    ("POST", "/recommend", b'{"users": [55], "k": "3"}', 400, 'k: got the JSON string "3"'),
+    ("POST", "/recommend", b'{"users": [55], "k": NaN}', 400, "k: got the JSON number NaN"),
     ("POST", "/recommend", b'{"users": [55], "topk": 3}', 400, "unknown key 'topk'"),
     ("POST", "/recommend", b"x" * (64 * 1024 + 1), 413, "at most 65536"),
 ]
@@ -346,12 +347,9 @@ def test_concurrent_clients_get_their_own_answers(server):
         check_answer(answer, user, min(k, 4) if user == 300 else k)
 
 
-@pytest.fixture
-def strict_server(tmp_path):
-    """serve.py's server without the fallback, in a thread of this process."""
-    files = write_served_data(tmp_path)
-    recommender = Recommender(files["data"], files["checkpoint"])
-    service = serve.Service(recommender, load_titles(files["movies"]), fallback=False)
+@contextlib.contextmanager
+def serving(service):
+    """serve.py's server of `service` in a thread of this process: its port."""
     server = serve.listen("127.0.0.1", 0, service)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -361,6 +359,94 @@ def strict_server(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def strict_server(tmp_path):
+    """serve.py's server without the fallback, in a thread of this process."""
+    files = write_served_data(tmp_path)
+    recommender = Recommender(files["data"], files["checkpoint"])
+    with serving(serve.Service(recommender, load_titles(files["movies"]), fallback=False)) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def local_servers(tmp_path_factory):
+    """{"integer": port, "text": port}: servers in this process (so a test can patch serve.py's
+    constants) of the served data, with its user ids as integers and as text."""
+    with contextlib.ExitStack() as stack:
+        ports = {}
+        for kind in ("integer", "text"):
+            files = write_served_data(tmp_path_factory.mktemp(kind))
+            if kind == "text":
+                os.remove(os.path.join(files["data"], "user_ids.pt"))
+                with open(os.path.join(files["data"], "user_ids.json"), "w") as handle:
+                    json.dump([str(user) for user in USER_IDS], handle)
+            recommender = Recommender(files["data"], files["checkpoint"])
+            service = serve.Service(recommender, load_titles(files["movies"]))
+            ports[kind] = stack.enter_context(serving(service))
+        yield ports
+
+
+@pytest.mark.parametrize("ids, body, error", [
+    ("integer", {"users": ["1"]},
+     'users[0]: got the JSON string "1", expected a JSON number (a 64-bit integer user id)'),
+    ("integer", {"users": [55, True]},
+     "users[1]: got the JSON boolean true, expected a JSON number (a 64-bit integer user id)"),
+    ("integer", {"users": [None]},
+     "users[0]: got JSON null, expected a JSON number (a 64-bit integer user id)"),
+    ("integer", {"users": [[55]]},
+     "users[0]: got the JSON array [55], expected a JSON number (a 64-bit integer user id)"),
+    ("integer", {"users": [{"id": 55}]},
+     'users[0]: got the JSON object {"id": 55}, expected a JSON number (a 64-bit integer user '
+     'id)'),
+    ("integer", {"users": ["7" * 100]},
+     'users[0]: got the JSON string "' + "7" * 39 + '..., expected a JSON number (a 64-bit '
+     'integer user id)'),
+    ("integer", {"users": [55.0]},
+     "users[0]: got the JSON number 55.0, expected a 64-bit integer user id"),
+    ("integer", {"users": [2 ** 64]},
+     "users[0]: got the JSON number 18446744073709551616, expected a 64-bit integer user id"),
+    ("integer", {"users": [55], "k": "3"},
+     'k: got the JSON string "3", expected a JSON number (a whole number from 1 to 1000)'),
+    ("integer", {"users": [55], "k": 0},
+     "k: got the JSON number 0, expected a whole number from 1 to 1000"),
+    ("text", {"users": [196]},
+     "users[0]: got the JSON number 196, expected a JSON string (a text user id of 1 to 1024 "
+     "characters)"),
+    ("text", {"users": ["55", False]},
+     "users[1]: got the JSON boolean false, expected a JSON string (a text user id of 1 to 1024 "
+     "characters)"),
+    ("text", {"users": [""]},
+     'users[0]: got the JSON string "", expected a text user id of 1 to 1024 characters'),
+])
+def test_a_json_value_of_the_wrong_type_is_named_with_the_type_expected(local_servers, ids,
+                                                                        body, error):
+    port = local_servers[ids]
+    assert request(port, "POST", "/recommend", json.dumps(body)) == (400, {"error": error})
+    users = [55] if ids == "integer" else ["55"]
+    status, answer = request(port, "POST", "/recommend", json.dumps({"users": users, "k": 2}))
+    assert status == 200 and answer["recommendations"][0]["user"] == users[0]
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_the_connection_closed(local_servers,
+                                                                            monkeypatch):
+    # Before, nothing came back for Handler.timeout (30 s), then the connection closed.
+    monkeypatch.setattr(serve, "BODY_SECONDS", 0.5)
+    with socket.create_connection(("127.0.0.1", local_servers["integer"]), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(post_head(b"Content-Length: 100") + b'{"users": [55]}')
+        # The client's side stays open: only the server's closing ends this.
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        waited = time.monotonic() - started
+    reply = b"".join(chunks)
+    assert parse_raw(reply) == (408, {"error": "body: 15 of the 100 bytes announced arrived in "
+                                               "0.5 s; send the whole body at once"})
+    assert b"Connection: close" in reply.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert 0.5 <= waited < 5
+    check_answer(request(local_servers["integer"], "GET", "/recommend?user=55&k=2")[1], 55, 2)
 
 
 def test_no_fallback_answers_404_for_an_unknown_user(strict_server):
@@ -392,7 +478,8 @@ def one_error_line(capsys, argv):
     (lambda files, tmp: {"checkpoint": str(tmp / "none.pth")}, "no such checkpoint file"),
     (lambda files, tmp: torch.save(model_for(5, 10).state_dict(), files["checkpoint"]),
      "checkpoint has 5 users and 10 items, data has 4 users"),
-    (lambda files, tmp: {"checkpoint": str(junk(tmp / "junk.pth"))}, "junk.pth: refused"),
+    (lambda files, tmp: {"checkpoint": str(junk(tmp / "junk.pth"))},
+     "junk.pth: not a PyTorch checkpoint"),
     (lambda files, tmp: os.remove(os.path.join(files["data"], "user_ids.pt")),
      "user_ids.pt: not found"),
     (lambda files, tmp: {"movies": str(tmp / "movies.txt")}, "--movies"),
@@ -472,7 +559,7 @@ def test_text_user_ids_are_served_as_text(tmp_path):
     assert convert.main(["--path", str(tmp_path / "log.csv"), "--output", str(data),
                          "--first_columns", "--string_ids", "--min_ratings", "1",
                          "--valid_negative", "2"]) == 0
-    ncf.main(["--data", str(data), "-e", "1", "-b", "8", "--checkpoint_dir", str(run),
+    ncf.main(["--data", str(data), "-e", "1", "-b", "8", "-k", "2", "--checkpoint_dir", str(run),
               "--log_path", str(tmp_path / "log.json")])
     recommender = Recommender(str(data), str(run / "model.pth"))
     server = serve.listen("127.0.0.1", 0, serve.Service(recommender, fallback=False))
@@ -484,11 +571,14 @@ def test_text_user_ids_are_served_as_text(tmp_path):
             status, answer = request(port, "GET", f"/recommend?user={user}&k=3")
             trained = {"007": {"tea", "cake", "jam"}, "7": {"cake", "tea", "jam"}}[user]
             assert status == 200 and answer["user"] == user
-            assert answer["items"] and not {entry["movieId"] for entry in answer["items"]} & trained
+            assert answer["items"]
+            assert not {entry["movieId"] for entry in answer["items"]} & trained
         status, answer = request(port, "POST", "/recommend", json.dumps({"users": ["x", "007"]}))
-        assert status == 200 and [entry["user"] for entry in answer["recommendations"]] == ["x", "007"]
+        assert status == 200
+        assert [entry["user"] for entry in answer["recommendations"]] == ["x", "007"]
         status, answer = request(port, "POST", "/recommend", json.dumps({"users": [7]}))
-        assert status == 400 and answer["error"].startswith("users[0]: expected a user id (text")
+        assert status == 400 and answer["error"].startswith("users[0]: got the JSON number 7, "
+                                                            "expected a JSON string")
         status, answer = request(port, "GET", "/recommend?user=0007")
         assert status == 404 and answer["error"].startswith("user 0007: unknown")
     finally:
