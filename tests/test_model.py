@@ -123,6 +123,31 @@ def test_default_dropout_mask_is_fair_per_element():
     assert abs(kept.float().mean().item() - 0.5) < 0.01
 
 
+def test_the_byte_mask_runs_on_a_cpu_and_torch_dropout_on_other_devices(monkeypatch):
+    used = []
+    apply = _ReluDropout.apply
+    monkeypatch.setattr(_ReluDropout, "apply", lambda *args: used.append(1) or apply(*args))
+    # the meta device stands for a GPU here: shapes and dispatch, no data
+    on_meta = relu_dropout(torch.empty(64, 32, device="meta"), 0.5, training=True)
+    assert on_meta.shape == (64, 32) and on_meta.device.type == "meta" and used == []
+    relu_dropout(torch.randn(64, 32), 0.5, training=True)
+    assert used == [1]
+
+
+def test_torch_dropout_path_has_the_same_distribution_and_scale(monkeypatch):
+    """The GPU's path (torch's dropout after ReLU), run on a CPU tensor dressed as another
+    device: Bernoulli(0.5) per element, kept values doubled, as the byte mask's."""
+    torch.manual_seed(4)
+    x = torch.rand(4096, 64) + 0.5
+    monkeypatch.setattr(_ReluDropout, "apply", None)  # the CPU's path would fail
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda tensor: torch.device("meta")))
+    out = relu_dropout(x, 0.5, training=True)
+    monkeypatch.undo()
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] * 2)
+    assert abs(kept.float().mean().item() - 0.5) < 0.01
+
+
 def test_fused_relu_dropout_gradient_equals_unfused():
     torch.manual_seed(3)
     x = torch.randn(32, 16, requires_grad=True)
