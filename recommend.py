@@ -17,10 +17,10 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cli
 from fileio import atomic_output
+from progress import Progress
 from recommender import PRECISIONS, Recommender, load_titles, titles_note
 
 PROG = "recommend.py"
@@ -76,8 +76,8 @@ def print_table(table):
 
 
 def write_all_users(recommender, topk, titles, output):
-    """Recommendations for every user, by original user id, into `output` atomically (a
-    progress bar on a terminal)."""
+    """Recommendations for every user, by original user id, into `output` atomically, with
+    progress on stderr (a bar on a terminal, else a line every 30 s)."""
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise cli.UserError(f"--output {output}: directory {directory} does not exist; "
@@ -86,7 +86,7 @@ def write_all_users(recommender, topk, titles, output):
     step = recommender.users_per_batch()
     try:
         with atomic_output(output) as temporary, open(temporary, "w", newline="") as handle, \
-                tqdm(total=len(order), unit="user", desc="recommend", disable=None) as bar:
+                Progress(len(order), "recommend", "user") as bar:
             for start in range(0, len(order), step):
                 users = order[start:start + step]
                 table = add_titles(recommender.table(users, topk), titles)

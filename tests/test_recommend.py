@@ -11,6 +11,7 @@ import torch
 
 import bounded_topk
 import cli
+import progress
 import recommend
 import recommender
 import scoring
@@ -166,6 +167,23 @@ def test_all_users_csv_round_trip(data):
         assert written[column].tolist() == one_by_one[column].tolist()
     assert written["score"].tolist() == pytest.approx(one_by_one["score"].tolist(), abs=1e-6)
     assert sorted(os.listdir(data["tmp"])) == ["data", "model.pth", "movies.csv", "recs.csv"]
+
+
+def test_all_users_reports_its_progress_on_stderr(data, monkeypatch, capsys):
+    # A clock 30 s on at each reading: a line at every batch, here of one user each.
+    readings = iter(range(30, 10 ** 6, 30))
+    monkeypatch.setattr(recommend, "Progress", lambda *args: progress.Progress(
+        *args, clock=lambda: next(readings)))
+    monkeypatch.setattr(recommender.Recommender, "users_per_batch", lambda self: 1)
+    run(data, "--all_users", "--output", str(data["tmp"] / "recs.csv"), "--topk", "2")
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "recommend: 1/4 users (25%), 0.033 users/s, about 1 min 30 s left",
+        "recommend: 2/4 users (50%), 0.033 users/s, about 1 min 0 s left",
+        "recommend: 3/4 users (75%), 0.033 users/s, about 30 s left",
+        "recommend: 4/4 users (100%), 0.033 users/s",
+    ]
+    assert captured.out == ""
 
 
 def test_output_without_all_users_is_refused(data, capsys):
