@@ -378,18 +378,28 @@ def main(argv=None):
                             f"line, here or in its node's log, says why") from None
 
 
-def lost_peer(error):
-    """What gloo said when a collective lost another process (it failed or was killed), or
-    None for any other error.
+# What a collective raises when it lost another process (failed, killed, timed out): the
+# backend, and the part of its message's first line to keep. gloo raises a RuntimeError that
+# starts with its source location; NCCL a DistBackendError naming its source, then the reason.
+LOST_PEER_MESSAGES = (
+    ("gloo", re.compile(r"\[[^\]]*gloo/transport[^\]]*\]\s*(.*?)(?:\. .*)?$")),
+    ("nccl", re.compile(r"NCCL error in: [^,]*, (.*?)(?:, NCCL version [\w.]+)?$")),
+    ("nccl", re.compile(r".*Watchdog caught collective operation (timeout: .*)$")),
+)
 
-    The surviving process would otherwise end in a traceback that buries the failed one's
-    message. gloo raises a plain RuntimeError whose text starts with its source location.
-    """
-    text = str(error).strip()
-    if cli.world_size() == 1 or "gloo/transport" not in text:
+
+def lost_peer(error):
+    """What the backend said when a collective lost another process, or None for any other
+    error. The surviving process would otherwise end in a traceback that buries the failed
+    one's message."""
+    lines = str(error).strip().splitlines()
+    if cli.world_size() == 1 or not lines:
         return None
-    said = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]
-    return f"gloo: {said}"
+    for backend, pattern in LOST_PEER_MESSAGES:
+        said = pattern.match(lines[0])
+        if said:
+            return f"{backend}: {said.group(1)}"
+    return None
 
 
 if __name__ == "__main__":

@@ -170,3 +170,30 @@ def test_an_unexpected_error_of_one_of_several_processes_skips_finalization(worl
     assert done.stderr.rstrip().endswith("KeyError: 'missing'")
     assert done.stderr.startswith("Traceback (most recent call last):")
     assert done.stdout == ("finalized\n" if finalized else "")
+
+
+@pytest.mark.parametrize("message, said", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+     "[127.0.0.1]:25093. More text", "gloo: Connection closed by peer [127.0.0.1]:25093"),
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+     "1800000ms for recv operation to complete",
+     "gloo: Timed out waiting 1800000ms for recv operation to complete"),
+    ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.hpp:268, remote process "
+     "exited or there was a network error, NCCL version 2.21.5\nncclRemoteError: A call "
+     "failed", "nccl: remote process exited or there was a network error"),
+    ("NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1275, internal error, "
+     "NCCL version 2.14.3\nncclInternalError: Internal check failed.", "nccl: internal error"),
+    ("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
+     "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=900000) ran for 900102 "
+     "milliseconds before timing out.",
+     "nccl: timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE, NumelIn=1, NumelOut=1, "
+     "Timeout(ms)=900000) ran for 900102 milliseconds before timing out."),
+    ("CUDA out of memory", None),
+    ("", None),
+])
+def test_a_lost_peer_is_named_by_its_backend(monkeypatch, message, said):
+    import ncf
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ncf.lost_peer(RuntimeError(message)) == said
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert ncf.lost_peer(RuntimeError(message)) is None
