@@ -394,7 +394,7 @@ CPU_RNG_BYTES = torch.get_rng_state().numel()
 BEST_NUMBERS = ("hr", "ndcg", "train_seconds", "run_seconds")
 BEST_TIMES = ("time_to_best", "time_to_target", "train_time_to_best", "train_time_to_target")
 RECORD_NUMBERS = ("train_throughput", "eval_throughput")
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("float32", "tf32", "bfloat16", "float16")
 # Entry of last.pth: (what it must be, for the message; the test).
 TRAINING_STATE = {
     "model": ("a NeuMF state_dict", lambda value: isinstance(value, dict)),

@@ -133,7 +133,8 @@ def sampled_ranks(model, test_users, test_items, duplicate_mask, args, ctx):
     rows_per_batch = max(1, samples_per_batch // nb_candidates)
     ranks = torch.zeros(nb_users, dtype=torch.int64, device=ctx.device)
     loss_sums = torch.zeros(nb_users, dtype=torch.float64, device=ctx.device)
-    with torch.inference_mode():
+    # autocast off: whatever a caller has on, the logits are float32's.
+    with torch.inference_mode(), torch.autocast(ctx.device.type, enabled=False):
         # The same logits as model(user, item), with the item half of the first MLP layer
         # computed once per item instead of once per candidate: about twice the speed.
         scorer = scoring.FactoredScorer(model)

@@ -98,6 +98,9 @@ def parse_args(argv=None):
                         help="O2: mixed precision (float16 on CUDA, bfloat16 on a CPU with bf16 "
                              "units); O0: float32")
     parser.add_argument("--amp", action="store_true", help="mixed precision (same as O2)")
+    parser.add_argument("--no_tf32", action="store_true",
+                        help="float32 matrix products in IEEE float32 on an Ampere or newer GPU, "
+                             "where O0 otherwise runs them in TF32 as the original's figures")
     parser.add_argument("--log_path", type=str, default="log.json",
                         help="the dllogger-format JSON log")
     parser.add_argument("--full_ranking", action="store_true",
@@ -192,7 +195,24 @@ def init_distributed(args):
     if world_size > 1:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
-    return Context(device, rank, world_size, rank == 0, mixed_precision_dtype(args, device))
+    return Context(device, rank, world_size, rank == 0, mixed_precision_dtype(args, device),
+                   set_tf32(args, device))
+
+
+def set_tf32(args, device):
+    """Decide TF32 for float32 matrix products on `device` explicitly (PyTorch's default has
+    been IEEE float32 since 1.12, the original's figures ran TF32, NGC images force it by
+    environment) and return whether it is in effect."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+    torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    active = train.tf32_active(device)
+    if args.no_tf32 and active:
+        raise cli.UserError("--no_tf32: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in the environment (NGC "
+                            "images set it) makes cuBLAS use TF32 whatever torch allows; run with "
+                            "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0 for IEEE float32")
+    return active
 
 
 def cuda_index(local_rank, visible):
@@ -322,6 +342,9 @@ def print_notes(args, ctx):
     elif ctx.autocast_dtype == torch.bfloat16 and args.mode == "train":
         log_line(ctx, "note: training under bfloat16 autocast (--opt_level O2 on a CPU with "
                       "bf16 units); --opt_level O0 trains in float32")
+    if ctx.precision == "tf32" and args.mode == "train":
+        log_line(ctx, "note: float32 matrix products run in TF32 on this GPU, as the original's "
+                      "O0 figures; --no_tf32 keeps them IEEE float32")
 
 
 def run(args):

@@ -71,10 +71,14 @@ class Context:
     # None trains in float32; float16 (CUDA, with loss scaling) or bfloat16 (a CPU with
     # native bf16 units) trains under autocast in that type.
     autocast_dtype: torch.dtype | None = None
+    # Whether float32 matrix products run in TF32 (tf32_active).
+    tf32: bool = False
 
     @property
     def precision(self):
-        """The name checkpoints and logs record: float32, float16 or bfloat16."""
+        """The name checkpoints and logs record: float32, tf32, float16 or bfloat16."""
+        if self.autocast_dtype is None and self.tf32:
+            return "tf32"
         return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
 
 
@@ -107,6 +111,20 @@ def log_line(ctx, message):
 
 def cpu_has_native_bf16():
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def tf32_active(device):
+    """Whether float32 matrix products on `device` run in TF32 (a 10-bit mantissa): on a GPU
+    of compute capability 8.0 or more (Ampere and later) where torch allows it, or where
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (NGC images set it) makes cuBLAS use it whatever torch
+    says; NVIDIA_TF32_OVERRIDE=0 turns it off in NVIDIA's libraries."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        return False
+    return (torch.backends.cuda.matmul.allow_tf32
+            or os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1")
 
 
 def build_model(args, nb_users, nb_items, ctx):
@@ -512,8 +530,9 @@ def resume_state(args, ctx, model, optimizer, scaler, splits):
     if state["precision"] != ctx.precision:
         raise cli.UserError(
             f"{path}: the saved run trained in {state['precision']}, this one would train in "
-            f"{ctx.precision} (on {ctx.device.type}); resume on the same kind of device (CUDA, "
-            f"CPU with or without bf16 units) with the same --opt_level/--amp")
+            f"{ctx.precision} (on {ctx.device.type}); resume on the same kind of device (CUDA "
+            f"with or without TF32, CPU with or without bf16 units) with the same "
+            f"--opt_level/--amp and --no_tf32")
     saved_data = state["data"]
     check_matches(weights, path, splits.nb_users, splits.nb_items)
     if saved_data["nb_train"] != len(splits.train_users):

@@ -203,7 +203,7 @@ LAST_PTH_DAMAGE = [
     ("data without nb_train", delete_entry("data", "nb_train"), "data is a dict of length 3"),
     ("negative nb_users", set_entry(["data", "nb_users"], -30), "data is a dict of length 4"),
     ("precision as a bool", set_entry(["precision"], False),
-     "precision is False, expected one of float32, bfloat16, float16"),
+     "precision is False, expected one of float32, tf32, bfloat16, float16"),
     ("precision of another type", set_entry(["precision"], "float64"),
      "precision is 'float64', expected one of"),
     ("precision as a tensor", set_entry(["precision"], torch.zeros(2)),

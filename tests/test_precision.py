@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import cli
 import dataloading
 import evaluation
 import ncf
@@ -124,3 +125,104 @@ def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(cluster
     assert all(state["step"].item() > 0 for state in optimizer.state.values())
     # chance is 10/101; the planted clusters are learnt as in float32
     assert untrained_hr < 0.3 and hr > 0.5
+
+
+@pytest.fixture(autouse=True)
+def tf32_flags_restored():
+    """torch's process-wide TF32 switches as they were before the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("capability, allowed, environ, active", [
+    ((8, 0), True, {}, True),
+    ((9, 0), True, {}, True),
+    ((8, 0), False, {}, False),
+    ((7, 0), True, {}, False),  # V100: no TF32 units
+    # The NGC images' override makes cuBLAS use TF32 whatever torch allows...
+    ((8, 0), False, {"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"}, True),
+    ((7, 5), False, {"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"}, False),
+    # ...and NVIDIA's own switch turns it off in its libraries.
+    ((8, 0), True, {"NVIDIA_TF32_OVERRIDE": "0"}, False),
+])
+def test_tf32_is_read_from_the_card_torch_and_the_environment(monkeypatch, capability, allowed,
+                                                              environ, active):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    for name in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert train.tf32_active(torch.device("cuda", 0)) is active
+    assert train.tf32_active(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("flags, override, active, precision", [
+    ([], None, True, "tf32"),
+    (["--no_tf32"], None, False, "float32"),
+    (["--no_tf32"], "0", False, "float32"),
+    ([], "1", True, "tf32"),
+])
+def test_o0_on_an_ampere_gpu_is_tf32_unless_asked_and_logged_as_such(monkeypatch, flags, override,
+                                                                     active, precision):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    if override is None:
+        monkeypatch.delenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", override)
+    args = ncf.parse_args(["--data", "x", "--opt_level", "O0", *flags])
+    cuda = torch.device("cuda", 0)
+    assert ncf.set_tf32(args, cuda) is active
+    assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (
+        "--no_tf32" not in flags)
+    assert train.Context(cuda, 0, 1, True, None, active).precision == precision
+    # under float16 autocast the products are float16's, whatever TF32 says
+    assert train.Context(cuda, 0, 1, True, torch.float16, active).precision == "float16"
+
+
+def test_no_tf32_under_the_override_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    args = ncf.parse_args(["--data", "x", "--no_tf32"])
+    with pytest.raises(cli.UserError, match="^--no_tf32: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in "):
+        ncf.set_tf32(args, torch.device("cuda", 0))
+    assert ncf.set_tf32(args, torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [
+    (0, 1, 0), (3, 1, 0),  # one GPU visible per process (SLURM --gpus-per-task=1): its own
+    (0, 8, 0), (5, 8, 5),
+    (2, 2, None),  # more processes than GPUs: two would share one, which NCCL refuses
+])
+def test_each_process_takes_its_own_gpu(local_rank, visible, index):
+    if index is None:
+        with pytest.raises(cli.UserError, match=f"^local rank {local_rank} has no GPU "
+                                                f"\\({visible} visible\\)"):
+            ncf.cuda_index(local_rank, visible)
+    else:
+        assert ncf.cuda_index(local_rank, visible) == index
+
+
+def test_evaluation_under_float16_training_ranks_float32_logits(clustered_data):
+    """CUDA O2 trains under float16 autocast; evaluation scores float32 logits all the same
+    (float16 tied negatives with positives: 1.1 % of users at the ml-20m shape)."""
+    args = ncf.parse_args(["--data", clustered_data, "-b", "2048"])
+    splits = dataloading.load_splits(clustered_data, torch.device("cpu"))
+    model, _ = train.build_model(args, splits.nb_users, splits.nb_items,
+                                 train.Context(torch.device("cpu"), 0, 1, True))
+    test = splits.test
+    results = []
+    for dtype in (None, torch.float16):
+        ctx = train.Context(torch.device("cpu"), 0, 1, True, dtype)
+        results.append(evaluation.sampled_ranks(model, test.users, test.items,
+                                                test.duplicate_mask, args, ctx))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+    with torch.autocast("cpu", dtype=torch.float16):
+        under_autocast = evaluation.sampled_ranks(model, test.users, test.items,
+                                                  test.duplicate_mask, args, ctx)
+    assert torch.equal(results[0][0], under_autocast[0])

@@ -94,6 +94,8 @@ def test_resume_refuses_another_cut_off(clustered_data, uninterrupted, tmp_path,
 
 @pytest.mark.parametrize("saved,has_bf16,now", [
     ("float16", True, "bfloat16"), ("float16", False, "float32"),
+    # saved on an Ampere GPU in TF32: IEEE float32 products would not continue that run
+    ("tf32", False, "float32"),
     ("bfloat16", False, "float32"), ("float32", True, "bfloat16"),
     ("bfloat16", True, None), ("float32", False, None),
 ])
