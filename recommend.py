@@ -5,12 +5,14 @@
 
 DIR is what convert.py wrote (the ratings tensors and the id maps user_ids.pt, item_ids.pt).
 Items a user rated in training are never recommended. Ranks start at 1; score is the model's
-sigmoid output. The answer is float32's over every item, found exactly by scoring only the items
-whose upper bound can reach a user's top k (bounded_topk.py; a model with an MLP hidden layer
-and at least 4,096 items). Elsewhere every item is scored in one pass of the factored model
-(scoring.py), in float32, except where the bounds would apply but rule out too few items: there,
-where bfloat16 is native (a CPU with AMX or AVX512_BF16, a CUDA device with bf16), a bfloat16
-pass picks each user's shortlist, which float32 scores and orders (--precision, default auto).
+sigmoid output; the user and item columns are named as those convert.py read the ids from
+(userId and movieId where metadata.json records none). The answer is float32's over every item,
+found exactly by scoring only the items whose upper bound can reach a user's top k
+(bounded_topk.py; a model with an MLP hidden layer and at least 4,096 items). Elsewhere every
+item is scored in one pass of the factored model (scoring.py), in float32, except where the
+bounds would apply but rule out too few items: there, where bfloat16 is native (a CPU with AMX
+or AVX512_BF16, a CUDA device with bf16), a bfloat16 pass picks each user's shortlist, which
+float32 scores and orders (--precision, default auto).
 """
 import os
 import sys
@@ -37,9 +39,11 @@ def parse_args(argv=None):
                      help="original user ids (as in the ratings file; text ids too)")
     who.add_argument("--all_users", action="store_true",
                      help="every user, written as CSV to --output")
-    parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title]")
+    parser.add_argument("--output", help="CSV for --all_users: userId,rank,movieId,score[,title] "
+                                          "(the id columns named as in the converted ratings)")
     parser.add_argument("-k", "--topk", type=int, default=10, help="items per user")
-    parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
+    parser.add_argument("--movies", help="MovieLens titles: movies.csv (movieId,title,...), "
+                                          "ml-1m's or ml-10m's movies.dat, or ml-100k's u.item")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16: where the item bounds would apply (an MLP hidden layer, "
                              "4,096 items or more) but rule out too few items, a bfloat16 pass "
@@ -61,18 +65,20 @@ def parse_args(argv=None):
     return args
 
 
-def add_titles(table, titles):
+def add_titles(table, titles, item_column):
     if titles is not None:
-        table["title"] = table["movieId"].map(titles).fillna("")
+        table["title"] = table[item_column].map(titles).fillna("")
     return table
 
 
 def print_table(table):
-    header = f"{'user':>8} {'rank':>4} {'movieId':>8} {'score':>8}"
+    """Recommender.table's rows, aligned, under the user and item columns' names."""
+    header = f"{'user':>8} {'rank':>4} {table.columns[2]:>8} {'score':>8}"
     print(header + ("  title" if "title" in table else ""))
-    for row in table.itertuples(index=False):
-        line = f"{row.userId:>8} {row.rank:>4} {row.movieId:>8} {row.score:>8.4f}"
-        print(line + (f"  {row.title}" if "title" in table else ""))
+    # By position: a column's name need not be a Python name (`user id`).
+    for user, rank, item, score, *title in table.itertuples(index=False, name=None):
+        line = f"{user:>8} {rank:>4} {item:>8} {score:>8.4f}"
+        print(line + (f"  {title[0]}" if title else ""))
 
 
 def write_all_users(recommender, topk, titles, output):
@@ -89,7 +95,8 @@ def write_all_users(recommender, topk, titles, output):
                 Progress(len(order), "recommend", "user") as bar:
             for start in range(0, len(order), step):
                 users = order[start:start + step]
-                table = add_titles(recommender.table(users, topk), titles)
+                table = add_titles(recommender.table(users, topk), titles,
+                                   recommender.item_column)
                 table.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
                 bar.update(len(users))
     except OSError as error:
@@ -110,7 +117,7 @@ def main(argv=None):
         write_all_users(recommender, args.topk, titles, args.output)
         return None
     users = recommender.dense_users(list(dict.fromkeys(args.users)))
-    table = add_titles(recommender.table(users, args.topk), titles)
+    table = add_titles(recommender.table(users, args.topk), titles, recommender.item_column)
     print_table(table)
     sys.stdout.flush()
     return table

@@ -23,6 +23,11 @@ import train
 from checkpoint import check_matches, load_model
 
 ID_MAPS = ("user_ids", "item_ids")
+# Names of the user and item id columns in answers where metadata.json records none: MovieLens's.
+DEFAULT_ID_COLUMNS = ("userId", "movieId")
+# The other fields of an answer (recommend.py's CSV, serve.py's items), which the id columns'
+# names must not take.
+ANSWER_FIELDS = ("rank", "score", "title", "ratings")
 # --precision of recommend.py and serve.py: whether a bfloat16 shortlist serves (shortlist_wanted).
 PRECISIONS = ("auto", "bf16", "fp32")
 _WHOLE_NUMBER = re.compile(r"[+-]?\d{1,19}", re.ASCII)
@@ -50,7 +55,9 @@ class Recommender:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {precision!r}")
-        train_pairs, _, _, nb_users, nb_items = dataloading.open_dataset(data_dir)[:5]
+        dataset = dataloading.open_dataset(data_dir)
+        train_pairs, nb_users, nb_items = dataset.train, dataset.nb_users, dataset.nb_items
+        self.user_column, self.item_column = id_columns(dataset.metadata)
         # numpy arrays: int64, or str objects for ids convert.py read as text
         self.user_ids, self.item_ids = (load_id_map(data_dir, name) for name in ID_MAPS)
         for name, (path, ids), count in zip(ID_MAPS, (self.user_ids, self.item_ids),
@@ -147,16 +154,28 @@ class Recommender:
         return items, self.ratings[items]
 
     def table(self, users, topk):
-        """One row per recommendation: userId, rank (from 1), movieId, score."""
+        """One row per recommendation: user (named user_column), rank (from 1), item (named
+        item_column), score."""
         items, scores = self.top_items(users, topk)
         kept = items >= 0
         rows, columns = kept.nonzero(as_tuple=True)
         return pd.DataFrame({
-            "userId": self.user_ids[users[rows].numpy()],
+            self.user_column: self.user_ids[users[rows].numpy()],
             "rank": (columns + 1).numpy(),
-            "movieId": self.item_ids[items[kept].numpy()],
+            self.item_column: self.item_ids[items[kept].numpy()],
             "score": scores[kept].numpy(),
         })
+
+
+def id_columns(metadata):
+    """(user column, item column) of answers: the names of the columns convert.py read the ids
+    from, as metadata.json records them (user_column, item_column); MovieLens's where it
+    records none, or names that would clash with each other or another field of an answer."""
+    names = tuple((metadata or {}).get(key) for key in ("user_column", "item_column"))
+    if (all(isinstance(name, str) and name for name in names) and names[0] != names[1]
+            and not set(names) & set(ANSWER_FIELDS)):
+        return names
+    return DEFAULT_ID_COLUMNS
 
 
 def native_bf16(device):
@@ -229,20 +248,82 @@ def titles_note(titles, item_ids, path):
     if titles is None or pd.Index(item_ids).isin(titles.index).any():
         return None
     return (f"note: --movies {path}: none of its movieIds is an item of the data; titles stay "
-            f"blank (pass the movies.csv of the ratings that convert.py read)")
+            f"blank (pass the movies file of the ratings that convert.py read)")
+
+
+def _dat_fields(line):
+    """(movie id, title) of a movies.dat line, MovieID::Title::Genres; None if it is not one. A
+    title may hold ':' (`Star Wars: Episode IV`), so only the first and last '::' separate."""
+    movie, _, rest = line.partition("::")
+    title, separator, _ = rest.rpartition("::")
+    return (movie, title) if separator else None
+
+
+def _item_fields(line):
+    """(movie id, title) of a u.item line, movie id|title|release date|...; None if it is not
+    one."""
+    fields = line.split("|")
+    return (fields[0], fields[1]) if len(fields) > 2 else None
+
+
+# The headerless title files, by name as load.py tells ratings files apart: how a line splits,
+# and what it holds.
+_TITLE_FILES = {
+    "movies.dat": (_dat_fields, "MovieID::Title::Genres (ml-1m, ml-10m)"),
+    "u.item": (_item_fields, "movie id|title|release date|... (ml-100k)"),
+}
 
 
 def load_titles(path):
-    """movieId -> title from a MovieLens movies.csv."""
+    """movieId -> title from MovieLens titles, told apart by file name as the ratings are:
+    ml-100k's u.item, ml-1m's and ml-10m's movies.dat, or else a movies.csv with columns movieId
+    and title."""
     if not os.path.isfile(path):
-        raise cli.UserError(f"--movies {path}: not found; pass MovieLens movies.csv")
+        raise cli.UserError(f"--movies {path}: not found; pass MovieLens movies.csv, movies.dat "
+                            f"or u.item")
+    name = os.path.basename(path)
+    if name in _TITLE_FILES:
+        return _headerless_titles(path, *_TITLE_FILES[name])
     try:
         movies = pd.read_csv(path, usecols=["movieId", "title"])
     except (ValueError, pd.errors.ParserError) as error:
         reason = str(error).splitlines()[0]
         raise cli.UserError(f"--movies {path}: expected MovieLens movies.csv with columns "
-                            f"movieId,title ({reason}); pass that file") from None
+                            f"movieId,title ({reason}); pass that file, or u.item or movies.dat "
+                            f"under its own name") from None
     except OSError as error:
         raise cli.UserError(f"--movies {path}: cannot read ({error.strerror}); pass a "
                             f"readable movies.csv") from None
     return movies.drop_duplicates("movieId").set_index("movieId")["title"]
+
+
+def _headerless_titles(path, fields, layout):
+    """load_titles of a u.item or movies.dat: `fields` splits a line, `layout` names it."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as error:
+        raise cli.UserError(f"--movies {path}: cannot read ({error.strerror}); pass a "
+                            f"readable file") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # ml-100k's u.item and ml-1m's movies.dat are latin-1 (ml-10m's is UTF-8): latin-1 text
+        # with accents is never valid UTF-8.
+        text = raw.decode("latin-1")
+    movies, titles = [], []
+    # split("\n"), not splitlines(): that also splits at latin-1's NEL (0x85), part of a title.
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line:
+            continue
+        parsed = fields(line)
+        if (parsed is None or not _WHOLE_NUMBER.fullmatch(parsed[0])
+                or not -2 ** 63 <= int(parsed[0]) < 2 ** 63):
+            raise cli.UserError(f"--movies {path}: line {number} is not {layout}; pass that "
+                                f"file as MovieLens ships it")
+        movies.append(int(parsed[0]))
+        titles.append(parsed[1])
+    titles = pd.Series(titles, index=pd.Index(movies, dtype="int64", name="movieId"),
+                       name="title", dtype=object)
+    return titles[~titles.index.duplicated()]

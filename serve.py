@@ -9,12 +9,13 @@
     GET  /health                       {"status": "ok", "users": N, "items": M, ...}
 
 An answer is {"user": ID, "fallback": null, "items": [{"movieId": M, "score": S}, ...]}, best
-first, with "title" in each item when --movies is given; score is the model's sigmoid output and
-an item the user rated in training is never among them. A user the data does not hold gets the
-most-rated items instead, with "fallback": "popular" and each item's count of training ratings
-in place of a score (--no_fallback: 404). k is 1 to 1000 (default 10); fewer items come back when
-the user has fewer untrained items. A bad request gets a 4xx status and {"error": "<what>; <how
-to fix it>"}; the server goes on serving.
+first, with "title" in each item when --movies is given ("movieId": the name of the item column
+convert.py read the ids from, where metadata.json records it). score is the model's sigmoid
+output; an item the user rated in training is never among them. A user the data does not hold
+gets the most-rated items instead, with "fallback": "popular" and each item's count of training
+ratings in place of a score (--no_fallback: 404). k is 1 to 1000 (default 10); fewer items come
+back when the user has fewer untrained items. A bad request gets a 4xx status and {"error":
+"<what>; <how to fix it>"}; the server goes on serving.
 
 Only the Python standard library serves HTTP: a request costs the model milliseconds and the
 server tens of microseconds (README), and the Docker image runs it with nothing more installed.
@@ -66,7 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="directory written by convert.py")
     parser.add_argument("--load_checkpoint_path", required=True,
                         help="model.pth written by ncf.py")
-    parser.add_argument("--movies", help="MovieLens movies.csv (movieId,title,genres) for titles")
+    parser.add_argument("--movies", help="MovieLens titles: movies.csv (movieId,title,...), "
+                                          "ml-1m's or ml-10m's movies.dat, or ml-100k's u.item")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: this machine only; 0.0.0.0 in a "
                              "container)")
@@ -275,7 +277,7 @@ class Service:
 
     def item(self, dense_item, **value):
         movie = self.item_ids[dense_item]
-        entry = {"movieId": movie, **value}
+        entry = {self.recommender.item_column: movie, **value}
         if self.titles is not None:
             entry["title"] = self.titles.get(movie, "")
         return entry

@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 import os
 import stat
@@ -104,6 +105,89 @@ def test_titles_are_added_from_movies_csv(data):
     assert table["title"].tolist() == [f'Film "{item}", part {item}' for item in dense_items]
 
 
+# (file name, its bytes, the titles read from it)
+TITLE_FILES = [
+    # ml-100k: pipe-separated, latin-1, with release date, video date, URL and genre flags
+    ("u.item", b"900|Caf\xe9 Society (1995)|01-Jan-1995||http://imdb/x|0|1\n"
+               b"903|unknown||||1|0\n", {900: "Caf\u00e9 Society (1995)", 903: "unknown"}),
+    # ml-1m: '::'-separated, latin-1; a title holds ':'; 0x85 is a character, not a line end
+    ("movies.dat", b"900::Star Wars: Episode IV (1977)::Action|Sci-Fi\n"
+                   b"903::Wait\x85 and Caf\xe9 (1990)::Drama\n",
+     {900: "Star Wars: Episode IV (1977)", 903: "Wait\x85 and Caf\u00e9 (1990)"}),
+    # ml-10m: the same layout in UTF-8, here with Windows line ends and a blank last line
+    ("movies.dat", "900::Caf\u00e9 (1995)::Drama\r\n903::Am\u00e9lie (2001)::Comedy\r\n\r\n"
+     .encode(), {900: "Caf\u00e9 (1995)", 903: "Am\u00e9lie (2001)"}),
+    # A movie given twice keeps its first title, as movies.csv's does.
+    ("movies.dat", b"900::First (1990)::Drama\n900::Second (1991)::Drama\n", {900: "First (1990)"}),
+]
+
+
+@pytest.mark.parametrize("name, content, expected", TITLE_FILES)
+def test_titles_come_from_u_item_and_movies_dat_too(data, name, content, expected):
+    path = data["tmp"] / name
+    path.write_bytes(content)
+    titles = recommender.load_titles(str(path))
+    assert titles.to_dict() == expected and titles.index.dtype == "int64"
+    table = run(data, "--users", "7", "--topk", "9", "--movies", str(path))
+    assert table["title"].tolist() == [expected.get(movie, "") for movie in table["movieId"]]
+    assert set(expected) & set(table["movieId"])
+
+
+@pytest.mark.parametrize("name, content, line, layout", [
+    ("movies.dat", b"900::Heat (1995)::Action\n903,Casino (1995),Drama\n", 2,
+     "MovieID::Title::Genres (ml-1m, ml-10m)"),
+    ("movies.dat", b"x900::Heat (1995)::Action\n", 1, "MovieID::Title::Genres (ml-1m, ml-10m)"),
+    ("u.item", b"900|Heat (1995)|01-Jan-1995\n903|Casino (1995)\n", 2,
+     "movie id|title|release date|... (ml-100k)"),
+    # 19 digits, past the largest 64-bit integer
+    ("u.item", b"9999999999999999999|Heat (1995)|01-Jan-1995\n", 1,
+     "movie id|title|release date|... (ml-100k)"),
+])
+def test_a_title_file_of_another_layout_is_refused_at_its_line(data, capsys, name, content,
+                                                               line, layout):
+    path = data["tmp"] / name
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(recommend.main, recommend_argv(data, "--users", "7", "--movies", str(path)))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"recommend.py: error: --movies {path}: line {line} is "
+                                       f"not {layout}; pass that file as MovieLens ships it\n")
+
+
+def write_metadata(directory, **recorded):
+    """A metadata.json for test_recommend's data, as convert.py writes one, with `recorded`."""
+    counts = {"users": 4, "items": 10, "train": len(TRAIN), "test": len(TEST),
+              "valid_negative": 3}
+    with open(os.path.join(directory, "metadata.json"), "w") as handle:
+        json.dump({"format_version": 1, "reader": "csv-columns", **counts, **recorded}, handle)
+
+
+@pytest.mark.parametrize("recorded, user_column, item_column", [
+    ({"user_column": "visitor", "item_column": "product"}, "visitor", "product"),
+    ({"user_column": "user", "item_column": "item"}, "user", "item"),  # the paper's files
+    ({}, "userId", "movieId"),  # a conversion that did not record them
+    # Names that would clash with another column, or with each other, are not taken.
+    ({"user_column": "who", "item_column": "score"}, "userId", "movieId"),
+    ({"user_column": "id", "item_column": "id"}, "userId", "movieId"),
+])
+def test_the_id_columns_are_named_as_the_converted_ratings(data, capsys, recorded, user_column,
+                                                          item_column):
+    write_metadata(data["dir"], **recorded)
+    output = str(data["tmp"] / "recs.csv")
+    run(data, "--all_users", "--output", output, "--topk", "2", "--movies", data["movies"])
+    written = pd.read_csv(output)
+    assert list(written.columns) == [user_column, "rank", item_column, "score", "title"]
+    assert written[user_column].tolist() == [7, 7, 55, 55, 101, 101, 300, 300]
+    assert written["title"].tolist() == [f'Film "{(movie - 900) // 3}", part {(movie - 900) // 3}'
+                                         for movie in written[item_column]]
+    capsys.readouterr()
+    table = run(data, "--users", "7", "--topk", "2")
+    assert list(table.columns) == [user_column, "rank", item_column, "score"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["user", "rank", item_column, "score"]
+    assert printed[1].split()[:3] == ["7", "1", str(table[item_column][0])]
+
+
 def test_movies_csv_of_other_data_gets_a_note(data, tmp_path, capsys):
     run(data, "--users", "7", "--topk", "2", "--movies", data["movies"])
     assert capsys.readouterr().err == ""
@@ -114,7 +198,7 @@ def test_movies_csv_of_other_data_gets_a_note(data, tmp_path, capsys):
     assert table["title"].tolist() == ["", ""]
     err = capsys.readouterr().err.strip()
     assert err == (f"recommend.py: note: --movies {other}: none of its movieIds is an item of "
-                   f"the data; titles stay blank (pass the movies.csv of the ratings that "
+                   f"the data; titles stay blank (pass the movies file of the ratings that "
                    f"convert.py read)")
 
 

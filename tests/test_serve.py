@@ -20,7 +20,7 @@ import recommend
 import serve
 from conftest import write_clustered_dataset
 from recommender import Recommender, load_titles
-from test_recommend import ITEM_IDS, TRAIN, USER_IDS, expected_top, model_for
+from test_recommend import ITEM_IDS, TRAIN, USER_IDS, expected_top, model_for, write_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_SECONDS = 120  # torch's import alone can take seconds on a loaded machine
@@ -449,6 +449,25 @@ def test_a_body_that_stops_arriving_is_answered_408_and_the_connection_closed(lo
     check_answer(request(local_servers["integer"], "GET", "/recommend?user=55&k=2")[1], 55, 2)
 
 
+def test_items_are_keyed_by_the_item_column_of_the_converted_ratings(tmp_path):
+    files = write_served_data(tmp_path)
+    write_metadata(files["data"], user_column="visitor", item_column="product")
+    service = serve.Service(Recommender(files["data"], files["checkpoint"]),
+                            load_titles(files["movies"]))
+    with serving(service) as port:
+        status, answer = request(port, "POST", "/recommend",
+                                 json.dumps({"users": [55, 999], "k": 2}))
+    assert status == 200
+    known, unknown = answer["recommendations"]
+    movies, scores = expected_answer(55, 2)
+    assert known == {"user": 55, "fallback": None, "items": [
+        {"product": movie, "score": pytest.approx(score, abs=1e-5), "title": title(movie)}
+        for movie, score in zip(movies, scores)]}
+    assert unknown == {"user": 999, "fallback": "popular", "items": [
+        {"product": 900, "ratings": 2, "title": "Film 0"},
+        {"product": 912, "ratings": 2, "title": "Film 4"}]}
+
+
 def test_no_fallback_answers_404_for_an_unknown_user(strict_server):
     assert request(strict_server, "GET", "/health")[1]["fallback"] is None
     status, answer = request(strict_server, "GET", "/recommend?user=999")
@@ -572,7 +591,8 @@ def test_text_user_ids_are_served_as_text(tmp_path):
             trained = {"007": {"tea", "cake", "jam"}, "7": {"cake", "tea", "jam"}}[user]
             assert status == 200 and answer["user"] == user
             assert answer["items"]
-            assert not {entry["movieId"] for entry in answer["items"]} & trained
+            column = recommender.item_column  # "item" where convert.py records the header's
+            assert not {entry[column] for entry in answer["items"]} & trained
         status, answer = request(port, "POST", "/recommend", json.dumps({"users": ["x", "007"]}))
         assert status == 200
         assert [entry["user"] for entry in answer["recommendations"]] == ["x", "007"]
