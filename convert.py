@@ -5,6 +5,7 @@
                       [--user_col C --item_col C --time_col C|none | --first_columns]
                       [--string_ids] [--time_format integer|number|iso8601]
                       [--test_path TEST [--test_negatives_path NEG] | --paper PREFIX]
+                      [--format 2019|2023]
 
 Input RATINGS (default /data/ml-20m/ratings.csv, output DIR default /data, as in the original):
 MovieLens u.data, ratings.dat or ratings.csv, or any CSV with a header whose user, item and
@@ -28,7 +29,8 @@ read the same way), and --test_negatives_path NEG the negatives, else they are d
 --paper PREFIX reads the NCF paper's PREFIX.train.rating, PREFIX.test.rating and
 PREFIX.test.negative. The split is used as it is: no filter, no validation.
 
-Output in DIR (int64 tensors, loadable with torch.load(..., weights_only=True)):
+Output in DIR (tensors loadable with torch.load(..., weights_only=True)), by default in the
+2019 original's layout (int64):
     train_ratings.pt   [N, 2] user, item; in time order
     test_ratings.pt    [U, 2] user, item; one row per user, sorted by user
     test_negatives.pt  [U, valid_negative] items
@@ -36,8 +38,19 @@ Output in DIR (int64 tensors, loadable with torch.load(..., weights_only=True)):
     item_ids.pt        [I] original item id of each dense item id
     user_ids.json, item_ids.json   instead of the two above with --string_ids: JSON lists of str
     validation_ratings.pt, validation_negatives.pt   with --validation: as the test ones
-    metadata.json      source, reader, settings, counts and the tensors' fingerprint; written
-                       last, so a directory without it holds no finished conversion
+With --format 2023, the 2023 original's layout in place of train_ratings.pt, test_ratings.pt,
+test_negatives.pt and the validation files, for the 2023 original's ncf.py (ours reads both):
+    feature_spec.yaml  features (user and item cardinalities, dtypes), test_samples_per_series
+                       (valid_negative + 1), source_spec (train, test, with --validation
+                       validation: the files below), channel_spec
+    train_data_0.pt, train_data_1.pt   [N, 2] int64 user, item; [N, 1] float32 labels, all 1
+    test_data_0.pt, test_data_1.pt     [U x (valid_negative + 1), 2] and [.., 1]: each user's
+                       test positive (label 1), then its negatives (label 0), by user
+    validation_data_0.pt, validation_data_1.pt   with --validation: as the test ones
+In either layout:
+    metadata.json      source, reader, id columns, settings, counts and the fingerprint of the
+                       tensors as the 2019 layout holds them; written last, so a directory
+                       without it holds no finished conversion
     .converting        present only while a conversion renames its files into place (or after
                        one was killed then); ncf.py and recommend.py refuse the directory while
                        it is there
@@ -46,29 +59,39 @@ Every file is written in full before any is renamed, so a conversion that fails 
 """
 import contextlib
 import json
+import math
 import os
+import re
 import sys
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 import cli
 from checkpoint import save_into
-from dataloading import CONVERTING, METADATA, tensors_fingerprint
+from dataloading import (CHANNELS, CONVERTING, FEATURE_SPEC, METADATA, SERIES_LENGTH, parse_yaml,
+                         tensors_fingerprint)
 from fileio import fsync_path, make_writable_dir, removed_if_failed, staged_output
-from load import (NO_TIME, TIME_FORMATS, RatingsError, first_line, load_negatives,
+from load import (NO_TIME, TIME_FORMATS, RatingsError, first_line, id_columns, load_negatives,
                   load_paper_ratings, load_ratings)
+from progress import Progress
 
 PROG = "convert.py"
 MIN_RATINGS = 20
 FORMAT_VERSION = 1
 TENSORS = ("train_ratings", "test_ratings", "test_negatives", "user_ids", "item_ids")
 VALIDATION_TENSORS = ("validation_ratings", "validation_negatives")
-# Every file a conversion may write, so that one conversion's files never mix with another's.
+LAYOUTS = ("2019", "2023")
+# The 2023 layout's tensors, named as the 2023 original's convert.py names them: per source_spec
+# mapping, (user, item) in _data_0.pt and the labels in _data_1.pt.
+MAPPING_FILES = {mapping: (f"{mapping}_data_0.pt", f"{mapping}_data_1.pt")
+                 for mapping in ("train", "test", "validation")}
+# Every file a conversion may write, in either layout, so that one conversion's files never mix
+# with another's.
 OUTPUT_FILES = ([f"{name}.pt" for name in TENSORS + VALIDATION_TENSORS]
-                + ["user_ids.json", "item_ids.json"])
+                + ["user_ids.json", "item_ids.json", FEATURE_SPEC]
+                + [name for pair in MAPPING_FILES.values() for name in pair])
 # Test negatives are drawn this many at a time. Part of the seeded result: changing it changes
 # which negatives a seed gives.
 DRAWS_PER_BLOCK = 2**20
@@ -90,29 +113,23 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
     when no user is left, FlagError when the test negatives cannot fit in this machine's memory
     or a filter leaves nothing.
     """
-    disable = None if progress else True
-    steps = tqdm(total=4, desc="convert", unit="step", disable=disable, leave=False)
-
-    steps.set_postfix_str("users")
+    steps = Progress(4, "convert", "step", enabled=progress)
     ratings_read = len(frame)
     frame, filtered = _filter_rows(frame, min_rating, min_item_ratings)
     user, item, timestamp, user_ids, users_dropped = _keep_active_users(frame, min_ratings)
     _check_negatives_fit(len(user_ids), valid_negative)
     steps.update()
 
-    steps.set_postfix_str("items")
     item, item_ids = _first_appearance_ids(item)
     nb_items = len(item_ids)
     steps.update()
 
-    steps.set_postfix_str("time sort")
     order = _stable_order(timestamp)
     del timestamp
     user, item = user[order], item[order]
     del order
     steps.update()
 
-    steps.set_postfix_str("split")
     held_out = 2 if validation else 1
     pairs, is_train, held_out_rows, duplicates = _split(user, item, len(user_ids), nb_items,
                                                         held_out)
@@ -142,7 +159,7 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
         "train_ratings": torch.from_numpy(train),
         "test_ratings": torch.from_numpy(rows[0]),
         "test_negatives": torch.from_numpy(_negatives(pairs, held_out_items, nb_items,
-                                                      valid_negative, rng, disable)),
+                                                      valid_negative, rng, progress)),
         "user_ids": _id_map(user_ids),
         "item_ids": _id_map(item_ids),
         "ratings_read": ratings_read,
@@ -157,7 +174,7 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
     if validation:
         result["validation_ratings"] = torch.from_numpy(rows[1])
         result["validation_negatives"] = torch.from_numpy(_negatives(
-            pairs, held_out_items, nb_items, valid_negative, rng, disable, "validation"))
+            pairs, held_out_items, nb_items, valid_negative, rng, progress, "validation"))
         result["validation"] = len(user_ids)
     return result
 
@@ -219,7 +236,7 @@ def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative
     positives_among_negatives = {"negatives_trained": 0, "negatives_positive": 0}
     if given_negatives is None:
         negatives = _negatives(pairs, [test[:, 1]], nb_items, valid_negative, _generator(seed),
-                               None if progress else True)
+                               progress)
     else:
         negatives = _given_negatives(given_negatives, user_ids, item_ids, test, negatives_path,
                                      test_path)
@@ -422,7 +439,7 @@ def _split(user, item, nb_users, nb_items, held_out=1):
     return pairs, is_train, held_out_rows, duplicates
 
 
-def _negatives(pairs, held_out_items, nb_items, valid_negative, rng, disable, what="test"):
+def _negatives(pairs, held_out_items, nb_items, valid_negative, rng, progress, what="test"):
     """Per user, valid_negative items uniform in [0, nb_items) that are not training positives.
 
     pairs: the sorted keys of every user's distinct pairs, held-out ones included;
@@ -437,8 +454,7 @@ def _negatives(pairs, held_out_items, nb_items, valid_negative, rng, disable, wh
     user_starts = np.searchsorted(pairs, np.arange(nb_users + 1, dtype=np.int64) * nb_items)
     negatives = np.empty((nb_users, valid_negative), dtype=np.int64)
     block = max(1, DRAWS_PER_BLOCK // valid_negative)
-    bar = tqdm(total=nb_users, desc=f"{what} negatives", unit="user", disable=disable,
-               leave=False)
+    bar = Progress(nb_users, f"{what} negatives", "user", enabled=progress)
     for first in range(0, nb_users, block):
         last = min(first + block, nb_users)
         known = pairs[user_starts[first]:user_starts[last]]
@@ -505,6 +521,11 @@ def _parser():
     parser.add_argument("--paper", metavar="PREFIX",
                         help="the NCF paper's split: PREFIX.train.rating, PREFIX.test.rating, "
                         "PREFIX.test.negative (hexiangnan/neural_collaborative_filtering)")
+    parser.add_argument("--format", choices=LAYOUTS, default=LAYOUTS[0],
+                        help="layout of the output: 2019, the 2019 original's train_ratings.pt, "
+                        "test_ratings.pt, test_negatives.pt; 2023, the 2023 original's "
+                        "feature_spec.yaml and its train_data_*.pt, test_data_*.pt (each "
+                        "user's test positive, then its negatives); both read by ncf.py")
     parser.add_argument("--first_columns", action="store_true",
                         help="read a CSV with a header, whatever its column names, as user, "
                         "item, timestamp in its first three columns (the 2023 original's reader "
@@ -537,37 +558,137 @@ def _stage(directory, name, content):
     return temporary
 
 
-def write_outputs(directory, tensors, metadata, disable=True):
-    """Write each tensor as NAME.pt (NAME.json for an id map of text), then metadata.json, so
-    that no reader sees a partial result and a failed conversion leaves the earlier one usable.
+def write_outputs(directory, tensors, metadata, layout="2019", progress=False):
+    """Write the tensors in `layout` (LAYOUTS), the id maps (NAME.pt, or NAME.json for text
+    ids), then metadata.json, so that no reader sees a partial result and a failed conversion
+    leaves the earlier one usable.
 
     Every file is first written in full under a temporary name; only once all of them are does
     _replace_outputs rename them into place. An error before then removes the temporaries and
     leaves the directory as it was (a full disk costs no earlier conversion). metadata.json also
-    gets the tensors' fingerprint, which ncf.py saves with its checkpoints to refuse resuming on
-    other data.
+    gets the fingerprint of the tensors as the 2019 layout holds them (the same for either
+    layout), which ncf.py saves with its checkpoints to refuse resuming on other data.
     """
+    if layout == "2023":
+        files = layout_2023(tensors)
+        metadata = {**metadata, "layout": layout}
+    else:
+        files = [(f"{name}.pt", tensors[name]) for name in TENSORS[:3] + VALIDATION_TENSORS
+                 if name in tensors]
+    for name in ("user_ids", "item_ids"):
+        # text ids: plain JSON, which any tool reads and torch.load never runs
+        files.append((f"{name}.json", json.dumps(tensors[name]).encode() + b"\n")
+                     if isinstance(tensors[name], list) else (f"{name}.pt", tensors[name]))
+    fingerprint = tensors_fingerprint(
+        *(tensors[name] for name in ("train_ratings", "test_ratings", "test_negatives")
+          + VALIDATION_TENSORS if name in tensors))
+    files.append((METADATA, json.dumps({**metadata, "fingerprint": fingerprint},
+                                       indent=1).encode() + b"\n"))
     staged = {}
-    names = [name for name in TENSORS + VALIDATION_TENSORS if name in tensors]
     try:
-        for name in tqdm(names, desc="write", unit="file", disable=disable, leave=False):
-            if isinstance(tensors[name], list):
-                # text ids: plain JSON, which any tool reads and torch.load never runs
-                staged[f"{name}.json"] = _stage(directory, f"{name}.json",
-                                                json.dumps(tensors[name]).encode() + b"\n")
-            else:
-                staged[f"{name}.pt"] = _stage(directory, f"{name}.pt", tensors[name])
-        fingerprint = tensors_fingerprint(
-            *(tensors[name] for name in ("train_ratings", "test_ratings", "test_negatives")
-              + VALIDATION_TENSORS if name in tensors))
-        staged[METADATA] = _stage(directory, METADATA, json.dumps(
-            {**metadata, "fingerprint": fingerprint}, indent=1).encode() + b"\n")
+        with Progress(len(files), "write", "file", enabled=progress) as bar:
+            for name, content in files:
+                staged[name] = _stage(directory, name, content)
+                bar.update()
     except BaseException:
         for temporary in staged.values():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
         raise
     _replace_outputs(directory, staged)
+
+
+def layout_2023(tensors):
+    """(file name, content) of the 2023 layout of the tensors that convert returns, as the 2023
+    original's convert.py writes it: per mapping, (user, item) int64 [N, 2] and float32 labels
+    [N, 1]; for the test (and validation) mapping each user's positive, then its negatives; and
+    feature_spec.yaml describing them."""
+    train = tensors["train_ratings"]
+    files = [(MAPPING_FILES["train"][0], train),
+             (MAPPING_FILES["train"][1], torch.ones(len(train), 1))]
+    for mapping in ("test", "validation"):
+        if f"{mapping}_ratings" not in tensors:
+            continue
+        pairs, negatives = tensors[f"{mapping}_ratings"], tensors[f"{mapping}_negatives"]
+        length = negatives.shape[1] + 1
+        items = torch.cat((pairs[:, 1:], negatives), dim=1).reshape(-1)
+        labels = torch.zeros(len(pairs), length)
+        labels[:, 0] = 1
+        files += [(MAPPING_FILES[mapping][0],
+                   torch.stack((pairs[:, 0].repeat_interleave(length), items), dim=1)),
+                  (MAPPING_FILES[mapping][1], labels.reshape(-1, 1))]
+    mappings = [mapping for mapping in MAPPING_FILES if MAPPING_FILES[mapping][0] in dict(files)]
+    spec = feature_spec(("user", "item", "label"), (tensors["users"], tensors["items"]),
+                        {SERIES_LENGTH: length}, mappings)
+    return files + [(FEATURE_SPEC, yaml_text(spec).encode())]
+
+
+def feature_spec(names, cardinalities, metadata, mappings, channel_spec=None):
+    """A 2023 feature spec, in the order of the 2023 original's template: names, the user, item
+    and label features; cardinalities, the users' and items'; mappings, the names of the
+    source_spec mappings, each saved as MAPPING_FILES names them; channel_spec, by default one
+    channel per feature."""
+    user, item, label = names
+
+    def chunk(features, file):
+        return {"type": "torch_tensor", "features": features, "files": [file]}
+
+    return {
+        "feature_spec": {user: {"dtype": "torch.int64", "cardinality": cardinalities[0]},
+                         item: {"dtype": "torch.int64", "cardinality": cardinalities[1]},
+                         label: {"dtype": "torch.float32"}},
+        "metadata": metadata,
+        "source_spec": {mapping: [chunk([user, item], MAPPING_FILES[mapping][0]),
+                                  chunk([label], MAPPING_FILES[mapping][1])]
+                        for mapping in mappings},
+        "channel_spec": channel_spec or dict(zip(CHANNELS, ([user], [item], [label]))),
+    }
+
+
+def yaml_text(value):
+    """Block-style YAML of nested dicts, lists and scalars, which PyYAML (the 2023 original's
+    reader) and dataloading.parse_yaml read alike."""
+    return "".join(line + "\n" for line in _yaml_lines(value, 0))
+
+
+def _yaml_lines(value, indent):
+    pad = " " * indent
+    for key, item in value.items() if isinstance(value, dict) else ((None, item)
+                                                                     for item in value):
+        head = f"{pad}- " if key is None else f"{pad}{_yaml_scalar(key)}:"
+        if isinstance(item, (dict, list)) and item:
+            lines = list(_yaml_lines(item, indent + 2))
+            if key is None:
+                # a list's item begins on its dash line
+                yield head + lines[0][indent + 2:]
+                yield from lines[1:]
+            else:
+                yield head
+                yield from lines
+        else:
+            yield f"{head}{'' if key is None else ' '}{_yaml_scalar(item)}"
+
+
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+
+
+def _yaml_scalar(value):
+    if isinstance(value, (dict, list)):
+        return "{}" if isinstance(value, dict) else "[]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
+        # YAML 1.1 (PyYAML) takes 1e+20 for text: its floats have a point
+        return re.sub(r"^([-0-9]+)(e|$)", r"\1.0\2", repr(value))
+    text = str(value)
+    # plain only where it reads back as the same text, not as yes (true) or null
+    if _PLAIN.fullmatch(text) and parse_yaml(text) == text:
+        return text
+    return json.dumps(text)
 
 
 def _replace_outputs(directory, staged):
@@ -630,19 +751,18 @@ def main(argv=None):
     if split:
         return _convert_given_split(args, columns)
     min_ratings = MIN_RATINGS if args.min_ratings is None else args.min_ratings
-    progress = sys.stderr.isatty()
     with _one_line_errors(args.path, args.output, ", or lower --valid_negative"):
         # one user is the fewest a conversion can keep: no need to read the file to refuse
         _check_negatives_fit(1, args.valid_negative)
         with _output_directory(args.output):
-            if progress:
-                print(f"{PROG}: reading {args.path}", file=sys.stderr)
-            frame, reader = load_ratings(
-                args.path, *columns, first_columns=args.first_columns,
-                rating_col=args.rating_col if args.min_rating is not None else None,
-                string_ids=args.string_ids, time_format=args.time_format)
+            with Progress(1, f"read {args.path}", "file") as bar:
+                frame, reader = load_ratings(
+                    args.path, *columns, first_columns=args.first_columns,
+                    rating_col=args.rating_col if args.min_rating is not None else None,
+                    string_ids=args.string_ids, time_format=args.time_format)
+                bar.update()
             try:
-                result = convert(frame, args.seed, args.valid_negative, min_ratings, progress,
+                result = convert(frame, args.seed, args.valid_negative, min_ratings, True,
                                  args.min_rating, args.min_item_ratings or 1, args.validation)
             except FlagError:
                 raise
@@ -653,6 +773,7 @@ def main(argv=None):
                 "format_version": FORMAT_VERSION,
                 "source": os.path.abspath(args.path),
                 "reader": reader,
+                **_id_columns(args.path, reader, args),
                 "seed": args.seed,
                 "valid_negative": args.valid_negative,
                 "min_ratings": min_ratings,
@@ -662,7 +783,7 @@ def main(argv=None):
                                                 "duplicates_dropped", "users", "items", "train",
                                                 "test", "validation") if key in result},
             }
-            write_outputs(args.output, result, metadata, disable=not progress)
+            write_outputs(args.output, result, metadata, args.format, progress=True)
     _report(f"{PROG}: read {result['ratings_read']} ratings; kept {result['users']} users "
             f"({result['users_dropped']} dropped), {result['items']} items; "
             f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
@@ -670,6 +791,13 @@ def main(argv=None):
             + (f", validation {result['validation']}" if args.validation else "")
             + f" -> {args.output}")
     return 0
+
+
+def _id_columns(path, reader, args):
+    """metadata.json's names of the columns the ids were read from, which recommend.py and
+    serve.py give their own output columns."""
+    return dict(zip(("user_column", "item_column"),
+                    id_columns(path, reader, args.user_col, args.item_col)))
 
 
 def _report(summary):
@@ -720,6 +848,9 @@ def _check_flags(args, given_defaulted):
         if getattr(args, name) == "":
             raise cli.UserError(f"{flag(name)} is empty; name a column of the file's header, or "
                                 f"drop {flag(name)}")
+    if args.min_rating is not None and not math.isfinite(args.min_rating):
+        raise cli.UserError(f"--min_rating must be a finite number, not {args.min_rating}; give "
+                            f"the lowest rating to keep")
     for name, low in (("valid_negative", 1), ("min_ratings", 1), ("min_item_ratings", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
@@ -785,13 +916,13 @@ def _convert_given_split(args, columns):
             valid_negative = args.valid_negative if negatives is None else negatives[2].shape[1]
             _check_negatives_fit(len(test), valid_negative)
             result = convert_split(train, test, negatives, args.seed, valid_negative,
-                                   (paths[1], first_line(test_reader), paths[2]),
-                                   sys.stderr.isatty())
+                                   (paths[1], first_line(test_reader), paths[2]), True)
             metadata = {
                 "format_version": FORMAT_VERSION,
                 "source": os.path.abspath(paths[0]),
                 "test_source": os.path.abspath(paths[1]),
                 "reader": reader,
+                **_id_columns(paths[0], reader, args),
                 **({"seed": args.seed} if negatives is None else
                    {"negatives_source": os.path.abspath(paths[2])}),
                 "valid_negative": valid_negative,
@@ -799,7 +930,7 @@ def _convert_given_split(args, columns):
                 **{key: result[key] for key in ("ratings_read", "duplicates_dropped", "users",
                                                 "items", "train", "test")},
             }
-            write_outputs(args.output, result, metadata)
+            write_outputs(args.output, result, metadata, args.format, progress=True)
     _report(f"{PROG}: given split: {result['users']} users, {result['items']} items; "
             f"{result['duplicates_dropped']} duplicates dropped; train {result['train']}, "
             f"test {result['test']}, test negatives {result['test']}x{valid_negative} "

@@ -1,11 +1,18 @@
 """Tensors for training and evaluation, built from what convert.py wrote.
 
+A data directory has one of two layouts: the 2019 original's (train_ratings.pt, test_ratings.pt,
+test_negatives.pt) or the 2023 original's (feature_spec.yaml naming its tensors: user, item and
+label columns, each user's test positive followed by its negatives). Both become the same
+Dataset.
+
 Everything here is tensor operations on the training device: the original does the same on
 the GPU, and on a CPU a Python loop over ml-20m's 99 M samples per epoch would dominate.
 """
 import hashlib
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -20,6 +27,12 @@ METADATA = "metadata.json"
 # convert.py creates it before touching a directory and removes it after metadata.json is
 # written: while it exists the directory may mix two conversions.
 CONVERTING = ".converting"
+# The 2023 layout: its feature spec's default name, its channels (named as in the 2023
+# original's neumf_constants.py: user, item, label) and the metadata key that gives the length
+# of each user's test series.
+FEATURE_SPEC = "feature_spec.yaml"
+CHANNELS = ("user_ch", "item_ch", "label_ch")
+SERIES_LENGTH = "test_samples_per_series"
 # Samples a CPU processes at once, in training and evaluation. At the ml-20m shape (2-core
 # Sapphire Rapids, freed memory reused: cli.reuse_freed_memory) 2**16 trained fastest in float32
 # and bfloat16, 2**15 and 2**17 within noise, 2**14 and 2**18 slower, with a peak RSS of 2.2 GB
@@ -44,6 +57,18 @@ class Dataset(NamedTuple):
     validation_negatives: Optional[torch.Tensor] = None
 
 
+def torch_load(path):
+    """torch.load of a data file onto the CPU, running no code; raises what torch raises.
+
+    The 2023 original's convert.py saves its tensors from the GPU, hence map_location. A plain
+    pickle (pickle.dump, not torch.save) makes torch warn about its protocol before it fails:
+    two lines of torch's above the one line the caller has to say.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_tensor(data_dir, name, dims):
     """One dense int64 tensor of `dims` dimensions written by convert.py into data_dir."""
     path = os.path.join(data_dir, name)
@@ -51,7 +76,7 @@ def load_tensor(data_dir, name, dims):
         raise DataError(f"{path}: not found; convert the ratings first with "
                         f"`python convert.py --path RATINGS --output {data_dir}`")
     try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        tensor = torch_load(path)
     except Exception as error:  # torch raises several types for damaged files
         raise DataError(f"{path}: cannot be read ({type(error).__name__}); "
                         f"re-run convert.py to rewrite it") from None
@@ -62,28 +87,41 @@ def load_tensor(data_dir, name, dims):
     return tensor
 
 
-def open_dataset(data_dir):
+def open_dataset(data_dir, feature_spec_file=FEATURE_SPEC):
     """The converted dataset in data_dir, refused (DataError) unless it is whole and consistent.
 
-    A directory written by this project's convert.py has metadata.json, whose counts must match
-    the tensors; one written by the original has only the three DATA_FILES and passes the same
-    content checks. A conversion that did not finish is refused, whichever files it left.
+    The 2023 layout is read where data_dir has feature_spec_file (a name, or a path relative to
+    data_dir, as the 2023 original's --feature_spec_file takes it), the 2019 layout otherwise. A
+    directory written by this project's convert.py has metadata.json, whose counts must match
+    the tensors; one written by an original has none and passes the same content checks. A
+    conversion that did not finish is refused, whichever files it left.
     """
     if os.path.exists(os.path.join(data_dir, CONVERTING)):
         raise DataError(f"{os.path.join(data_dir, CONVERTING)}: a conversion into {data_dir} "
                         f"started and did not finish; re-run convert.py with --output {data_dir}")
     metadata = read_metadata(data_dir)
-    train, test, negatives = (load_tensor(data_dir, name, 2) for name in DATA_FILES)
-    check_shapes(data_dir, train, test, negatives)
-    validation = load_validation(data_dir, metadata, negatives.shape[1])
+    spec_path = os.path.join(data_dir, feature_spec_file)
+    cardinalities = None
+    if feature_spec_file != FEATURE_SPEC or os.path.lexists(spec_path):
+        if os.path.lexists(os.path.join(data_dir, DATA_FILES[0])):
+            # The original 2023 convert.py leaves another's train_ratings.pt where it was.
+            raise DataError(f"{data_dir}: holds both layouts, {feature_spec_file} and "
+                            f"{DATA_FILES[0]}, perhaps of different conversions; remove one "
+                            f"layout's files, or re-run convert.py with --output {data_dir}")
+        train, test, negatives, validation, cardinalities = read_2023_layout(spec_path,
+                                                                             metadata)
+    elif not os.path.lexists(os.path.join(data_dir, DATA_FILES[0])):
+        raise DataError(f"{os.path.join(data_dir, DATA_FILES[0])}: not found; convert the "
+                        f"ratings first with `python convert.py --path RATINGS --output "
+                        f"{data_dir}` (the 2023 layout's {FEATURE_SPEC} is not there either)")
+    else:
+        train, test, negatives, validation = read_2019_layout(data_dir, metadata)
     lowest, nb_users, nb_items = id_bounds(train, test, negatives, *validation)
     if lowest < 0:
         raise DataError(f"{data_dir}: holds the negative id {lowest}; ids are 0-based indices, "
                         f"re-run convert.py")
-    check_one_row_per_user(os.path.join(data_dir, DATA_FILES[1]), test, "test")
-    if validation:
-        check_one_row_per_user(os.path.join(data_dir, VALIDATION_FILES[0]), validation[0],
-                               "validation")
+    if cardinalities is not None:
+        nb_users, nb_items = declared_counts(spec_path, cardinalities, (nb_users, nb_items))
     if metadata is None:
         fingerprint = tensors_fingerprint(train, test, negatives, *validation)
     else:
@@ -99,6 +137,19 @@ def open_dataset(data_dir):
             train, test, negatives, *validation)
     return Dataset(train, test, negatives, nb_users, nb_items, fingerprint, metadata,
                    *(validation or (None, None)))
+
+
+def read_2019_layout(data_dir, metadata):
+    """(train, test, negatives, validation) from DATA_FILES and VALIDATION_FILES, checked;
+    validation is () without a split, else (pairs, negatives)."""
+    train, test, negatives = (load_tensor(data_dir, name, 2) for name in DATA_FILES)
+    check_shapes(data_dir, train, test, negatives)
+    validation = load_validation(data_dir, metadata, negatives.shape[1])
+    check_one_row_per_user(os.path.join(data_dir, DATA_FILES[1]), test, "test")
+    if validation:
+        check_one_row_per_user(os.path.join(data_dir, VALIDATION_FILES[0]), validation[0],
+                               "validation")
+    return train, test, negatives, validation
 
 
 def load_validation(data_dir, metadata, nb_test_negatives):
@@ -221,6 +272,466 @@ def tensors_fingerprint(*tensors):
         digest.update(repr(tuple(tensor.shape)).encode())
         digest.update(tensor.contiguous().numpy().data)
     return digest.hexdigest()
+
+
+def read_2023_layout(spec_path, metadata):
+    """(train, test, negatives, validation, cardinalities) of the 2023 layout that spec_path
+    describes, the tensors as the 2019 layout holds them: test series sorted by user and split
+    into [U, 2] pairs and [U, C] negatives. validation: () or (pairs, negatives), from the
+    source_spec mapping "validation" that `convert.py --validation --format 2023` adds (the
+    2023 original reads train and test only). cardinalities: for users, then items, the
+    (feature, count) the spec declares, count None where it says auto or nothing.
+    """
+    spec = read_feature_spec(spec_path)
+    names = channel_features(spec_path, spec)
+    length = spec["metadata"].get(SERIES_LENGTH)
+    if type(length) is not int or length < 2:
+        raise DataError(f"{spec_path}: metadata.{SERIES_LENGTH} is {_shown(length)}; give the "
+                        f"length of each user's test series, its positive then its negatives "
+                        f"(at least 2)")
+    train = training_pairs(read_mapping(spec_path, spec, "train", names))
+    test, negatives = test_series(spec_path, read_mapping(spec_path, spec, "test", names),
+                                  length)
+    has_split = "validation" in spec["source_spec"]
+    if metadata is not None and has_split != (metadata.get("validation") not in (None, False)):
+        holder, other = (spec_path, METADATA) if has_split else (METADATA, spec_path)
+        raise DataError(f"{spec_path}: it and {METADATA} disagree: {holder} has a validation "
+                        f"split, {other} none; re-run convert.py --format 2023")
+    validation = ()
+    if has_split:
+        validation = test_series(spec_path,
+                                 read_mapping(spec_path, spec, "validation", names), length)
+    cardinalities = tuple((feature, declared_cardinality(spec_path, spec, feature))
+                          for feature in names[:2])
+    return train, test, negatives, validation, cardinalities
+
+
+# Said after every problem of a feature spec's own text.
+SPEC_ADVICE = "write it as `convert.py --format 2023` or transcode.py does"
+
+
+def read_feature_spec(path):
+    """The feature spec at path as a dict holding the four sections of the 2023 layout."""
+    if not os.path.lexists(path):
+        raise DataError(f"{path}: not found; convert the ratings with `python convert.py "
+                        f"--format 2023 --output DIR`, or name the spec with --feature_spec_file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            spec = parse_yaml(handle.read())
+    except YamlError as error:
+        raise DataError(f"{path}: line {error.line}: {error.problem}; {SPEC_ADVICE}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise DataError(f"{path}: cannot be read ({reason}); {SPEC_ADVICE}") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: not a YAML mapping; {SPEC_ADVICE}")
+    for section in ("feature_spec", "source_spec", "channel_spec", "metadata"):
+        if not isinstance(spec.get(section), dict):
+            raise DataError(f"{path}: has no {section} mapping; {SPEC_ADVICE}")
+    return spec
+
+
+def channel_features(path, spec):
+    """The user, item and label features: the first of each channel, as the 2023 original
+    takes them."""
+    names = []
+    for channel in CHANNELS:
+        features = spec["channel_spec"].get(channel)
+        if not isinstance(features, list) or not features or not isinstance(features[0], str):
+            raise DataError(f"{path}: channel_spec.{channel} lists no feature; list the "
+                            f"{channel[:-3]} feature under it, as `{channel}: [{channel[:-3]}]`")
+        names.append(features[0])
+    return names
+
+
+def declared_cardinality(path, spec, feature):
+    """feature_spec.FEATURE.cardinality: a count, or None for auto or none given."""
+    entry = spec["feature_spec"].get(feature)
+    count = entry.get("cardinality") if isinstance(entry, dict) else None
+    if count is None or count == "auto":
+        return None
+    if type(count) is not int or count < 1:
+        raise DataError(f"{path}: feature_spec.{feature}.cardinality is {_shown(count)}; give "
+                        f"the number of ids (max id + 1), or auto")
+    return count
+
+
+def declared_counts(path, cardinalities, found):
+    """(nb_users, nb_items): each feature's declared cardinality, which may exceed the ids
+    found (the 2023 original sizes its tables and draws its negatives by it), else the count
+    found."""
+    counts = []
+    for (feature, declared), count in zip(cardinalities, found):
+        if declared is not None and declared < count:
+            raise DataError(f"{path}: feature_spec.{feature}.cardinality is {declared} but the "
+                            f"tensors hold {feature} id {count - 1}; set it to {count} or more")
+        counts.append(count if declared is None else declared)
+    return tuple(counts)
+
+
+def read_mapping(path, spec, mapping, names):
+    """The columns of source_spec[mapping] that `names` (user, item, label features) name:
+    a list of (1-D tensor, file holding it), in that order."""
+    chunks = spec["source_spec"].get(mapping)
+    where = f"source_spec.{mapping}"
+    if not isinstance(chunks, list) or not chunks:
+        raise DataError(f"{path}: {where} lists no chunk; {SPEC_ADVICE}")
+    columns = {}
+    for index, chunk in enumerate(chunks):
+        at = f"{where}[{index}]"
+        if not isinstance(chunk, dict):
+            raise DataError(f"{path}: {at} is not a mapping of type, features, files; "
+                            f"{SPEC_ADVICE}")
+        if chunk.get("type") != "torch_tensor":
+            raise DataError(f"{path}: {at}.type is {_shown(chunk.get('type'))}; ncf.py reads "
+                            f"torch_tensor chunks (as the 2023 original): turn csv chunks into "
+                            f"tensors with transcode.py")
+        files, features = chunk.get("files"), chunk.get("features")
+        if not (isinstance(files, list) and len(files) == 1 and isinstance(files[0], str)):
+            raise DataError(f"{path}: {at}.files must name one file, as the 2023 original "
+                            f"reads a chunk; save each chunk as one tensor")
+        if not (isinstance(features, list) and features
+                and all(isinstance(feature, str) for feature in features)):
+            raise DataError(f"{path}: {at}.features must list the feature of each column of "
+                            f"{files[0]}; {SPEC_ADVICE}")
+        file = os.path.join(os.path.dirname(path), files[0])
+        tensor = load_chunk(file, features)
+        for position, feature in enumerate(features):
+            if feature in columns:
+                raise DataError(f"{path}: {at}: feature {feature!r} is also a column of "
+                                f"{columns[feature][1]}; give each feature one column")
+            columns[feature] = (tensor[:, position], file)
+    for feature, channel in zip(names, CHANNELS):
+        if feature not in columns:
+            raise DataError(f"{path}: {where} has no column of feature {feature!r} "
+                            f"(channel_spec.{channel}); add the chunk that holds it")
+    selected = [columns[feature] for feature in names]
+    for column, file in selected[1:]:
+        if len(column) != len(selected[0][0]):
+            raise DataError(f"{file}: has {len(column)} rows but {selected[0][1]} has "
+                            f"{len(selected[0][0])}; the chunks of {where} hold one row per "
+                            f"sample, re-run convert.py or transcode.py")
+    for (column, file), feature, what in zip(selected, names, ("user id", "item id", "label")):
+        if column.dtype.is_complex or (what != "label" and (column.dtype.is_floating_point
+                                                            or column.dtype == torch.bool)):
+            raise DataError(f"{file}: the {what}s ({feature}) are {column.dtype}; save them as "
+                            f"torch.int64{' or torch.float32' * (what == 'label')}")
+    return selected
+
+
+def load_chunk(file, features):
+    """The dense 2-D tensor of one chunk, a column per feature."""
+    if not os.path.isfile(file):
+        raise DataError(f"{file}: not found; re-run convert.py --format 2023 or transcode.py to "
+                        f"write it")
+    try:
+        tensor = torch_load(file)
+    except Exception as error:  # torch raises several types for damaged files
+        raise DataError(f"{file}: cannot be read ({type(error).__name__}); re-run convert.py "
+                        f"or transcode.py to rewrite it") from None
+    if (not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided
+            or tensor.dim() != 2 or tensor.shape[1] != len(features)):
+        raise DataError(f"{file}: expected a dense 2-D tensor of {len(features)} column(s) "
+                        f"({', '.join(features)}); re-run convert.py or transcode.py")
+    return tensor
+
+
+def check_labels(file, labels):
+    bad = torch.nonzero((labels != 0) & (labels != 1))
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(f"{file}: row {row}: label {labels[row].item()}; a label is 1 (a "
+                        f"positive) or 0 (a negative)")
+
+
+def training_pairs(columns):
+    """[N, 2] user, item of the training mapping, whose samples must all be positives."""
+    (users, users_file), (items, _), (labels, labels_file) = columns
+    if len(users) == 0:
+        raise DataError(f"{users_file}: holds no training pair; re-run convert.py")
+    check_labels(labels_file, labels)
+    negatives = int((labels == 0).sum())
+    if negatives:
+        raise DataError(f"{labels_file}: {negatives} of its {len(labels)} training samples "
+                        f"are labelled 0 (given negatives), which ncf.py does not train on (it "
+                        f"draws its own); transcode.py leaves them out, or remove them")
+    return torch.stack((users.to(torch.int64), items.to(torch.int64)), dim=1)
+
+
+def test_series(path, columns, length):
+    """([U, 2] pairs, [U, length - 1] negatives) of an evaluation mapping: each user's series
+    of `length` consecutive samples, its positive (label 1) first, then its negatives."""
+    (users, users_file), (items, _), (labels, labels_file) = columns
+    if len(users) == 0:
+        raise DataError(f"{users_file}: holds no test sample; re-run convert.py")
+    if len(users) % length:
+        raise DataError(f"{users_file}: its {len(users)} rows are no whole number of series of "
+                        f"{length} ({SERIES_LENGTH} in {path}), so the series are of unequal "
+                        f"length; give every user {length} consecutive samples")
+    users = users.to(torch.int64).view(-1, length)
+    mixed = torch.nonzero((users != users[:, :1]).any(dim=1))
+    if len(mixed):
+        first = int(mixed[0]) * length
+        other = users[int(mixed[0])][users[int(mixed[0])] != users[int(mixed[0]), 0]][0]
+        raise DataError(f"{users_file}: rows {first} to {first + length - 1} are one series but "
+                        f"hold users {int(users[int(mixed[0]), 0])} and {int(other)}: the "
+                        f"series are of unequal length or interleaved; give every user "
+                        f"{length} consecutive samples")
+    check_labels(labels_file, labels)
+    labels = labels.view(-1, length) == 1
+    positives = labels.sum(dim=1)
+    wrong = torch.nonzero((positives != 1) | ~labels[:, 0])
+    if len(wrong):
+        series = int(wrong[0])
+        rows = f"rows {series * length} to {(series + 1) * length - 1}"
+        user = int(users[series, 0])
+        if positives[series] == 0:
+            problem = f"user {user}'s series ({rows}) has no positive (label 1)"
+        elif positives[series] > 1:
+            problem = f"user {user}'s series ({rows}) has {int(positives[series])} positives"
+        else:
+            position = int(torch.nonzero(labels[series])[0])
+            problem = (f"row {series * length + position}: user {user}'s positive is not first "
+                       f"in its series ({rows})")
+        raise DataError(f"{labels_file}: {problem}; a series is the user's one positive, then "
+                        f"its negatives (transcode.py puts the positive first)")
+    # The 2023 original ranks a series whatever its place, so only ours needs them in order.
+    series_users, order = torch.sort(users[:, 0], stable=True)
+    repeated = torch.nonzero(series_users[1:] == series_users[:-1])
+    if len(repeated):
+        user = int(series_users[int(repeated[0])])
+        first, second = sorted(int(row) * length for row in torch.nonzero(users[:, 0] == user)[:2])
+        raise DataError(f"{users_file}: user {user} has two series (rows {first} and "
+                        f"{second} on); each user has one, re-run convert.py")
+    items = items.to(torch.int64).view(-1, length)[order]
+    return torch.stack((series_users, items[:, 0]), dim=1), items[:, 1:].contiguous()
+
+
+def _shown(value):
+    """A value read from YAML as the file spells it, for a message."""
+    return "missing" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+class YamlError(ValueError):
+    """Text outside the YAML that parse_yaml reads: `line` (from 1) and `problem` say where
+    and what."""
+
+    def __init__(self, line, problem):
+        super().__init__(f"line {line}: {problem}")
+        self.line, self.problem = line, problem
+
+
+def parse_yaml(text):
+    """The value of a YAML document written in the subset feature specs use.
+
+    PyYAML, which the 2023 original reads them with, is no dependency here, so this reads what
+    NVIDIA's tools write (yaml.dump) and its templates hold: block mappings and sequences (a
+    sequence may sit at its key's indentation, a mapping may begin on its item's dash line),
+    plain, quoted and empty scalars, `[a, b]` lists, `{}`, comments. Plain scalars resolve as
+    PyYAML's YAML 1.1 resolves them: null, booleans, integers, floats, else text. Anchors, tags,
+    block text and flow mappings raise YamlError, naming the line.
+    """
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        content = _without_comment(raw).rstrip()
+        stripped = content.lstrip(" ")
+        if content in ("---", "...") and lines:
+            raise YamlError(number, "a second document")
+        if not stripped or content == "---":
+            continue
+        if stripped.startswith("\t"):
+            raise YamlError(number, "a tab in the indentation")
+        lines.append([number, len(content) - len(stripped), stripped])
+    if not lines:
+        return None
+    value, end = _yaml_block(lines, 0)
+    if end < len(lines):
+        raise YamlError(lines[end][0], "a line that does not fit the structure above it (check "
+                                       "its indentation)")
+    return value
+
+
+def _without_comment(line):
+    """line without its `# comment`: a # at its start or after a blank, outside quotes."""
+    quote = None
+    position = 0
+    while position < len(line):
+        char = line[position]
+        if quote:
+            if char == "\\" and quote == '"':
+                position += 1
+            elif char == quote:
+                quote = None
+        elif char in "'\"" and (position == 0 or line[position - 1] in " [,"):
+            quote = char
+        elif char == "#" and (position == 0 or line[position - 1] in " \t"):
+            return line[:position]
+        position += 1
+    return line
+
+
+def _is_item(text):
+    return text == "-" or text.startswith("- ")
+
+
+def _yaml_block(lines, index):
+    """(value, index of the line after it) of the node that starts at lines[index]."""
+    number, _, text = lines[index]
+    if _is_item(text):
+        return _yaml_sequence(lines, index)
+    if _key_and_rest(text, number) is not None:
+        return _yaml_mapping(lines, index)
+    return _yaml_scalar(text, number), index + 1
+
+
+def _yaml_sequence(lines, index):
+    indent = lines[index][1]
+    items = []
+    while index < len(lines) and lines[index][1] == indent and _is_item(lines[index][2]):
+        number, _, text = lines[index]
+        rest = text[1:].lstrip(" ")
+        if rest:
+            # the item begins on the dash's line: read it as a line of its own, indented to
+            # where it begins, so that a mapping's next keys line up with its first
+            lines[index] = [number, indent + len(text) - len(rest), rest]
+            value, index = _yaml_block(lines, index)
+        elif index + 1 < len(lines) and lines[index + 1][1] > indent:
+            value, index = _yaml_block(lines, index + 1)
+        else:
+            value, index = None, index + 1
+        items.append(value)
+    return items, index
+
+
+def _yaml_mapping(lines, index):
+    indent = lines[index][1]
+    mapping = {}
+    while index < len(lines) and lines[index][1] == indent:
+        number, _, text = lines[index]
+        split = _key_and_rest(text, number)
+        if split is None:
+            raise YamlError(number, "expected `key: value`")
+        key, rest = split
+        if key in mapping:
+            raise YamlError(number, f"the key {key!r} a second time")
+        index += 1
+        if rest:
+            value = _yaml_scalar(rest, number)
+        elif index < len(lines) and (lines[index][1] > indent or (
+                lines[index][1] == indent and _is_item(lines[index][2]))):
+            value, index = _yaml_block(lines, index)
+        else:
+            value = None
+        mapping[key] = value
+    return mapping, index
+
+
+def _key_and_rest(text, number):
+    """(key, the text after `key:`) when text is a mapping entry, else None."""
+    if text[0] in "'\"":
+        key, end = _quoted(text, number)
+        after = text[end:]
+        if after == ":" or after.startswith(": "):
+            return key, after[1:].strip(" ")
+        return None
+    if text[0] in "[{":
+        return None
+    position = text.find(": ")
+    if position < 0 and text.endswith(":"):
+        position = len(text) - 1
+    if position < 0:
+        return None
+    if not text[:position].strip(" "):
+        raise YamlError(number, "a mapping entry without a key")
+    return _yaml_scalar(text[:position].rstrip(" "), number), text[position + 1:].strip(" ")
+
+
+def _quoted(text, number):
+    """(the string, the index after its closing quote) of the quoted scalar text starts with."""
+    if text[0] == "'":
+        parts, position = [], 1
+        while True:
+            end = text.find("'", position)
+            if end < 0:
+                raise YamlError(number, "a quote that does not close on its line")
+            parts.append(text[position:end])
+            if text[end + 1:end + 2] != "'":
+                return "".join(parts), end + 1
+            parts.append("'")
+            position = end + 2
+    match = re.match(r'"(?:[^"\\]|\\.)*"', text)
+    if match is None:
+        raise YamlError(number, "a quote that does not close on its line")
+    try:
+        # YAML's double-quoted escapes include JSON's; the others are refused
+        return json.loads(match.group()), match.end()
+    except ValueError:
+        raise YamlError(number, "an escape in double quotes that JSON lacks") from None
+
+
+# an item of a flow collection: quoted strings and other text up to a comma or the end
+_FLOW_ITEM = re.compile(r"""\s*((?:'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|[^,\[\]{}'"])+?)\s*(?:,|$)""")
+_YAML_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+_YAML_BASED = {re.compile(r"[-+]?0b[01_]+"): 2, re.compile(r"[-+]?0x[0-9a-fA-F_]+"): 16,
+               re.compile(r"[-+]?0[0-7_]+"): 8}
+_YAML_FLOAT = re.compile(r"[-+]?([0-9][0-9_]*)?\.[0-9_]*([eE][-+][0-9]+)?")
+_YAML_WORDS = {**dict.fromkeys(("~", "null", "Null", "NULL"), None),
+               **dict.fromkeys(("true", "True", "TRUE", "yes", "Yes", "YES", "on", "On", "ON"),
+                               True),
+               **dict.fromkeys(("false", "False", "FALSE", "no", "No", "NO", "off", "Off",
+                                "OFF"), False),
+               **dict.fromkeys((".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"),
+                               float("inf")),
+               **dict.fromkeys(("-.inf", "-.Inf", "-.INF"), float("-inf")),
+               **dict.fromkeys((".nan", ".NaN", ".NAN"), float("nan"))}
+
+
+def _flow_collection(text, number):
+    """A one-line `[a, b]` list or `{key: value, ...}` mapping of scalars, as yaml.dump writes
+    the innermost collections with default_flow_style=None."""
+    closing = "]" if text[0] == "[" else "}"
+    if not text.endswith(closing):
+        raise YamlError(number, f"a {text[0]} that does not close on its line")
+    inner, items, position = text[1:-1], [], 0
+    while inner.strip(" ") and position < len(inner):
+        match = _FLOW_ITEM.match(inner, position)
+        if match is None:
+            raise YamlError(number, f"an item of {text[0]} {closing} that is not a scalar")
+        items.append(match.group(1))
+        position = match.end()
+    if closing == "]":
+        return [_yaml_scalar(item, number) for item in items]
+    mapping = {}
+    for item in items:
+        key, rest = _key_and_rest(item, number) or (_yaml_scalar(item, number), "")
+        mapping[key] = _yaml_scalar(rest, number) if rest else None
+    return mapping
+
+
+def _yaml_scalar(text, number):
+    """The value of one scalar, or of a `[a, b]` list of them."""
+    if text[0] in "'\"":
+        value, end = _quoted(text, number)
+        if text[end:].strip(" "):
+            raise YamlError(number, "text after a closing quote")
+        return value
+    if text[0] in "[{":
+        return _flow_collection(text, number)
+    if text[0] in "&*!|>%@`?" or ": " in text:
+        raise YamlError(number, f"{text[:20]!r}: anchors, aliases, tags, block text and "
+                                f"nested entries are outside the YAML read here")
+    if text in _YAML_WORDS:
+        return _YAML_WORDS[text]
+    digits = text.replace("_", "")
+    if _YAML_INT.fullmatch(text):
+        return int(digits)
+    for pattern, base in _YAML_BASED.items():
+        if pattern.fullmatch(text):
+            sign = -1 if digits[0] == "-" else 1
+            return sign * int(digits.lstrip("+-")[1 + (base != 8):] or "0", base)
+    if _YAML_FLOAT.fullmatch(text) and text.strip("+-") != ".":
+        return float(digits)
+    return text
 
 
 @dataclass

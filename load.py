@@ -24,6 +24,7 @@ import decimal
 import itertools
 import os
 import re
+import stat
 import warnings
 
 import numpy as np
@@ -123,6 +124,25 @@ def load_ratings(path, user_col=None, item_col=None, time_col=None, first_column
     raise RatingsError(f"{path}: unknown ratings format; {_KNOWN_FORMATS}")
 
 
+# The user and item column names of the readers whose files have no header, or a fixed one.
+_ID_COLUMNS = {"movielens-tab": ("userId", "movieId"), "movielens-dat": ("userId", "movieId"),
+               "movielens-csv": ("userId", "movieId"), "paper": ("user", "item")}
+
+
+def id_columns(path, reader, user_col=None, item_col=None):
+    """(user column, item column): the names the ids of `path` were read from by `reader`.
+
+    MovieLens' userId and movieId for its files (the headerless ones too), the header's first
+    two names for csv-first-columns, the names given (or their defaults) for csv-columns, user
+    and item for the paper's files.
+    """
+    if reader == "csv-first-columns":
+        return tuple(name.strip() for name in _header(path)[:2])
+    if reader == "csv-columns":
+        return user_col or "userId", item_col or "movieId"
+    return _ID_COLUMNS[reader]
+
+
 def first_line(reader):
     """The line of the file that a reader's first row comes from."""
     return 1 if reader in ("movielens-tab", "movielens-dat", "paper") else 2
@@ -208,11 +228,20 @@ class _Kinds:
 
 
 def _check_file(path):
-    if not os.path.exists(path):
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
         raise RatingsError(f"{path}: no such file; check the path (prepare_dataset.sh downloads "
-                           "MovieLens)")
-    if os.path.isdir(path):
+                           "MovieLens)") from None
+    except OSError as e:
+        raise RatingsError(f"{path}: cannot read ({e.strerror}); check the path and its "
+                           "permissions") from None
+    if stat.S_ISDIR(mode):
         raise RatingsError(f"{path}: is a directory; give the ratings file inside it")
+    if not stat.S_ISREG(mode):
+        # /dev/zero reads as an endless empty file, a FIFO waits for a writer that may never come
+        raise RatingsError(f"{path}: not a regular file (a device, a pipe or a socket); copy "
+                           "the ratings into a file and give that")
     if os.path.getsize(path) == 0:
         raise RatingsError(f"{path}: file is empty; download or write it again")
 

@@ -1,4 +1,5 @@
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import cli
 import convert
 import dataloading
 import fileio
+import progress
 from conftest import REAL_DATA, ROOT
 from neumf import NeuMF
 
@@ -75,7 +77,8 @@ def test_protocol_on_a_hand_made_file(tmp_path, tiny, capsys):
         got["train_ratings"], got["test_ratings"], got["test_negatives"])
     assert metadata == {
         "format_version": 1, "source": str(tiny.resolve()), "reader": "movielens-csv",
-        "seed": 1, "valid_negative": 5, "min_ratings": 3, "ratings_read": 9,
+        "user_column": "userId", "item_column": "movieId", "seed": 1, "valid_negative": 5,
+        "min_ratings": 3, "ratings_read": 9,
         "users_dropped": 1, "duplicates_dropped": 1, "users": 2, "items": 4, "train": 4,
         "test": 2}
     assert capsys.readouterr().out == (
@@ -645,3 +648,55 @@ def test_out_of_memory_is_one_line(tmp_path, tiny, capsys, monkeypatch, where):
     assert line == (f"convert.py: error: {tiny}: out of memory while converting it; free some "
                     "memory, use a machine with more, or lower --valid_negative")
     assert no_results(tmp_path / "out")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_min_rating_that_is_no_finite_number_is_refused(tmp_path, tiny, capsys, value):
+    """nan passed the flag checks and was then reported as `no rating is that high`."""
+    line = failure(capsys, "--path", tiny, "--output", tmp_path / "out", f"--min_rating={value}")
+    assert line == (f"convert.py: error: --min_rating must be a finite number, not "
+                    f"{float(value)}; give the lowest rating to keep")
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_goes_to_stderr_where_it_is_no_terminal(tmp_path, tiny, capsys, monkeypatch):
+    """Silent before in a log or a pipe; now each step says how far it is (a line every 30 s,
+    made every update here)."""
+    monkeypatch.setattr(convert, "Progress", functools.partial(progress.Progress, interval=0.0))
+    assert run("--path", tiny, "--output", tmp_path / "out", "--min_ratings", 3,
+               "--valid_negative", 2, "--validation") == 0
+    lines = [line.split(",")[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [f"read {tiny}: 1/1 files (100%)",
+                     *(f"convert: {step}/4 steps ({step * 25}%)"
+                       for step in range(1, 5)),
+                     "test negatives: 2/2 users (100%)", "validation negatives: 2/2 users (100%)",
+                     *(f"write: {count}/8 files ({count / 8:.0%})" for count in range(1, 9))]
+
+
+@pytest.mark.parametrize("text, flags, columns", [
+    (TINY, [], ("userId", "movieId")),
+    (TINY.replace("userId,movieId", "customer,sku"), ["--user_col", "customer", "--item_col",
+                                                      "sku"], ("customer", "sku")),
+    (TINY.replace("userId,movieId", "customer,movieId"), ["--user_col", "customer"],
+     ("customer", "movieId")),
+    (TINY.replace("userId,movieId,rating,timestamp", " who , what,when,x"), ["--first_columns"],
+     ("who", "what")),
+], ids=["movielens", "named", "one named", "first columns"])
+def test_metadata_names_the_id_columns(tmp_path, capsys, text, flags, columns):
+    path = tmp_path / "log.csv"
+    path.write_text(text)
+    run("--path", path, "--output", tmp_path / "out", "--min_ratings", 1, *flags)
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert (metadata["user_column"], metadata["item_column"]) == columns
+
+
+@pytest.mark.parametrize("name, line, columns", [("u.data", "1\t2\t5\t10\n", ("userId", "movieId")),
+                                                 ("ratings.dat", "1::2::5::10\n",
+                                                  ("userId", "movieId"))])
+def test_metadata_names_movielens_columns_for_its_headerless_files(tmp_path, capsys, name, line,
+                                                                   columns):
+    path = tmp_path / name
+    path.write_text(line + line.replace("2", "3", 1).replace("10", "11"))
+    run("--path", path, "--output", tmp_path / "out", "--min_ratings", 1)
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert (metadata["user_column"], metadata["item_column"]) == columns

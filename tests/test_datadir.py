@@ -1,8 +1,10 @@
 """One validation of a data directory before ncf.py or recommend.py uses it (open_dataset)."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -294,3 +296,17 @@ def test_conversion_onto_a_full_disk_leaves_nothing(full_disk, tmp_path, capsys)
     assert f"{output}: cannot write the output (No space left on device)" in line
     # nor the directory it created
     assert os.listdir(full_disk) == []
+
+
+def test_a_plain_pickle_is_one_line_without_torchs_warning(tmp_path):
+    """pickle.dump rather than torch.save: torch warned about the pickle protocol, two lines of
+    its own above ours."""
+    directory = write_original(str(tmp_path / "data"))
+    with open(os.path.join(directory, "test_ratings.pt"), "wb") as handle:
+        pickle.dump(torch.tensor(TEST), handle)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(dataloading.DataError, match="test_ratings.pt: cannot be read "
+                                                        r"\(UnpicklingError\); re-run convert.py"):
+            dataloading.open_dataset(directory)
+    assert [str(warning.message) for warning in caught] == []

@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import numpy as np
@@ -110,6 +111,18 @@ def test_missing_file(tmp_path):
 
 def test_directory(tmp_path):
     assert "is a directory" in error(tmp_path)
+
+
+def fifo(tmp_path):
+    os.mkfifo(tmp_path / "ratings.csv")
+    return tmp_path / "ratings.csv"
+
+
+@pytest.mark.parametrize("make", [lambda tmp_path: "/dev/zero", fifo], ids=["device", "fifo"])
+def test_what_is_no_regular_file_is_refused_before_reading(tmp_path, make):
+    """/dev/zero was called empty; a FIFO with no writer hung the conversion."""
+    assert "not a regular file (a device, a pipe or a socket); copy the ratings into a file" in (
+        error(make(tmp_path)))
 
 
 @pytest.mark.parametrize("name", ["ratings.csv", "u.data", "ratings.dat"])

@@ -261,6 +261,7 @@ def test_given_split_with_drawn_negatives(tmp_path):
     metadata = json.loads((out / "metadata.json").read_text())
     assert (metadata["duplicates_dropped"], metadata["test_source"]) == (
         1, str(tmp_path / "test.csv"))
+    assert (metadata["user_column"], metadata["item_column"]) == ("user", "item")
 
 
 def test_given_split_with_given_negatives(tmp_path):
@@ -312,6 +313,8 @@ def test_the_papers_files(tmp_path):
     assert load(out, "test_negatives") == [[3, 4, 3], [4, 3, 1]]
     metadata = json.loads((out / "metadata.json").read_text())
     assert (metadata["reader"], metadata["valid_negative"]) == ("paper", 3)
+    # the paper's files have no header: its columns are named for what they hold
+    assert (metadata["user_column"], metadata["item_column"]) == ("user", "item")
 
 
 # (what to change, expected error after "convert.py: error: "); {test}, {negatives}: the files
@@ -395,10 +398,11 @@ def test_recommend_answers_in_text_ids(tmp_path, capsys):
     torch.save(NeuMF(3, 4, 4, [8, 4]).state_dict(), tmp_path / "model.pth")
     table = recommend.main(["--data", str(out), "--checkpoint", str(tmp_path / "model.pth"),
                             "--users", "carol", "alice", "-k", "4"])
-    # alice trained on cake, coffee, tea; carol on tea, cake: what is left, in text ids
-    assert table["userId"].unique().tolist() == ["carol", "alice"]
-    assert sorted(table["movieId"][table["userId"] == "carol"]) == ["coffee", "juice"]
-    assert table["movieId"][table["userId"] == "alice"].tolist() == ["juice"]
+    # alice trained on cake, coffee, tea; carol on tea, cake: what is left, in text ids, under
+    # the names of the columns they were read from
+    assert table["customer"].unique().tolist() == ["carol", "alice"]
+    assert sorted(table["product"][table["customer"] == "carol"]) == ["coffee", "juice"]
+    assert table["product"][table["customer"] == "alice"].tolist() == ["juice"]
     with pytest.raises(SystemExit):
         cli.run(recommend.main, ["--data", str(out), "--checkpoint", str(tmp_path / "model.pth"),
                                  "--users", "dave"])
