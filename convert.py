@@ -85,8 +85,11 @@ VALIDATION_TENSORS = ("validation_ratings", "validation_negatives")
 LAYOUTS = ("2019", "2023")
 # The 2023 layout's tensors, named as the 2023 original's convert.py names them: per source_spec
 # mapping, (user, item) in _data_0.pt and the labels in _data_1.pt.
-MAPPING_FILES = {mapping: (f"{mapping}_data_0.pt", f"{mapping}_data_1.pt")
-                 for mapping in ("train", "test", "validation")}
+def mapping_files(mapping):
+    return f"{mapping}_data_0.pt", f"{mapping}_data_1.pt"
+
+
+MAPPING_FILES = {mapping: mapping_files(mapping) for mapping in ("train", "test", "validation")}
 # Every file a conversion may write, in either layout, so that one conversion's files never mix
 # with another's.
 OUTPUT_FILES = ([f"{name}.pt" for name in TENSORS + VALIDATION_TENSORS]
@@ -534,7 +537,7 @@ def _parser():
 
 
 @contextlib.contextmanager
-def _output_directory(directory):
+def output_directory(directory):
     """Fail before the slow work when DIR cannot be created or written; a DIR created here is
     removed again when the conversion fails before writing into it."""
     try:
@@ -546,7 +549,7 @@ def _output_directory(directory):
         yield
 
 
-def _stage(directory, name, content):
+def stage_file(directory, name, content):
     """Write content (bytes, or a tensor to save) in full under a temporary name beside
     directory/name, flushed to disk, and return that name; on an error none of it is left."""
     with staged_output(os.path.join(directory, name)) as temporary, \
@@ -588,14 +591,14 @@ def write_outputs(directory, tensors, metadata, layout="2019", progress=False):
     try:
         with Progress(len(files), "write", "file", enabled=progress) as bar:
             for name, content in files:
-                staged[name] = _stage(directory, name, content)
+                staged[name] = stage_file(directory, name, content)
                 bar.update()
     except BaseException:
         for temporary in staged.values():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
         raise
-    _replace_outputs(directory, staged)
+    replace_outputs(directory, staged)
 
 
 def layout_2023(tensors):
@@ -617,7 +620,7 @@ def layout_2023(tensors):
         files += [(MAPPING_FILES[mapping][0],
                    torch.stack((pairs[:, 0].repeat_interleave(length), items), dim=1)),
                   (MAPPING_FILES[mapping][1], labels.reshape(-1, 1))]
-    mappings = [mapping for mapping in MAPPING_FILES if MAPPING_FILES[mapping][0] in dict(files)]
+    mappings = [mapping for mapping in MAPPING_FILES if mapping_files(mapping)[0] in dict(files)]
     spec = feature_spec(("user", "item", "label"), (tensors["users"], tensors["items"]),
                         {SERIES_LENGTH: length}, mappings)
     return files + [(FEATURE_SPEC, yaml_text(spec).encode())]
@@ -626,7 +629,7 @@ def layout_2023(tensors):
 def feature_spec(names, cardinalities, metadata, mappings, channel_spec=None):
     """A 2023 feature spec, in the order of the 2023 original's template: names, the user, item
     and label features; cardinalities, the users' and items'; mappings, the names of the
-    source_spec mappings, each saved as MAPPING_FILES names them; channel_spec, by default one
+    source_spec mappings, each saved as mapping_files names them; channel_spec, by default one
     channel per feature."""
     user, item, label = names
 
@@ -638,8 +641,8 @@ def feature_spec(names, cardinalities, metadata, mappings, channel_spec=None):
                          item: {"dtype": "torch.int64", "cardinality": cardinalities[1]},
                          label: {"dtype": "torch.float32"}},
         "metadata": metadata,
-        "source_spec": {mapping: [chunk([user, item], MAPPING_FILES[mapping][0]),
-                                  chunk([label], MAPPING_FILES[mapping][1])]
+        "source_spec": {mapping: [chunk([user, item], mapping_files(mapping)[0]),
+                                  chunk([label], mapping_files(mapping)[1])]
                         for mapping in mappings},
         "channel_spec": channel_spec or dict(zip(CHANNELS, ([user], [item], [label]))),
     }
@@ -691,9 +694,9 @@ def _yaml_scalar(value):
     return json.dumps(text)
 
 
-def _replace_outputs(directory, staged):
-    """Rename the staged files (name: temporary) into place, metadata.json last, and remove
-    what an earlier conversion wrote that this one does not.
+def replace_outputs(directory, staged):
+    """Rename the staged files (name: temporary) into place, metadata.json (if staged) last,
+    and remove what an earlier conversion wrote that this one does not.
 
     The CONVERTING marker is there only meanwhile, when the directory may hold this
     conversion's files beside an earlier one's: readers refuse it, and a kill leaves it. On an
@@ -707,8 +710,9 @@ def _replace_outputs(directory, staged):
         open(marker, "wb").close()
         # on the disk before any rename, or a power loss could leave a mix without it
         fsync_path(directory)
-        for name in OUTPUT_FILES:
-            # an earlier conversion's validation split or id map of the other kind
+        for name in OUTPUT_FILES + [METADATA]:
+            # an earlier conversion's validation split, id map of the other kind or layout; its
+            # metadata.json where transcode.py writes none
             path = os.path.join(directory, name)
             if name not in staged and os.path.exists(path):
                 os.remove(path)
@@ -731,7 +735,7 @@ def _replace_outputs(directory, staged):
 
 
 @contextlib.contextmanager
-def _one_line_errors(source, output, memory_hint=""):
+def one_line_errors(source, output, memory_hint=""):
     """What a conversion can meet (bad data, a full or read-only disk, too little memory) as the
     one-line error and exit status 2."""
     try:
@@ -751,10 +755,10 @@ def main(argv=None):
     if split:
         return _convert_given_split(args, columns)
     min_ratings = MIN_RATINGS if args.min_ratings is None else args.min_ratings
-    with _one_line_errors(args.path, args.output, ", or lower --valid_negative"):
+    with one_line_errors(args.path, args.output, ", or lower --valid_negative"):
         # one user is the fewest a conversion can keep: no need to read the file to refuse
         _check_negatives_fit(1, args.valid_negative)
-        with _output_directory(args.output):
+        with output_directory(args.output):
             with Progress(1, f"read {args.path}", "file") as bar:
                 frame, reader = load_ratings(
                     args.path, *columns, first_columns=args.first_columns,
@@ -898,9 +902,9 @@ def _convert_given_split(args, columns):
                                                     ".test.negative")]
     else:
         paths = [args.path, args.test_path, args.test_negatives_path]
-    with _one_line_errors(paths[0], args.output):
+    with one_line_errors(paths[0], args.output):
         _check_negatives_fit(1, args.valid_negative)
-        with _output_directory(args.output):
+        with output_directory(args.output):
             if args.paper:
                 (train, reader), (test, test_reader) = ((load_paper_ratings(path), "paper")
                                                         for path in paths[:2])

@@ -14,6 +14,7 @@ import cli
 import convert
 import dataloading
 import ncf
+import transcode
 from conftest import write_clustered_dataset
 from dataloading import DataError, YamlError, open_dataset, parse_yaml
 
@@ -487,3 +488,200 @@ channel_spec:
         "source_spec": {"train": [{"type": "torch_tensor", "features": ["user", "item"],
                                    "files": ["train_data_0.pt"]}]},
         "channel_spec": {"user_ch": ["user"]}}
+
+
+# The 2023 original's data/csv_conversion example, shortened: its spec, a training file of
+# positives and given negatives, a test file of 3-sample series with the positive last.
+CSV_SPEC = """feature_spec:
+  user:
+    cardinality: auto
+  item:
+    cardinality: auto
+  label:
+
+metadata:
+  test_samples_per_series: 3
+
+source_spec:
+  train:
+    - type: csv
+      features: #Each line corresponds to a column in the csv files
+        - user
+        - item
+        - label
+      files:
+        - train_data_1.csv # we assume no header
+        - train_data_2.csv
+  test:
+    - type: csv
+      features:
+        - user
+        - item
+        - label
+      files:
+        - test_data_1.csv
+
+channel_spec:
+  user_ch: # Channel names are model-specific magics (in this model, neumf_constants.py)
+    - user
+  item_ch:
+    - item
+  label_ch:
+    - label
+"""
+CSV_FILES = {
+    "train_data_1.csv": "0, 3, 0\n0, 18, 1\n1, 4, 1\n",
+    "train_data_2.csv": "1, 9, 0\n2, 5, 1\n2, 6, 1\n0, 2, 1\n",
+    "test_data_1.csv": "1, 7, 0\n1, 6, 0\n1, 16, 1\n0, 8, 0\n0, 18, 0\n0, 17, 1\n2, 3, 1\n"
+                       "2, 1, 0\n2, 19, 0",
+}
+
+
+def write_csv_dataset(directory, spec=CSV_SPEC, **changes):
+    os.makedirs(directory, exist_ok=True)
+    for name, text in {**CSV_FILES, "feature_spec.yaml": spec, **changes}.items():
+        if text is not None:
+            with open(os.path.join(directory, name), "w") as handle:
+                handle.write(text)
+    return str(directory)
+
+
+def test_transcode_reads_nvidias_csv_example(tmp_path, capsys):
+    source = write_csv_dataset(tmp_path / "csv")
+    output = tmp_path / "out"
+    assert transcode.main(["--path", source, "--output", str(output)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == (f"transcode.py: 3 users, 20 items; samples: train 5, test 9 -> "
+                            f"{output}\n")
+    assert captured.err == ("transcode.py: note: left out 2 training samples labelled 0 (given "
+                            "negatives): ncf.py trains on the positives and draws its own "
+                            "negatives\n")
+    dataset = open_dataset(str(output))
+    assert dataset.train.tolist() == [[0, 18], [1, 4], [2, 5], [2, 6], [0, 2]]
+    # series in user order, each positive first, its negatives in their order
+    assert dataset.test.tolist() == [[0, 17], [1, 16], [2, 3]]
+    assert dataset.negatives.tolist() == [[8, 18], [7, 6], [1, 19]]
+    assert dataset[3:5] == (3, 20) and dataset.metadata is None
+    spec = parse_yaml((output / "feature_spec.yaml").read_text())
+    assert spec["feature_spec"] == {"user": {"dtype": "torch.int64", "cardinality": 3},
+                                    "item": {"dtype": "torch.int64", "cardinality": 20},
+                                    "label": {"dtype": "torch.float32"}}
+    assert spec["metadata"] == {"test_samples_per_series": 3}
+    labels = torch.load(output / "test_data_1.pt", weights_only=True)
+    assert labels.dtype == torch.float32 and labels.view(-1).tolist() == [1, 0, 0] * 3
+
+
+def test_transcoded_csv_of_a_conversion_is_that_dataset(clustered, tmp_path, capsys):
+    """Every user's series written with its positive last, users in reverse order."""
+    old = open_dataset(clustered[0])
+    source = tmp_path / "csv"
+    rows = [f"{user},{item},1" for user, item in old.train.tolist()]
+    series = []
+    for (user, positive), negatives in zip(old.test.tolist(), old.negatives.tolist()):
+        series.append([f"{user},{item},0" for item in negatives] + [f"{user},{positive},1"])
+    spec = (CSV_SPEC.replace("test_samples_per_series: 3", "test_samples_per_series: 21")
+            .replace("        - train_data_2.csv\n", ""))
+    write_csv_dataset(source, spec, **{
+        "train_data_1.csv": "\n".join(rows) + "\n", "train_data_2.csv": None,
+        "test_data_1.csv": "\n".join(line for lines in series[::-1] for line in lines) + "\n"})
+    assert transcode.main(["--path", str(source), "--output", str(tmp_path / "out"),
+                           "--feature_spec_out", "spec.yaml"]) == 0
+    assert capsys.readouterr().err == ""
+    assert_same_dataset(old, open_dataset(str(tmp_path / "out"), "spec.yaml"))
+
+
+def csv_with(**changes):
+    return lambda d: write_csv_dataset(d, **changes)
+
+
+def spec_with(old, new):
+    return lambda d: write_csv_dataset(d, CSV_SPEC.replace(old, new))
+
+
+# (id, change of the example, what the one line names)
+BAD_CSV = [
+    ("torch_tensor chunk", spec_with("- type: csv", "- type: torch_tensor"),
+     "feature_spec.yaml: source_spec.train[0] is of type 'torch_tensor', not csv"),
+    ("missing file", csv_with(**{"train_data_2.csv": None}), "train_data_2.csv: no such file"),
+    ("text id", csv_with(**{"train_data_2.csv": "1, 9, 0\n2, x, 1\n"}),
+     "train_data_2.csv: line 2: item id 'x'; ids are whole numbers from 0"),
+    ("negative id", csv_with(**{"train_data_1.csv": "0, 3, 0\n-1, 18, 1\n"}),
+     "train_data_1.csv: line 2: user id '-1'"),
+    ("label 2", csv_with(**{"test_data_1.csv": "1, 7, 2\n1, 6, 0\n1, 16, 1\n"}),
+     "test_data_1.csv: line 1: label '2'; a label is 1"),
+    ("series not whole", csv_with(**{"test_data_1.csv": "1, 7, 0\n1, 16, 1\n"}),
+     "test_data_1.csv: line 2: the mapping's 2 rows are no whole number of series of 3"),
+    ("series of two users", csv_with(**{"test_data_1.csv": "1, 7, 0\n1, 6, 0\n2, 16, 1\n"}),
+     "test_data_1.csv: line 3: user 2 within user 1's series of 3"),
+    ("two positives", csv_with(**{"test_data_1.csv": "1, 7, 1\n1, 6, 0\n1, 16, 1\n"}),
+     "test_data_1.csv: line 1: user 1's series of 3 from this line has 2 positives"),
+    ("no positive", csv_with(**{"test_data_1.csv": "1, 7, 0\n1, 6, 0\n1, 16, 0\n"}),
+     "has 0 positives"),
+    ("two series of a user", csv_with(**{"test_data_1.csv": "1, 7, 0\n1, 6, 0\n1, 16, 1\n"
+                                                            "1, 2, 1\n1, 3, 0\n1, 4, 0\n"}),
+     "test_data_1.csv: line 4: a second series of user 1 (the first from"),
+    ("cardinality below the ids", spec_with("  item:\n    cardinality: auto",
+                                            "  item:\n    cardinality: 19"),
+     "feature_spec.item.cardinality is 19 but the data holds item id 19; raise it to 20"),
+    ("chunks of unequal rows", lambda d: write_csv_dataset(d, CSV_SPEC.replace(
+        """        - label
+      files:
+        - test_data_1.csv""", """      files: [ids.csv]
+    - type: csv
+      features: [label]
+      files: [labels.csv]"""), **{"ids.csv": "1, 7\n1, 6\n1, 16\n", "labels.csv": "0\n1\n"}),
+     "source_spec.test[1] has 2 rows but source_spec.test[0] has 3"),
+    ("wrong field count", csv_with(**{"train_data_1.csv": "0, 3\n0, 18\n"}),
+     "train_data_1.csv: line 1: 2 fields, but its chunk lists 3 features"),
+    ("ragged line", csv_with(**{"train_data_1.csv": "0, 3, 0\n0, 18, 1, 4\n"}),
+     "train_data_1.csv: cannot parse"),
+    ("no test mapping", spec_with("  test:\n", "  other:\n"),
+     "source_spec has no test mapping; ncf.py needs train and test"),
+    ("feature missing", spec_with("  label_ch:\n    - label", "  label_ch:\n    - rating"),
+     "source_spec.train has no column of feature 'rating'"),
+    ("mapping name", spec_with("  test:\n", "  test:\n    - type: csv\n      features: [user, "
+                                            "item, label]\n      files: [test_data_1.csv]\n"
+                                            "  ../up:\n"),
+     "source_spec.../up names files"),
+    ("series length missing", spec_with("  test_samples_per_series: 3", "  other: 3"),
+     "metadata.test_samples_per_series is None"),
+    ("YAML outside the subset", spec_with("  item:\n", "  item: !tag\n"),
+     "feature_spec.yaml: line 4: '!tag'"),
+    ("no spec", lambda d: os.remove(os.path.join(write_csv_dataset(d), "feature_spec.yaml")),
+     "feature_spec.yaml: no such file; give the spec's directory with --path"),
+]
+
+
+@pytest.mark.parametrize("change, expected", [case[1:] for case in BAD_CSV],
+                         ids=[case[0] for case in BAD_CSV])
+def test_transcode_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, change, expected):
+    source = tmp_path / "csv"
+    source.mkdir()
+    change(str(source))
+    with pytest.raises(SystemExit) as leaving:
+        cli.run(transcode.main, ["--path", str(source), "--output", str(tmp_path / "out")])
+    assert leaving.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("transcode.py: error: "), lines
+    assert expected in lines[0] and "; " in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_transcode_writes_its_spec_only_into_the_output(tmp_path, capsys):
+    source = write_csv_dataset(tmp_path / "csv")
+    with pytest.raises(SystemExit):
+        cli.run(transcode.main, ["--path", source, "--output", str(tmp_path / "out"),
+                                 "--feature_spec_out", "../spec.yaml"])
+    assert "--feature_spec_out ../spec.yaml: name a file of --output itself" in (
+        capsys.readouterr().err)
+
+
+def test_transcode_replaces_an_earlier_conversion_whole(ratings, tmp_path, capsys):
+    """Its files replace a 2019 conversion's, metadata.json included, which would otherwise
+    describe other tensors."""
+    output = tmp_path / "out"
+    convert.main(["--path", ratings, "--output", str(output), "--min_ratings", "3"])
+    transcode.main(["--path", write_csv_dataset(tmp_path / "csv"), "--output", str(output)])
+    assert sorted(os.listdir(output)) == ["feature_spec.yaml", "test_data_0.pt",
+                                          "test_data_1.pt", "train_data_0.pt", "train_data_1.pt"]
+    assert open_dataset(str(output))[3:5] == (3, 20)
