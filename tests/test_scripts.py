@@ -64,11 +64,15 @@ def test_syntax_and_usage(script, offline):
 @pytest.mark.parametrize("script,args", [
     ("download_dataset.sh", ["ml-1b"]),
     ("verify_dataset.sh", ["ml-1b", "x.zip"]),
-    ("prepare_dataset.sh", ["ml-1b"]),
+    ("prepare_dataset.sh", ["ml-1b", "{raw}"]),
 ])
 def test_unknown_dataset_lists_the_known_ones(script, args, offline, tmp_path):
-    done = run(script, *args, env=offline)
+    done = run(script, *(arg.format(raw=tmp_path / "raw") for arg in args), env=offline)
     one_line_error(done, "unknown dataset 'ml-1b'", "ml-100k", "ml-20m", "ml-latest-small")
+    if script == "prepare_dataset.sh":
+        # read as the 2023 original reads other datasets, from a ratings.csv it did not find
+        assert (f"neither {tmp_path}/raw/ratings.csv nor {tmp_path}/raw/ml-1b/ratings.csv to read "
+                f"it from; put its ratings there, or name one of") in done.stderr
 
 
 def test_wrong_arguments_exit_2(offline):
@@ -395,3 +399,99 @@ def test_make_setup_pins_the_cpu_torch_before_the_requirements(make_copy):
         ".venv/bin/python -m pip install -q torch==2.13.0",
         ".venv/bin/python -m pip install -q -r requirements-test.txt -r requirements-optional.txt",
     ]
+
+
+def recorded_arguments(cache):
+    """What the stub convert.py was run with (it writes them into metadata.json)."""
+    return json.loads((cache / "metadata.json").read_text())
+
+
+@pytest.mark.parametrize("place, header, flags", [
+    ("raw", "user,item,time", ["--first_columns"]),
+    ("raw/mine", "0, 17, 38308", ["--first_columns"]),
+    ("raw", "\ufeffuserId,movieId,rating,timestamp", []),
+    ("raw/mine", '"userId","movieId","rating","timestamp"', []),
+], ids=["RAW_DIR, other header", "RAW_DIR/DATASET, like_movielens", "MovieLens header",
+        "MovieLens header quoted"])
+def test_prepare_reads_an_unknown_dataset_as_the_2023_original(stubbed, offline, tmp_path, place,
+                                                               header, flags):
+    """It refused any name it did not know; the 2023 original reads RAW_DATADIR/ratings.csv
+    (default /data/DATASET) by its first three columns."""
+    ratings = tmp_path / place / "ratings.csv"
+    ratings.parent.mkdir(parents=True)
+    ratings.write_text(f"{header}\n1,2,3\n", encoding="utf-8")
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    done = run("prepare_dataset.sh", "mine", raw, cache, env=offline, cwd=stubbed)
+    assert done.returncode == 0, done.stderr
+    how = ("by its MovieLens header (userId, movieId, timestamp)" if not flags else
+           "as the 2023 original reads an unknown dataset: user, item, timestamp in its first "
+           "three columns after a header line")
+    assert done.stderr == (f"prepare_dataset.sh: note: unknown dataset 'mine': converting "
+                           f"{ratings}, read {how}\n")
+    assert recorded_arguments(cache) == ["--path", str(ratings), "--output", str(cache), *flags]
+    assert done.stdout == f"prepared {cache}\n"
+    again = run("prepare_dataset.sh", "mine", raw, cache, env=offline, cwd=stubbed)
+    assert again.returncode == 0 and again.stdout == f"using cache {cache}\n"
+
+
+def test_prepare_converts_an_unknown_dataset_end_to_end(offline, tmp_path):
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    raw.mkdir()
+    (raw / "ratings.csv").write_text("customer,product,when\n" + "".join(
+        f"{user},{(user * 3 + step) % 40},{step}\n" for user in range(5) for step in range(25)))
+    done = run("prepare_dataset.sh", "shop", raw, cache, env=offline)
+    assert done.returncode == 0, done.stderr
+    metadata = json.loads((cache / "metadata.json").read_text())
+    assert (metadata["reader"], metadata["users"], metadata["user_column"]) == (
+        "csv-first-columns", 5, "customer")
+
+
+def ml20m_archive(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ml-20m/ratings.csv", "userId,movieId,rating,timestamp\n1,2,5,3\n")
+    return path
+
+
+def test_prepare_takes_the_archive_where_the_2023_readme_puts_it(stubbed, offline, tmp_path):
+    """Its step 4 puts ml-20m.zip in /data/ml-20m, which stopped us: `/data/ml-20m exists but
+    holds no ratings.csv`. It is unpacked there, as the 2023 original does."""
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    (raw / "ml-20m").mkdir(parents=True)
+    ml20m_archive(raw / "ml-20m" / "ml-20m.zip")
+    done = run("prepare_dataset.sh", "ml-20m", raw, cache, env=offline, cwd=stubbed)
+    assert done.returncode == 0, done.stderr
+    assert f"verified ml-20m {raw}/ml-20m/ml-20m.zip" in done.stdout
+    ratings = raw / "ml-20m" / "ml-20m" / "ratings.csv"
+    assert ratings.is_file() and sorted(p.name for p in (raw / "ml-20m").iterdir()) == [
+        "ml-20m", "ml-20m.zip"]
+    assert recorded_arguments(cache) == ["--path", str(ratings), "--output", str(cache)]
+    assert not (tmp_path / "urls.log").exists()
+    # unpacked there already: used as it is
+    (cache / "metadata.json").unlink()
+    again = run("prepare_dataset.sh", "ml-20m", raw, cache, env=offline, cwd=stubbed)
+    assert again.returncode == 0 and f"using {ratings}\n" in again.stdout
+
+
+def test_prepare_prefers_the_archive_in_raw_dir(stubbed, offline, tmp_path):
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    (raw / "ml-20m").mkdir(parents=True)
+    ml20m_archive(raw / "ml-20m.zip")
+    (raw / "ml-20m" / "ml-20m.zip").write_bytes(b"another copy")
+    done = run("prepare_dataset.sh", "ml-20m", raw, cache, env=offline, cwd=stubbed)
+    one_line_error(done, f"{raw}/ml-20m exists but holds no ratings.csv; move it away")
+    (raw / "ml-20m" / "ml-20m.zip").unlink()
+    (raw / "ml-20m").rmdir()
+    done = run("prepare_dataset.sh", "ml-20m", raw, cache, env=offline, cwd=stubbed)
+    assert done.returncode == 0, done.stderr
+    assert recorded_arguments(cache)[1] == str(raw / "ml-20m" / "ratings.csv")
+
+
+def test_prepare_reuses_a_cache_of_the_2023_original(stubbed, offline, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "feature_spec.yaml").write_text("kept")
+    done = run("prepare_dataset.sh", "ml-1m", tmp_path / "raw", cache, env=offline, cwd=stubbed)
+    assert (done.returncode, done.stdout) == (0, f"using cache {cache} (feature_spec.yaml, no "
+                                                 f"metadata.json: converted by the 2023 "
+                                                 f"original)\n")
+    assert os.listdir(cache) == ["feature_spec.yaml"]
