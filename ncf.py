@@ -98,6 +98,10 @@ def parse_args(argv=None):
                         help="O2: mixed precision (float16 on CUDA, bfloat16 on a CPU with bf16 "
                              "units); O0: float32")
     parser.add_argument("--amp", action="store_true", help="mixed precision (same as O2)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model and its loss for training (fuses their "
+                             "elementwise passes; compiling takes a minute; a CPU needs a C++ "
+                             "compiler)")
     parser.add_argument("--no_tf32", action="store_true",
                         help="float32 matrix products in IEEE float32 on an Ampere or newer GPU, "
                              "where O0 otherwise runs them in TF32 as the original's figures")
@@ -362,7 +366,7 @@ def run(args):
         evaluation.check_cutoffs(args, splits.test.items.shape[1])
         if args.mode == "train":
             train.check_epoch_holds_a_step(len(splits.train_users), args, ctx)
-        model, ddp_model = train.build_model(args, splits.nb_users, splits.nb_items, ctx)
+        model, training_loss = train.build_model(args, splits.nb_users, splits.nb_items, ctx)
         log_line(ctx, str(model))
         log_line(ctx, f"{sum(parameter.numel() for parameter in model.parameters())} parameters")
         load_starting_weights(args, ctx, model, splits.nb_users, splits.nb_items)
@@ -374,7 +378,7 @@ def run(args):
             log_metric_metadata(logger, args)
             if args.mode == "test":
                 return train.test(args, ctx, model, splits, logger)
-            return train.train(args, ctx, model, ddp_model, splits, logger, run_start)
+            return train.train(args, ctx, model, training_loss, splits, logger, run_start)
 
 
 def end_process_group(ctx):

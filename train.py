@@ -8,6 +8,7 @@ are described in docs/behaviour.md.
 """
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +33,7 @@ from progress import Progress
 RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "valid_batch_size",
                         "resume", "local_rank", "mode", "load_checkpoint_path", "data",
                         "full_ranking", "report_topk", "pretrained_gmf", "pretrained_mlp",
-                        "alpha"}
+                        "alpha", "compile"}
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Recipe:
     seed: int = 1
     topk: int = 10
     report_topk: list = field(default_factory=list)
+    compile: bool = False
 
 
 ORIGINAL = Recipe()
@@ -127,8 +129,22 @@ def tf32_active(device):
             or os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1")
 
 
+class TrainingLoss(torch.nn.Module):
+    """The model's mean BCE-with-logits on a batch: what DDP wraps and --compile compiles, so
+    that the loss's elementwise passes fuse with the last layer's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, user, item, label):
+        logits = self.model(user, item).view(-1)
+        return F.binary_cross_entropy_with_logits(logits.float(), label.float())
+
+
 def build_model(args, nb_users, nb_items, ctx):
-    """(model, the model to train: DDP-wrapped across several processes, else the model)."""
+    """(model, its TrainingLoss: DDP-wrapped across several processes, compiled with
+    --compile); checkpoints and evaluation use the model, training the loss."""
     check_model_fits(args, nb_users, nb_items, ctx)
     torch.manual_seed(args.seed)
     try:
@@ -141,10 +157,24 @@ def build_model(args, nb_users, nb_items, ctx):
                             f"{' '.join(map(str, args.layers))}: the model cannot be allocated; "
                             f"use smaller sizes") from None
     model = model.to(ctx.device)
+    loss = TrainingLoss(model)
     if ctx.world_size > 1:
-        return model, torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return model, model
+        loss = torch.nn.parallel.DistributedDataParallel(
+            loss, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if args.compile:
+        check_compiler(ctx)
+        loss = torch.compile(loss)
+    return model, loss
+
+
+def check_compiler(ctx):
+    """Refuse --compile where torch.compile could not build its CPU kernels: it needs a C++
+    compiler at run time, and would otherwise fail at the first step with a long traceback."""
+    compiler = os.environ.get("CXX") or "g++"
+    if ctx.device.type == "cpu" and shutil.which(compiler) is None:
+        raise cli.UserError(f"--compile: torch.compile builds CPU kernels with a C++ compiler "
+                            f"and {compiler} is not on PATH; install one (g++) or set CXX, or "
+                            f"drop --compile")
 
 
 def check_model_fits(args, nb_users, nb_items, ctx):
@@ -236,10 +266,10 @@ def check_epoch_holds_a_step(nb_positives, args, ctx):
         f"giving at least {USEFUL_STEPS}; -b {max(fitting)} is the largest that trains at all)")
 
 
-def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items, epoch, args,
-                ctx):
-    """One epoch; returns the mean training loss over all ranks."""
-    ddp_model.train()
+def train_epoch(training_loss, optimizer, scaler, train_users, train_items, nb_items, epoch,
+                args, ctx):
+    """One epoch of build_model's `training_loss`; returns the mean loss over all ranks."""
+    training_loss.train()
     generator = epoch_generator(args.seed, epoch, ctx.device)
     users, items, labels = dataloading.epoch_samples(
         train_users, train_items, nb_items, args.negative_samples, ctx.world_size, ctx.rank,
@@ -255,13 +285,12 @@ def train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items
         for index, (user, item, label, weight) in enumerate(pieces):
             # DDP all-reduces gradients only on the piece that completes a step.
             last_piece = index == len(pieces) - 1
-            sync = nullcontext() if last_piece or ctx.world_size == 1 else ddp_model.no_sync()
+            sync = (nullcontext() if last_piece or ctx.world_size == 1 else
+                    training_loss.no_sync())
             with sync:
                 with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype,
                                     enabled=ctx.autocast_dtype is not None):
-                    logits = ddp_model(user, item).view(-1)
-                    loss = F.binary_cross_entropy_with_logits(logits.float(), label.float())
-                    loss = loss * weight
+                    loss = training_loss(user, item, label) * weight
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.step(optimizer)
@@ -302,7 +331,7 @@ def parameters_are_finite(model):
     return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
 
 
-def train(args, ctx, model, ddp_model, splits, logger, run_start):
+def train(args, ctx, model, training_loss, splits, logger, run_start):
     """The epochs from the first not yet run (0, or last.pth's with --resume) to --epochs or
     --threshold; returns the summary (see summarize)."""
     nb_samples = samples_per_epoch(len(splits.train_users), args)
@@ -320,7 +349,7 @@ def train(args, ctx, model, ddp_model, splits, logger, run_start):
     for epoch in range(first_epoch, args.epochs):
         synchronize(ctx)
         start = time.time()
-        train_loss = train_epoch(ddp_model, optimizer, scaler, splits.train_users,
+        train_loss = train_epoch(training_loss, optimizer, scaler, splits.train_users,
                                  splits.train_items, splits.nb_items, epoch, args, ctx)
         synchronize(ctx)
         train_time = time.time() - start

@@ -276,3 +276,36 @@ def test_cpu_pieces_give_the_whole_batch_gradient(clustered_data, monkeypatch):
     for name, gradient in whole.items():
         assert gradient.abs().sum() > 0, name
         torch.testing.assert_close(pieces[name], gradient, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_compiled_training_learns_as_eager_and_resumes_either_way(clustered_data, tmp_path,
+                                                                   monkeypatch, capsys):
+    # Inductor's C++ kernels take a minute to build on this CPU; the AOT-autograd graphs that
+    # --compile captures (model and loss, forward and backward) run here without them.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda module: real_compile(module, backend="aot_eager"))
+    flags = ["--threshold", "1.1", "--opt_level", "O0"]
+    eager = ncf.main(train_args(clustered_data, tmp_path / "eager", "-e", "2", *flags))
+    compiled = ncf.main(train_args(clustered_data, tmp_path / "mixed", "-e", "1", "--compile",
+                                   *flags))
+    assert "torch._dynamo" not in capsys.readouterr().err
+    resumed = ncf.main(train_args(clustered_data, tmp_path / "mixed", "-e", "2", "--resume",
+                                  *flags))
+    assert compiled["epochs_run"] == 1 and resumed["epochs_run"] == 2
+    assert abs(resumed["best_accuracy"] - eager["best_accuracy"]) <= 0.02
+    again = ncf.main(train_args(clustered_data, tmp_path / "mixed", "-e", "3", "--resume",
+                                "--compile", *flags))
+    assert again["epochs_run"] == 3 and again["best_accuracy"] >= resumed["best_accuracy"]
+
+
+def test_compile_without_a_cpu_compiler_is_one_line(clustered_data, tmp_path, capsys,
+                                                     monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(ncf.main, train_args(clustered_data, tmp_path, "-e", "1", "--compile"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "ncf.py: error: --compile: torch.compile builds CPU kernels with a C++ compiler and "
+        "no-such-compiler is not on PATH; install one (g++) or set CXX, or drop --compile\n")
