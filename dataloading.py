@@ -756,9 +756,9 @@ class Splits:
     metadata: Optional[dict]  # None: converted by the original convert.py
 
 
-def load_splits(data_dir, device):
-    """open_dataset(data_dir) as Splits on `device`."""
-    dataset = open_dataset(data_dir)
+def load_splits(data_dir, device, feature_spec_file=FEATURE_SPEC):
+    """open_dataset(data_dir, feature_spec_file) as Splits on `device`."""
+    dataset = open_dataset(data_dir, feature_spec_file)
     # int32 ids halve the memory of an epoch's samples; embeddings accept them directly.
     id_dtype = torch.int32 if max(dataset.nb_users, dataset.nb_items) < 2 ** 31 else torch.int64
 

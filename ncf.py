@@ -41,6 +41,9 @@ def parse_args(argv=None):
                                 description="Train a Neural Collaborative Filtering model")
     parser.add_argument("--data", type=str, required=True,
                         help="directory with the files convert.py writes")
+    parser.add_argument("--feature_spec_file", type=str, default=dataloading.FEATURE_SPEC,
+                        help="the 2023 layout's feature spec in --data, as the 2023 original's "
+                             "flag (a directory without it is read in the 2019 layout)")
     parser.add_argument("-e", "--epochs", type=int, default=30, help="epochs to train")
     parser.add_argument("-b", "--batch_size", type=int, default=ORIGINAL.batch_size,
                         help="samples per batch, summed over all processes (an optimiser step "
@@ -264,7 +267,7 @@ def prepare_checkpoint_dir(path, held):
 
 
 def load_splits(args, ctx):
-    splits = dataloading.load_splits(args.data, ctx.device)
+    splits = dataloading.load_splits(args.data, ctx.device, args.feature_spec_file)
     if splits.metadata is None:
         log_line(ctx, f"note: {args.data} has no {dataloading.METADATA}: taken as converted by "
                       f"the original convert.py (its tensors passed the same checks)")

@@ -33,7 +33,7 @@ from progress import Progress
 RESUME_HARMLESS_ARGS = {"epochs", "threshold", "log_path", "checkpoint_dir", "valid_batch_size",
                         "resume", "local_rank", "mode", "load_checkpoint_path", "data",
                         "full_ranking", "report_topk", "pretrained_gmf", "pretrained_mlp",
-                        "alpha", "compile"}
+                        "alpha", "compile", "feature_spec_file"}
 
 
 @dataclass
