@@ -180,9 +180,9 @@ def test_full_ranking_never_ranks_a_training_item(tiny):
 
 def test_log_holds_the_settings_and_the_printed_values(tiny, tmp_path, capsys):
     log = str(tmp_path / "log.json")
-    results = run(tiny, "--method", "pop", "--log_path", log)
+    results = run(tiny, "--method", "pop", "-k", "2", "--log_path", log)
     printed = dict(line.split(" = ") for line in capsys.readouterr().out.splitlines())
-    assert printed["hr@10"] == f"{results['hr@10']:.4f}"
+    assert printed["hr@2"] == f"{results['hr@2']:.4f}"
     records = read_log(log)
     assert log_records(records, "parameter")[0]["method"] == "pop"
     assert log_records(records, "summary") == [pytest.approx(results)]
@@ -207,10 +207,10 @@ CASES = [
     (["--data", "{data}", "--method", "bpr", "--learning_rate", "0"], "--learning_rate"),
     (["--data", "{data}", "--method", "bpr", "--learning_rate", "inf"], "--learning_rate"),
     (["--data", "{data}", "--method", "bpr", "--regularisation", "-0.1"], "--regularisation"),
-    (["--data", "{data}", "--method", "bpr", "-l", "1e30"],
+    (["--data", "{data}", "--method", "bpr", "-l", "1e30", "-k", "2"],
      "--learning_rate 1e+30 --regularisation 0.0005: epoch 1: training diverged (loss nan); "
      "lower -l/--learning_rate"),
-    (["--data", "{data}", "--method", "bpr", "--regularisation", "1e38"],
+    (["--data", "{data}", "--method", "bpr", "--regularisation", "1e38", "-k", "2"],
      "--learning_rate 0.005 --regularisation 1e+38: epoch 0: training diverged (loss inf)"),
     (["--data", "{data}", "--method", "pop", "--neighbours", "5"],
      "--neighbours is a setting of --method itemknn, not pop; drop --neighbours"),
@@ -223,7 +223,8 @@ CASES = [
     (["--data", "{tmp}/none", "--method", "pop"], "{tmp}/none/train_ratings.pt"),
     (["--data", "{converting}", "--method", "pop"], "{converting}/.converting"),
     (["--data", "{broken}", "--method", "pop"], "{broken}/test_negatives.pt"),
-    (["--data", "{data}", "--method", "pop", "--log_path", "{tmp}/a_file/log.json"],
+    (["--data", "{data}", "--method", "pop", "-k", "2", "--log_path",
+      "{tmp}/a_file/log.json"],
      "--log_path {tmp}/a_file/log.json"),
 ]
 if not torch.cuda.is_available():
