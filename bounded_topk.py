@@ -8,7 +8,7 @@ from a scoring.FactoredScorer; the bounds need an MLP hidden layer (bounds_pay).
 """
 import torch
 
-from scoring import top_items
+from scoring import tf32_active, top_items
 
 # bounded_top_items: items scored first per item of the top k; the share of items kept above
 # which scoring every item is faster. At the ml-20m shape a scattered pair cost 1.7x a pair of a
@@ -104,7 +104,7 @@ class ItemBounds:
             magnitude = (self.constant + self.item_magnitude
                          + scorer.user_first(users).abs() @ self.first_gain
                          + (scorer.mf_users[users] * scorer.mf_weight).abs() @ self.mf_item_max)
-            return (2 * self.sum_lengths * _unit_roundoff() * magnitude)[:, None]
+            return (2 * self.sum_lengths * _unit_roundoff(users.device) * magnitude)[:, None]
 
     def __call__(self, users):
         """[len(users), nb_items] float upper bounds of the logits scorer(users) holds."""
@@ -133,9 +133,13 @@ class ItemBounds:
         return (centre @ self.out_weight + radius @ self.out_weight_abs).view(len(user_first), -1)
 
 
-def _unit_roundoff():
-    """Of float32 products as torch runs them now: 2**-24, or TF32's and bfloat16's where
+def _unit_roundoff(device):
+    """Of float32 products as they run on `device` now: 2**-24; TF32's 2**-11 where it is in
+    effect on a GPU (scoring.tf32_active: an environment override included, which
+    torch.get_float32_matmul_precision does not see); TF32's or bfloat16's where
     torch.set_float32_matmul_precision lowered it."""
+    if tf32_active(device):
+        return 2.0 ** -11
     return {"highest": 2.0 ** -24, "high": 2.0 ** -11,
             "medium": 2.0 ** -8}[torch.get_float32_matmul_precision()]
 

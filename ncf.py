@@ -22,6 +22,7 @@ import torch.distributed as dist
 import cli
 import dataloading
 import evaluation
+import scoring
 import train
 from checkpoint import check_matches, load_checkpoint, load_model, load_state, model_state
 from fileio import DirectoryLocked, held_directory
@@ -214,7 +215,7 @@ def set_tf32(args, device):
         return False
     torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     torch.backends.cudnn.allow_tf32 = not args.no_tf32
-    active = train.tf32_active(device)
+    active = scoring.tf32_active(device)
     if args.no_tf32 and active:
         raise cli.UserError("--no_tf32: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in the environment (NGC "
                             "images set it) makes cuBLAS use TF32 whatever torch allows; run with "

@@ -11,6 +11,8 @@ What is left per pair is the MLP after its first layer (256*128 + 128*64 multipl
 default --layers 256 256 128 64): that, not the first layer, bounds the speed. A top-k needs
 few of the pairs: bounded_topk.py finds it exactly from bounds on clusters of items.
 """
+import os
+
 import torch
 
 
@@ -235,3 +237,17 @@ def top_items(scores, excluded, k):
 def users_per_batch(nb_items, chunk_pairs):
     """Users per batch so that a batch's score matrix holds about 16 chunks of pairs."""
     return max(1, 16 * chunk_pairs // nb_items)
+
+
+def tf32_active(device):
+    """Whether float32 matrix products on `device` run in TF32 (a 10-bit mantissa): on a GPU
+    of compute capability 8.0 or more (Ampere and later) where torch allows it, or where
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (NGC images set it) makes cuBLAS use it whatever torch
+    says; NVIDIA_TF32_OVERRIDE=0 turns it off in NVIDIA's libraries."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        return False
+    return (torch.backends.cuda.matmul.allow_tf32
+            or os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1")

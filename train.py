@@ -73,7 +73,7 @@ class Context:
     # None trains in float32; float16 (CUDA, with loss scaling) or bfloat16 (a CPU with
     # native bf16 units) trains under autocast in that type.
     autocast_dtype: torch.dtype | None = None
-    # Whether float32 matrix products run in TF32 (tf32_active).
+    # Whether float32 matrix products run in TF32 (scoring.tf32_active).
     tf32: bool = False
 
     @property
@@ -113,20 +113,6 @@ def log_line(ctx, message):
 
 def cpu_has_native_bf16():
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-
-
-def tf32_active(device):
-    """Whether float32 matrix products on `device` run in TF32 (a 10-bit mantissa): on a GPU
-    of compute capability 8.0 or more (Ampere and later) where torch allows it, or where
-    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (NGC images set it) makes cuBLAS use it whatever torch
-    says; NVIDIA_TF32_OVERRIDE=0 turns it off in NVIDIA's libraries."""
-    device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
-        return False
-    if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
-        return False
-    return (torch.backends.cuda.matmul.allow_tf32
-            or os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1")
 
 
 class TrainingLoss(torch.nn.Module):

@@ -231,6 +231,24 @@ def test_the_slack_grows_with_lowered_float32_matmul_precision(monkeypatch):
     assert torch.allclose(bounds.slack(users), full * 2 ** 16)
 
 
+def test_the_slack_reads_tf32_that_an_environment_override_turns_on(monkeypatch):
+    """NGC images set TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1: cuBLAS runs TF32 while torch still
+    reports 'highest' precision, and a slack sized for IEEE float32 could drop a top-k item."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert bounded_topk._unit_roundoff(torch.device("cuda", 0)) == 2.0 ** -11
+        monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
+        assert bounded_topk._unit_roundoff(torch.device("cuda", 0)) == 2.0 ** -24
+        assert bounded_topk._unit_roundoff(torch.device("cpu")) == 2.0 ** -24
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_bounds_refuse_a_bfloat16_scorer_and_a_k_below_one():
     model = random_model("neumf", [8, 6, 4])
     with pytest.raises(ValueError, match="float32 scorer, got torch.bfloat16"):

@@ -154,8 +154,8 @@ def test_tf32_is_read_from_the_card_torch_and_the_environment(monkeypatch, capab
         monkeypatch.delenv(name, raising=False)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    assert train.tf32_active(torch.device("cuda", 0)) is active
-    assert train.tf32_active(torch.device("cpu")) is False
+    assert scoring.tf32_active(torch.device("cuda", 0)) is active
+    assert scoring.tf32_active(torch.device("cpu")) is False
 
 
 @pytest.mark.parametrize("flags, override, active, precision", [
