@@ -7,10 +7,15 @@
 
 amp is autocast: float16 on CUDA, bfloat16 on the CPU (the only reduced precision CPU autocast
 offers). Ids are drawn before timing, so only the forward pass is measured. Throughput is
-samples over the summed time of all timed passes; the original reports its best pass
-(batch size / fastest pass), printed and logged beside it as best_inference_throughput.
+samples over the summed time of all timed passes, as the 2023 original's mean throughput; the
+2019 original reports its best pass (batch size / fastest pass), printed and logged beside it
+as best_inference_throughput. The log ends with the 2023 original's record of the run
+(batch_{size}_mean_throughput, batch_{size}_mean_latency, _p90_, _p95_, _p99_ in seconds),
+which its qa/inference_table.py reads; --dropout is taken and, the model being in eval mode,
+changes nothing, as in both originals.
 """
 import argparse
+import os
 import platform
 import time
 from contextlib import contextmanager, nullcontext
@@ -27,7 +32,8 @@ ML20M_USERS = 138493
 ML20M_ITEMS = 26744
 DEFAULT_FACTORS = 64
 DEFAULT_LAYERS = [256, 256, 128, 64]
-DEFAULT_BATCH_SIZES = [1, 64, 1024, 16384, 65536, 262144, 1048576]
+# The 2023 original's list, which holds the 2019 one's single default (1).
+DEFAULT_BATCH_SIZES = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
 AUTOCAST_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 SHORT_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 OPT_LEVEL_PRECISION = {"O0": "fp32", "O2": "amp"}
@@ -52,6 +58,9 @@ def parse_args(argv=None):
                         help=f"MF embedding width (default {DEFAULT_FACTORS})")
     parser.add_argument("--layers", nargs="+", type=int, default=None,
                         help=f"MLP layer sizes (default {' '.join(map(str, DEFAULT_LAYERS))})")
+    parser.add_argument("--dropout", type=float, default=0.5,
+                        help="taken as both originals take it; no effect: the model runs in eval "
+                             "mode")
     parser.add_argument("--load_checkpoint_path", type=str, default=None,
                         help="model.pth or last.pth; the model's shape is read from it")
     parser.add_argument("--batch_sizes", nargs="+", type=batch_size_list, default=None,
@@ -73,8 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("-s", "--seed", type=int, default=1)
     parser.add_argument("--log_path", type=str, default="log.json",
-                        help="dllogger-format log as the original's: the settings, then one "
-                             "record per (precision, batch size) (default log.json)")
+                        help="dllogger-format log: the settings, one record per (precision, "
+                             "batch size), then the 2023 original's record of them all, last, "
+                             "for its qa/inference_table.py (default log.json)")
     args = parser.parse_args(argv)
     check_args(args, parser)
     return args
@@ -100,6 +110,8 @@ def check_args(args, parser):
                         "--factors": args.factors, "--num_batches": args.num_batches}.items():
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.warmup_batches < 0:
         parser.error(f"--warmup_batches must be 0 or more, got {args.warmup_batches}")
     small = [size for size in args.batch_sizes if size < 1]
@@ -231,7 +243,7 @@ def build_model(args, device):
         torch.manual_seed(args.seed)
         return build(args.model or "neumf", args.n_users or ML20M_USERS,
                      args.n_items or ML20M_ITEMS, args.factors or DEFAULT_FACTORS,
-                     args.layers or DEFAULT_LAYERS).to(device)
+                     args.layers or DEFAULT_LAYERS, args.dropout).to(device)
     path = args.load_checkpoint_path
     model = load_model(path, device)
     saved = {"--model": model.kind, "--n_users": model.nb_users, "--n_items": model.nb_items,
@@ -303,10 +315,10 @@ def run(args):
         raise cli.UserError(f"--log_path {args.log_path}: cannot write there "
                             f"({error.strerror}); pass --log_path with a writable file"
                              ) from None
-    with logger.write_failures_reported("it holds the rows printed above"):
+    results = []
+    try:
         logger.log(PARAMETER, vars(args))
         print_header(name, model)
-        results = []
         for precision in args.precision:
             for batch_size in args.batch_sizes:
                 with refusing_out_of_memory(batch_flags(batch_size), name, advice):
@@ -320,7 +332,51 @@ def run(args):
                 logger.log((), result)
                 print_row(result)
                 results.append(result)
+        log_2023_record(logger, results)
+    except OSError as error:
+        if error.filename != args.log_path:
+            raise
+        kept = what_the_log_keeps(args.log_path, results,
+                                  len(args.precision) * len(args.batch_sizes))
+        raise cli.UserError(f"--log_path {args.log_path}: writing failed ({error.strerror}); "
+                            f"{kept}; free space or pass --log_path elsewhere") from None
     return results
+
+
+def record_2023(results):
+    """The 2023 original's record of a run: per batch size its mean throughput (samples/s)
+    and mean, p90, p95 and p99 latency (s), under its key names; each key starts with the
+    precision where a run has several (the original runs one a log)."""
+    several = len({result["precision"] for result in results}) > 1
+    record = {}
+    for result in results:
+        key = f"{result['precision'] + '_' if several else ''}batch_{result['batch_size']}"
+        record[f"{key}_mean_throughput"] = result["throughput"]
+        record[f"{key}_mean_latency"] = result["latency_mean_ms"] / 1000.0
+        for percentile in PERCENTILES:
+            record[f"{key}_p{percentile}_latency"] = result[f"latency_p{percentile}_ms"] / 1000.0
+    return record
+
+
+def log_2023_record(logger, results):
+    """The units of record_2023's keys, then the record itself, last in the log, where the
+    2023 original's qa/inference_table.py reads it."""
+    record = record_2023(results)
+    for key in record:
+        logger.metadata(key, {"unit": "samples/s" if key.endswith("_throughput") else "s"})
+    logger.log((), record)
+
+
+def what_the_log_keeps(path, results, runs):
+    """What a log whose write failed holds, said truly: whole records only (JsonLogger); one
+    that holds none is removed rather than left empty."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        os.remove(path)
+        return "nothing was logged, and the empty log is removed"
+    if len(results) < runs:
+        return (f"it holds the settings and the {len(results)} row(s) printed above, of the "
+                f"{runs} asked for")
+    return "it holds the settings and every row printed above, not the 2023 record of them all"
 
 
 def main(argv=None):

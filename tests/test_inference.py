@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -20,7 +22,8 @@ def test_tiny_model_two_batch_sizes(tmp_path):
         assert (result["n_users"], result["n_items"], result["factors"], result["layers"]) == \
             (30, 20, 4, [8, 4])
         assert result["throughput"] > 0
-    logged = log_records(read_log(log_path), "summary")
+    # a record per size, then the 2023 original's record of them all
+    logged = log_records(read_log(log_path), "summary")[:-1]
     assert len(logged) == 2
     assert [record["throughput"] for record in logged] == \
         pytest.approx([result["throughput"] for result in results])
@@ -136,7 +139,7 @@ def test_log_json_by_default_with_settings_and_both_throughputs(tmp_path, monkey
     settings = log_records(records, "parameter")
     assert len(settings) == 1 and settings[0]["batch_sizes"] == [2, 5]
     assert settings[0]["precision"] == ["fp32"]
-    logged = log_records(records, "summary")
+    logged = log_records(records, "summary")[:-1]
     assert [record["batch_size"] for record in logged] == [2, 5]
     for record, result in zip(logged, results):
         # The best pass is at least as fast as the average one.
@@ -214,3 +217,75 @@ def test_a_shape_flag_the_checkpoints_model_has_no_use_for_is_refused(tmp_path, 
     assert one_error_line(capsys) == (f"inference.py: error: {path}: checkpoint holds a gmf "
                                       f"model, which has no MLP layers; drop --layers")
     assert not (tmp_path / "log.json").exists()
+
+
+def inference_table(log_path, batch_sizes):
+    """What the 2023 original's qa/inference_table.py makes of a log: the `data` of its last
+    line, and a row of its table per batch size."""
+    with open(log_path) as opened:
+        line = opened.readlines()[-1]
+    log = json.loads(line[len("DLLL "):])["data"]
+    return log, [[size,
+                  "{:3.3f}".format(log[f"batch_{size}_mean_throughput"]),
+                  *("{:.6f}".format(log[f"batch_{size}_{kind}_latency"])
+                    for kind in ("mean", "p90", "p95", "p99"))]
+                 for size in batch_sizes]
+
+
+def test_the_log_ends_with_the_2023_record_its_inference_table_reads(tmp_path):
+    log_path = tmp_path / "log.json"
+    results = inference.main(TINY + ["--batch_sizes", "1024,4096", "--fp16",
+                                     "--log_path", str(log_path)])
+    log, table = inference_table(log_path, [1024, 4096])
+    for result, row in zip(results, table):
+        assert row == [result["batch_size"], f"{result['throughput']:3.3f}",
+                       *(f"{result[key] / 1000:.6f}" for key in (
+                           "latency_mean_ms", "latency_p90_ms", "latency_p95_ms",
+                           "latency_p99_ms"))]
+    assert sorted(log) == sorted(f"batch_{size}_{name}" for size in (1024, 4096) for name in (
+        "mean_throughput", "mean_latency", "p90_latency", "p95_latency", "p99_latency"))
+    # the units, as the 2023 original describes them, before it
+    units = {record["metric"]: record["metadata"]["unit"] for record in read_log(log_path)
+             if record["type"] == "METADATA"}
+    assert units == {key: "samples/s" if key.endswith("throughput") else "s" for key in log}
+
+
+def test_the_2023_record_of_several_precisions_names_each(tmp_path):
+    log_path = tmp_path / "log.json"
+    inference.main(TINY + ["--batch_sizes", "8", "--log_path", str(log_path)])
+    log = log_records(read_log(log_path), "summary")[-1]
+    assert sorted(log) == sorted(f"{precision}_batch_8_{name}" for precision in ("fp32", "amp")
+                                 for name in ("mean_throughput", "mean_latency", "p90_latency",
+                                              "p95_latency", "p99_latency"))
+
+
+def test_dropout_is_taken_and_changes_nothing(tmp_path):
+    """Both originals take --dropout; the model runs in eval mode, so the scores are the same."""
+    outputs = []
+    for dropout in ("0", "0.5", "0.9"):
+        args = inference.parse_args(TINY + ["--dropout", dropout])
+        model = inference.build_model(args, torch.device("cpu"))
+        assert model.dropout == float(dropout)
+        model.eval()
+        with torch.no_grad():
+            outputs.append(model(torch.arange(20), torch.arange(20)))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    results = inference.main(TINY + ["--dropout", "0.5", "--batch_sizes", "4",
+                                     "--log_path", str(tmp_path / "log.json")])
+    assert len(results) == 2
+    assert log_records(read_log(tmp_path / "log.json"), "parameter")[0]["dropout"] == 0.5
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
+def test_a_dropout_outside_0_1_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as leaving:
+        cli.run(inference.main, TINY + [f"--dropout={value}"])
+    assert leaving.value.code == 2
+    assert one_error_line(capsys) == (f"inference.py: error: --dropout must be in [0, 1), got "
+                                      f"{float(value)}; see --help")
+
+
+def test_the_default_sizes_hold_both_originals():
+    """The 2019 original ran one size, 1 by default; the 2023 one a list."""
+    assert set(inference.parse_args([]).batch_sizes) >= {
+        1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576}

@@ -1,8 +1,10 @@
 """The small tools' bad inputs, one table: each exits with status 2, prints one line on stderr,
 `PROG: error: ...`, that names the flag or file at fault, and writes nothing."""
+import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +99,9 @@ def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inputs")
     data = write_clustered_dataset(str(tmp / "data"), nb_users=20, nb_items=30, per_user=5,
                                    negatives=5)
+    # enough candidates for --report_topk 1 ... 100
+    wide_data = write_clustered_dataset(str(tmp / "wide_data"), nb_users=20, nb_items=200,
+                                        per_user=5, negatives=120)
     torch.save(torch.arange(20) * 10, os.path.join(data, "user_ids.pt"))
     torch.save(torch.arange(30) + 1, os.path.join(data, "item_ids.pt"))
     torch.save(NeuMF(20, 30, 4, [8, 4]).state_dict(), tmp / "model.pth")
@@ -105,7 +110,8 @@ def inputs(tmp_path_factory):
     (tmp / "binary.json").write_bytes(bytes(range(256)) * 8)
     epoch = {"type": "LOG", "step": [0], "data": {"hr@10": 0.5, "train_loss": 0.3}}
     (tmp / "log.json").write_text("DLLL " + json.dumps(epoch) + "\n")
-    return {"tmp": str(tmp), "data": data, "checkpoint": str(tmp / "model.pth")}
+    return {"tmp": str(tmp), "data": data, "wide_data": wide_data,
+            "checkpoint": str(tmp / "model.pth")}
 
 
 def listing(top):
@@ -130,7 +136,7 @@ def test_bad_input_is_one_line_exit_2_naming_it(tool, argv, named, inputs, capsy
 
 
 # Run as programs: a closed stdout or a file size limit in pytest's own process would hit pytest.
-BASELINES = ["baselines.py", "--data", "{data}", "--method", "pop", "--device", "cpu",
+BASELINES = ["baselines.py", "--data", "{wide_data}", "--method", "pop", "--device", "cpu",
              "--log_path", "{tmp}/log.json"]
 INFERENCE = ["inference.py"] + TINY_INFERENCE + ["--precision", "fp32"]
 
@@ -160,27 +166,108 @@ def test_a_closed_stdout_stops_quietly_with_whole_log_records(argv, logged, tmp_
         assert "hr@10" in log_records(records, "summary")[0]
 
 
-def limit_file_size():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+def limit_file_size(size):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
 
 
-@pytest.mark.parametrize("argv, kept", [
-    (BASELINES + ["--report_topk", *map(str, range(1, 101))], "it holds the settings, not the "
-                                                               "results"),
-    (INFERENCE + ["--batch_sizes", *map(str, range(1, 21))], "it holds the rows printed above"),
-])
-def test_a_failing_log_write_is_one_line_and_leaves_whole_records(argv, kept, tmp_path,
-                                                                  inputs):
+def rows_printed(stdout):
+    return len([line for line in stdout.splitlines() if line.startswith("fp32 ")])
+
+
+# (command, file size limit, what the one line says the log keeps, the records it keeps)
+FAILING_LOGS = [
+    (BASELINES + ["--report_topk", *map(str, range(1, 101))], 4096,
+     "writing failed (File too large); it holds the settings, not the results",
+     ["parameter"]),
+    # the settings do not fit: no empty log is left behind
+    (BASELINES, 64, "cannot write there (File too large); pass --log_path with a writable",
+     None),
+    (INFERENCE + ["--batch_sizes", *map(str, range(1, 21))], 4096,
+     "writing failed (File too large); it holds the settings and the {rows} row(s) printed "
+     "above, of the 20 asked for", ["parameter", "rows"]),
+    (INFERENCE, 64, "writing failed (File too large); nothing was logged, and the empty log is "
+                    "removed", None),
+]
+
+
+@pytest.mark.parametrize("argv, size, kept, records", FAILING_LOGS,
+                         ids=["baselines results", "baselines settings", "inference rows",
+                              "inference settings"])
+def test_a_failing_log_write_is_one_line_and_leaves_whole_records(argv, size, kept, records,
+                                                                  tmp_path, inputs):
+    """A log that could take no record was left empty (0 bytes), and inference.py said it held
+    the rows printed above."""
     inputs = {**inputs, "tmp": str(tmp_path)}
-    finished = run_script(argv, inputs, stdout=subprocess.PIPE, preexec_fn=limit_file_size)
+    finished = run_script(argv, inputs, stdout=subprocess.PIPE, preexec_fn=limit_file_size(size))
     log = tmp_path / "log.json"
     assert finished.returncode == 2
-    assert finished.stderr == (f"{argv[0]}: error: --log_path {log}: writing failed (File too "
-                               f"large); {kept}; free space or pass --log_path elsewhere\n")
-    records = read_log(log)
-    assert len(log_records(records, "parameter")) == 1
-    if argv[0] == "inference.py":
-        rows = [line for line in finished.stdout.splitlines() if line.startswith("fp32 ")]
-        assert 0 < len(rows) == len(log_records(records, "summary")) < 20
+    kept = kept.format(rows=rows_printed(finished.stdout))
+    assert finished.stderr.startswith(f"{argv[0]}: error: --log_path {log}: {kept}")
+    assert finished.stderr.count("\n") == 1
+    if records is None:
+        assert not log.exists()
+        return
+    logged = read_log(log)
+    assert len(log_records(logged, "parameter")) == 1
+    if "rows" in records:
+        assert 0 < rows_printed(finished.stdout) == len(log_records(logged, "summary")) < 20
     else:
-        assert finished.stdout.startswith("fit_time = ") and not log_records(records, "summary")
+        assert finished.stdout.startswith("fit_time = ")
+        assert not log_records(logged, "summary")
+
+
+def test_a_log_without_room_for_the_2023_record_says_so(tmp_path, inputs):
+    """Every row logged, the final record not: the log ends with the last whole record."""
+    inputs = {**inputs, "tmp": str(tmp_path)}
+    argv = INFERENCE + ["--batch_sizes", "1", "2"]
+    assert run_script(argv, inputs, stdout=subprocess.PIPE).returncode == 0
+    whole = (tmp_path / "log.json").read_bytes()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    finished = run_script(argv, inputs, stdout=subprocess.PIPE,
+                          preexec_fn=limit_file_size(len(whole) - len(last) // 2))
+    assert finished.returncode == 2 and rows_printed(finished.stdout) == 2
+    assert finished.stderr == (
+        f"inference.py: error: --log_path {tmp_path / 'log.json'}: writing failed (File too "
+        f"large); it holds the settings and every row printed above, not the 2023 record of "
+        f"them all; free space or pass --log_path elsewhere\n")
+    records = read_log(tmp_path / "log.json")
+    assert [record["data"]["batch_size"] for record in records
+            if record["type"] == "LOG" and record["step"] == []] == [1, 2]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled up, or a skip where mounting is not permitted."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        filler = open(mount_point / "filler", "wb", buffering=0)
+        with contextlib.suppress(OSError), filler:
+            while True:
+                filler.write(b"x" * 4096)
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (BASELINES, "cannot write there (No space left on device); pass --log_path with a writable "
+                "file"),
+    (INFERENCE, "writing failed (No space left on device); nothing was logged, and the empty "
+                "log is removed; free space or pass --log_path elsewhere"),
+])
+def test_a_log_on_a_full_disk_leaves_no_empty_file(argv, message, full_disk, inputs):
+    log = full_disk / "log.json"
+    finished = run_script([word.replace("{tmp}/log.json", str(log)) for word in argv], inputs,
+                          stdout=subprocess.PIPE)
+    assert finished.returncode == 2
+    assert finished.stderr == f"{argv[0]}: error: --log_path {log}: {message}\n"
+    assert os.listdir(full_disk) == ["filler"]
