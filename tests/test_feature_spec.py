@@ -685,3 +685,17 @@ def test_transcode_replaces_an_earlier_conversion_whole(ratings, tmp_path, capsy
     assert sorted(os.listdir(output)) == ["feature_spec.yaml", "test_data_0.pt",
                                           "test_data_1.pt", "train_data_0.pt", "train_data_1.pt"]
     assert open_dataset(str(output))[3:5] == (3, 20)
+
+
+def test_a_given_split_is_written_in_the_2023_layout_too(tmp_path, capsys):
+    """--paper and --test_path go through the same writer."""
+    prefix = tmp_path / "ml-1m"
+    (tmp_path / "ml-1m.train.rating").write_text("0\t5\t5\t9\n0\t7\t3\t8\n1\t5\t4\t7\n1\t6\t4\t6\n")
+    (tmp_path / "ml-1m.test.rating").write_text("0\t6\t4\t10\n1\t7\t5\t11\n")
+    (tmp_path / "ml-1m.test.negative").write_text("(0,6)\t8\t9\t8\n(1,7)\t9\t8\t7\n")
+    for layout in ("2019", "2023"):
+        assert convert.main(["--paper", str(prefix), "--output", str(tmp_path / layout),
+                             "--format", layout]) == 0
+    old, new = (open_dataset(str(tmp_path / layout)) for layout in ("2019", "2023"))
+    assert_same_dataset(old, new, same_metadata=False)
+    assert new.metadata["layout"] == "2023" and new.negatives.tolist() == [[3, 4, 3], [4, 3, 1]]
