@@ -370,8 +370,8 @@ def declared_counts(path, cardinalities, found):
 
 
 def read_mapping(path, spec, mapping, names):
-    """The columns of source_spec[mapping] that `names` (user, item, label features) name:
-    a list of (1-D tensor, file holding it), in that order."""
+    """(pairs, files, labels) of source_spec[mapping]: [N, 2] int64 user, item; the files
+    holding the user, item and label features (`names`); the [N] labels."""
     chunks = spec["source_spec"].get(mapping)
     where = f"source_spec.{mapping}"
     if not isinstance(chunks, list) or not chunks:
@@ -400,23 +400,30 @@ def read_mapping(path, spec, mapping, names):
             if feature in columns:
                 raise DataError(f"{path}: {at}: feature {feature!r} is also a column of "
                                 f"{columns[feature][1]}; give each feature one column")
-            columns[feature] = (tensor[:, position], file)
+            columns[feature] = (tensor, position, file)
     for feature, channel in zip(names, CHANNELS):
         if feature not in columns:
             raise DataError(f"{path}: {where} has no column of feature {feature!r} "
                             f"(channel_spec.{channel}); add the chunk that holds it")
     selected = [columns[feature] for feature in names]
-    for column, file in selected[1:]:
-        if len(column) != len(selected[0][0]):
-            raise DataError(f"{file}: has {len(column)} rows but {selected[0][1]} has "
-                            f"{len(selected[0][0])}; the chunks of {where} hold one row per "
-                            f"sample, re-run convert.py or transcode.py")
-    for (column, file), feature, what in zip(selected, names, ("user id", "item id", "label")):
-        if column.dtype.is_complex or (what != "label" and (column.dtype.is_floating_point
-                                                            or column.dtype == torch.bool)):
-            raise DataError(f"{file}: the {what}s ({feature}) are {column.dtype}; save them as "
+    rows, first_file = len(selected[0][0]), selected[0][2]
+    for tensor, _, file in selected[1:]:
+        if len(tensor) != rows:
+            raise DataError(f"{file}: has {len(tensor)} rows but {first_file} has {rows}; the "
+                            f"chunks of {where} hold one row per sample, re-run convert.py or "
+                            f"transcode.py")
+    for (tensor, _, file), feature, what in zip(selected, names, ("user id", "item id", "label")):
+        if tensor.dtype.is_complex or (what != "label" and (tensor.dtype.is_floating_point
+                                                            or tensor.dtype == torch.bool)):
+            raise DataError(f"{file}: the {what}s ({feature}) are {tensor.dtype}; save them as "
                             f"torch.int64{' or torch.float32' * (what == 'label')}")
-    return selected
+    (users, user_at, _), (items, item_at, _), (labels, label_at, _) = selected
+    if users is items and (user_at, item_at) == (0, 1) and users.shape[1] == 2:
+        # the chunk as convert.py and the 2023 original write it: ml-20m's 318 MB, not copied
+        pairs = users.to(torch.int64)
+    else:
+        pairs = torch.stack((users[:, user_at], items[:, item_at]), dim=1).to(torch.int64)
+    return pairs, [file for _, _, file in selected], labels[:, label_at]
 
 
 def load_chunk(file, features):
@@ -437,6 +444,8 @@ def load_chunk(file, features):
 
 
 def check_labels(file, labels):
+    if bool(((labels == 0) | (labels == 1)).all()):
+        return
     bad = torch.nonzero((labels != 0) & (labels != 1))
     if len(bad):
         row = int(bad[0])
@@ -444,31 +453,34 @@ def check_labels(file, labels):
                         f"positive) or 0 (a negative)")
 
 
-def training_pairs(columns):
-    """[N, 2] user, item of the training mapping, whose samples must all be positives."""
-    (users, users_file), (items, _), (labels, labels_file) = columns
-    if len(users) == 0:
+def training_pairs(mapping):
+    """[N, 2] user, item of the training mapping (read_mapping), all of whose samples must be
+    positives."""
+    pairs, (users_file, _, labels_file), labels = mapping
+    if len(pairs) == 0:
         raise DataError(f"{users_file}: holds no training pair; re-run convert.py")
-    check_labels(labels_file, labels)
-    negatives = int((labels == 0).sum())
-    if negatives:
-        raise DataError(f"{labels_file}: {negatives} of its {len(labels)} training samples "
-                        f"are labelled 0 (given negatives), which ncf.py does not train on (it "
-                        f"draws its own); transcode.py leaves them out, or remove them")
-    return torch.stack((users.to(torch.int64), items.to(torch.int64)), dim=1)
+    if not bool((labels == 1).all()):
+        check_labels(labels_file, labels)
+        raise DataError(f"{labels_file}: {int((labels == 0).sum())} of its {len(labels)} "
+                        f"training samples are labelled 0 (given negatives), which ncf.py does "
+                        f"not train on (it draws its own); transcode.py leaves them out, or "
+                        f"remove them")
+    return pairs
 
 
-def test_series(path, columns, length):
-    """([U, 2] pairs, [U, length - 1] negatives) of an evaluation mapping: each user's series
-    of `length` consecutive samples, its positive (label 1) first, then its negatives."""
-    (users, users_file), (items, _), (labels, labels_file) = columns
+def test_series(path, mapping, length):
+    """([U, 2] pairs, [U, length - 1] negatives) of an evaluation mapping (read_mapping): each
+    user's series of `length` consecutive samples, its positive (label 1) first, then its
+    negatives."""
+    pairs, (users_file, _, labels_file), labels = mapping
+    users, items = pairs[:, 0], pairs[:, 1]
     if len(users) == 0:
         raise DataError(f"{users_file}: holds no test sample; re-run convert.py")
     if len(users) % length:
         raise DataError(f"{users_file}: its {len(users)} rows are no whole number of series of "
                         f"{length} ({SERIES_LENGTH} in {path}), so the series are of unequal "
                         f"length; give every user {length} consecutive samples")
-    users = users.to(torch.int64).view(-1, length)
+    users = users.reshape(-1, length)
     mixed = torch.nonzero((users != users[:, :1]).any(dim=1))
     if len(mixed):
         first = int(mixed[0]) * length
@@ -477,34 +489,43 @@ def test_series(path, columns, length):
                         f"hold users {int(users[int(mixed[0]), 0])} and {int(other)}: the "
                         f"series are of unequal length or interleaved; give every user "
                         f"{length} consecutive samples")
-    check_labels(labels_file, labels)
-    labels = labels.view(-1, length) == 1
-    positives = labels.sum(dim=1)
-    wrong = torch.nonzero((positives != 1) | ~labels[:, 0])
-    if len(wrong):
-        series = int(wrong[0])
-        rows = f"rows {series * length} to {(series + 1) * length - 1}"
-        user = int(users[series, 0])
-        if positives[series] == 0:
-            problem = f"user {user}'s series ({rows}) has no positive (label 1)"
-        elif positives[series] > 1:
-            problem = f"user {user}'s series ({rows}) has {int(positives[series])} positives"
-        else:
-            position = int(torch.nonzero(labels[series])[0])
-            problem = (f"row {series * length + position}: user {user}'s positive is not first "
-                       f"in its series ({rows})")
-        raise DataError(f"{labels_file}: {problem}; a series is the user's one positive, then "
-                        f"its negatives (transcode.py puts the positive first)")
+    labels = labels.reshape(-1, length)
+    if not (bool((labels[:, 0] == 1).all()) and bool((labels[:, 1:] == 0).all())):
+        refuse_series_labels(labels_file, users, labels)
     # The 2023 original ranks a series whatever its place, so only ours needs them in order.
-    series_users, order = torch.sort(users[:, 0], stable=True)
-    repeated = torch.nonzero(series_users[1:] == series_users[:-1])
-    if len(repeated):
-        user = int(series_users[int(repeated[0])])
-        first, second = sorted(int(row) * length for row in torch.nonzero(users[:, 0] == user)[:2])
-        raise DataError(f"{users_file}: user {user} has two series (rows {first} and "
-                        f"{second} on); each user has one, re-run convert.py")
-    items = items.to(torch.int64).view(-1, length)[order]
+    series_users, items = users[:, 0], items.reshape(-1, length)
+    if not bool((series_users[1:] > series_users[:-1]).all()):
+        series_users, order = torch.sort(series_users, stable=True)
+        repeated = torch.nonzero(series_users[1:] == series_users[:-1])
+        if len(repeated):
+            user = int(series_users[int(repeated[0])])
+            first, second = (int(row) * length
+                             for row in torch.nonzero(users[:, 0] == user)[:2].view(-1))
+            raise DataError(f"{users_file}: user {user} has two series (rows {first} and "
+                            f"{second} on); each user has one, re-run convert.py")
+        items = items[order]
     return torch.stack((series_users, items[:, 0]), dim=1), items[:, 1:].contiguous()
+
+
+def refuse_series_labels(file, users, labels):
+    """DataError for the first series [U, length] that is not one positive, then negatives."""
+    check_labels(file, labels.reshape(-1))
+    positive = labels == 1
+    counts = positive.sum(dim=1)
+    series = int(torch.nonzero((counts != 1) | ~positive[:, 0])[0])
+    length = labels.shape[1]
+    rows = f"rows {series * length} to {(series + 1) * length - 1}"
+    user = int(users[series, 0])
+    if counts[series] == 0:
+        problem = f"user {user}'s series ({rows}) has no positive (label 1)"
+    elif counts[series] > 1:
+        problem = f"user {user}'s series ({rows}) has {int(counts[series])} positives"
+    else:
+        position = int(torch.nonzero(positive[series])[0])
+        problem = (f"row {series * length + position}: user {user}'s positive is not first in "
+                   f"its series ({rows})")
+    raise DataError(f"{file}: {problem}; a series is the user's one positive, then its "
+                    f"negatives (transcode.py puts the positive first)")
 
 
 def _shown(value):
