@@ -1,11 +1,13 @@
-"""scripts/gpu_check.sh and gpu_check.py on a machine without a GPU: the skip, the CPU dry run of
-the whole code path, and the helpers the GPU run relies on."""
+"""scripts/gpu_check.sh and gpu_check.py on a machine without a GPU: the skip, the refusal of a
+CPU-only torch beside a GPU, the CPU dry run of the whole sequence, and the logic the GPU run
+relies on (deadline, table, exit status, resume comparison, bandwidths)."""
 
 import copy
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,76 +16,310 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import cli  # noqa: E402
+import dataloading  # noqa: E402
 import gpu_check  # noqa: E402
 import ncf  # noqa: E402
 import train  # noqa: E402
+from gpu_check import Result, Step, Timing  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
-CHECKS = {"forward fp32", "forward tf32", "forward amp", "amp step", "test data"}
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+H200_LINE = "GPU 0: NVIDIA H200 (UUID: GPU-6f1c2a9e-0000-0000-0000-000000000000)"
 
 
-def test_shell_wrapper_parses():
-    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_check.sh")]).returncode == 0
+def fake_nvidia_smi(directory, script):
+    """A directory holding an `nvidia-smi` that runs `script` (sh), for the front of PATH."""
+    directory.mkdir()
+    path = directory / "nvidia-smi"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(directory)
 
 
-def test_without_cuda_it_skips_and_succeeds(tmp_path):
+def run_script(tmp_path, nvidia_smi, *args):
     # The GPU machine may lack tqdm: shadow it with a module that fails to import.
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     (blocked / "tqdm.py").write_text("raise ImportError('no tqdm here')\n")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
+    env = dict(os.environ, PATH=f"{nvidia_smi}:{os.environ['PATH']}", PYTHON=sys.executable,
                OUT=str(tmp_path / "out"), PYTHONPATH=str(blocked))
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+
+
+def test_shell_wrapper_parses():
+    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+
+
+def test_without_a_gpu_it_skips_and_succeeds(tmp_path):
+    # nvidia-smi without a driver behind it, as on a machine without a GPU.
+    smi = fake_nvidia_smi(tmp_path / "bin", "echo 'NVIDIA-SMI has failed because it couldn't "
+                                            "communicate with the NVIDIA driver.'\nexit 9\n")
+    done = run_script(tmp_path, smi)
     assert done.returncode == 0, done.stderr
     assert done.stdout == gpu_check.SKIP_MESSAGE + "\n"
     assert not (tmp_path / "out").exists()
 
 
-def test_dry_run_writes_the_table_and_json_to_OUT(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setitem(sys.modules, "tqdm", None)  # any `import tqdm` now fails
-    assert gpu_check.main(["--dry-run-cpu"]) == 0
-    shape = gpu_check.TINY
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["all_checks_passed"]
-    assert {check["name"] for check in result["checks"]} == CHECKS
-    rows = {(row["benchmark"], row["mode"], row["batch_size"]): row for row in result["rows"]}
-    expected = ({("train", mode, shape.batch_size) for mode in gpu_check.MODES}
-                | {("eval", mode, shape.valid_batch_size) for mode in gpu_check.MODES}
-                | {("inference", mode, batch) for mode in gpu_check.MODES
-                   for batch in shape.inference_batches})
-    assert set(rows) == expected and len(result["rows"]) == len(expected)
-    for (benchmark, mode, batch), row in rows.items():
-        assert row["throughput"] > 0, row
-        if benchmark == "train":
-            # ncf.py's definition: positives x (1 + 4 negatives), partial batch included.
-            assert row["samples"] % 5 == 0
-            assert row["steps"] == row["samples"] // batch
-            assert row["throughput"] == pytest.approx(row["samples"] / row["seconds"])
-        if benchmark == "eval":
-            assert row["samples"] % (shape.nb_users * 101) == 0
-            assert 0.0 <= row["hr@10"] <= 1.0
-    table = (tmp_path / "gpu_check.md").read_text()
-    assert result["environment"]["device_name"] in table.splitlines()[0]
-    assert table.count("\n| train |") == 3 and table.count("\n| inference |") == 6
-    assert table in capsys.readouterr().out
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
+def test_a_gpu_beside_a_cpu_only_torch_fails_in_one_line(tmp_path):
+    """A GPU box whose python3 has a CPU-only torch once printed the skip and passed."""
+    done = run_script(tmp_path, fake_nvidia_smi(tmp_path / "bin", f"echo '{H200_LINE}'\n"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    line = done.stderr
+    assert line.startswith("gpu_check.py: error: nvidia-smi lists 1 GPU(s) (GPU 0: NVIDIA H200")
+    assert f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)" in line
+    assert "Docker image" in line and "https://download.pytorch.org/whl/cu" in line
+    assert not (tmp_path / "out").exists()
 
 
-def test_a_failing_section_fails_the_run_and_the_rest_still_runs(tmp_path, monkeypatch):
-    def broken(*args):
+def test_a_python_without_torch_is_a_one_line_error(tmp_path):
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "torch.py").write_text("raise ImportError('no torch here')\n")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(shadow))
+    done = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (f"gpu_check.py: error: {sys.executable} has no torch; set PYTHON to "
+                           f"the interpreter that has it (python3 in the project's Docker image) "
+                           f"or pip install -r requirements.txt\n")
+
+
+def test_a_cuda_torch_that_sees_no_gpu_names_its_cuda_version(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    problem = gpu_check.cuda_problem([H200_LINE])
+    assert "torch.version.cuda 12.8" in problem and "torch.cuda.is_available() is False" in problem
+    assert "CUDA_VISIBLE_DEVICES ()" in problem and "\n" not in problem
+    assert gpu_check.cuda_problem([]) is None
+
+
+@pytest.mark.parametrize("script, listed", [
+    (f"echo '{H200_LINE}'\necho 'GPU 1: NVIDIA H200 (UUID: GPU-1)'\n"
+     "echo '  MIG 1g.18gb     Device  0: (UUID: MIG-2)'\n", 2),
+    ("exit 0\n", 0),
+    ("echo 'No devices were found'\nexit 6\n", 0),
+])
+def test_listed_gpus_counts_the_gpus_nvidia_smi_names(tmp_path, monkeypatch, script, listed):
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', script)}:"
+                               f"{os.environ['PATH']}")
+    gpus = gpu_check.listed_gpus()
+    assert len(gpus) == listed and all(line.startswith("GPU ") for line in gpus)
+
+
+def test_listed_gpus_without_nvidia_smi_is_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_check.listed_gpus() == []
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H200", ("H200", 4800)),
+    ("NVIDIA H100 80GB HBM3", ("H100 SXM", 3350)),
+    ("NVIDIA H100 PCIe", ("H100 PCIe", 2000)),
+    ("NVIDIA A100-SXM4-40GB", ("A100 40GB", 1555)),
+    ("NVIDIA A100-PCIE-40GB", ("A100 40GB", 1555)),
+    ("NVIDIA A100-SXM4-80GB", ("A100 80GB", 2039)),
+    ("NVIDIA A100 80GB PCIe", ("A100 80GB PCIe", 1935)),
+    ("Tesla V100-SXM2-16GB", ("V100", 900)),
+    ("NVIDIA L40S", ("L40S", 864)),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_bandwidth_of_known_cards(name, expected):
+    assert gpu_check.bandwidth(name) == expected
+
+
+def report(tmp_path, names=("one", "two", "three")):
+    return gpu_check.Report(str(tmp_path), list(names), "**heading**", {"device": "test"})
+
+
+def table_lines(markdown):
+    return [line for line in markdown.splitlines() if line.startswith("|")]
+
+
+def test_the_table_is_one_markdown_table_and_a_failed_row_fails_the_run(tmp_path, capsys):
+    table = report(tmp_path)
+    table.set("one", Result("pass", "a | b\nc"), 1.25)
+    table.set("two", Result("info", "figures"))
+    assert table.exit_status() == 0
+    written = (tmp_path / "gpu_check.md").read_text()
+    lines = written.splitlines()
+    assert lines[0] == "**heading**"
+    # One table: its rows are consecutive lines, each of four cells.
+    rows = table_lines(written)
+    assert rows == lines[2:2 + len(rows)] and len(rows) == 5
+    assert rows[2] == "| one | pass | a \\| b c | 1.2 |"
+    assert rows[3] == "| two | info | figures |  |"
+    assert rows[4] == "| three | not reached |  |  |"
+    assert lines[-1] == "1 pass, 1 info, 1 pending; exit status 0"
+    table.set("three", Result("fail", "broken"), 0.5)
+    assert table.exit_status() == 1
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["passed"] is False
+    assert [row["status"] for row in saved["rows"]] == ["pass", "info", "fail"]
+    assert (tmp_path / "gpu_check.md").read_text().endswith("exit status 1\n")
+    assert "three: fail (0.5 s): broken" in capsys.readouterr().out
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeTools:
+    def __init__(self):
+        self.dropped = []
+
+    def drop(self, key):
+        self.dropped.append(key)
+
+
+def test_the_deadline_skips_what_no_longer_fits_and_says_so(tmp_path):
+    clock = FakeClock()
+    tools = FakeTools()
+    names = ("fast", "slow", "after slow", "scaled", "broken", "last")
+    runner = gpu_check.Runner(report(tmp_path, names), gpu_check.Budget(50, 10, clock), tools)
+
+    def takes(seconds, result=Result("pass", "done")):
+        def action(cap):
+            clock.now += seconds
+            return result
+        return action
+
+    def broken(cap):
         raise RuntimeError("planted")
 
-    monkeypatch.setattr(gpu_check, "check_test_data", broken)
-    # Timing is covered above; without it this run takes a second.
-    monkeypatch.setattr(gpu_check, "time_training", lambda *args: None)
-    monkeypatch.setattr(gpu_check, "time_inference", lambda *args: None)
-    assert gpu_check.main(["--dry-run-cpu", "--out", str(tmp_path)]) == 1
+    runner.run(Step("fast", takes(30), Timing(20, 100), tools=("a",)))
+    # 50 s - 30 s - the 10 s reserve = 10 s left.
+    runner.run(Step("slow", takes(1), Timing(11, 100), tools=("b",)))
+    runner.run(Step("after slow", takes(1), Timing(1, 100), needs=("slow",)))
+    runner.run(Step("scaled", takes(1), Timing(1, 100),
+                    expected=lambda done: done.seconds["fast"] / 2))
+    runner.run(Step("broken", broken, Timing(1, 100)))
+    runner.run(Step("last", takes(2), Timing(1, 100), skip="a reason"))
+    rows = runner.report.rows
+    assert (rows["fast"].status, rows["fast"].seconds) == ("pass", 30)
+    assert (rows["slow"].status, rows["slow"].figures) == ("skip", "deadline: needs about 11 s, "
+                                                                   "10 s left")
+    assert rows["after slow"].figures == "needs slow, which did not pass"
+    assert rows["scaled"].figures == "deadline: needs about 15 s, 10 s left"
+    assert (rows["broken"].status, rows["broken"].figures) == ("fail", "RuntimeError: planted")
+    assert (rows["last"].status, rows["last"].figures) == ("skip", "a reason")
+    assert tools.dropped == ["a", "b"]
+    assert runner.report.exit_status() == 1
+
+
+def test_a_step_gets_at_most_what_is_left_and_stops_at_its_cap(tmp_path):
+    runner = gpu_check.Runner(report(tmp_path, ("capped", "several", "extra")),
+                              gpu_check.Budget(0.3, 0.0))
+    caps = []
+
+    def sleeps(cap):
+        caps.append(cap)
+        time.sleep(5)
+
+    start = time.monotonic()
+    runner.run(Step("capped", sleeps, Timing(0, 100)))
+    assert time.monotonic() - start < 2 and caps[0] <= 0.3
+    row = runner.report.rows["capped"]
+    assert row.status == "fail" and row.figures.startswith("StepTimeout: stopped at its cap")
+    # A step of several rows: one it does not fill is reported as not measured.
+    runner.budget = gpu_check.Budget(100, 0.0)
+    runner.run(Step("several", lambda cap: Result("fail", "no"), Timing(0, 10),
+                    rows=("extra",)))
+    assert runner.report.rows["extra"].figures == "not measured: several did not pass"
+
+
+def states(seed, epochs=((0, 0.5, 0.6), (1, 0.6, 0.5))):
+    torch.manual_seed(seed)
+    model = {"weight": torch.randn(4, 3), "bias": torch.randn(3)}
+    records = [{"epoch": epoch, "hr@10": hr, "ndcg@10": hr / 2, "train_loss": loss,
+                "validation_loss": loss, "train_throughput": 1e6 + epoch}
+               for epoch, hr, loss in epochs]
+    return {"epochs": records, "model": model, "last": copy.deepcopy(model)}
+
+
+def test_resume_comparison_asks_bit_equality_of_deterministic_runs():
+    reference = states(0)
+    resumed = states(0)
+    resumed["epochs"][1]["train_throughput"] = 2e6  # timings may differ
+    result = gpu_check.compare_resume(reference, resumed)
+    assert result.status == "pass" and result.figures.startswith("bit-equal")
+    assert "(4 tensors)" in result.figures
+
+    one_ulp = states(0)
+    one_ulp["last"]["bias"][0] = torch.nextafter(one_ulp["last"]["bias"][0], torch.tensor(9.0))
+    result = gpu_check.compare_resume(reference, one_ulp)
+    assert result.status == "fail" and "1 of 4 tensors differ (first last bias" in result.figures
+
+    other_hr = states(0, ((0, 0.5, 0.6), (1, 0.61, 0.5)))
+    result = gpu_check.compare_resume(reference, other_hr)
+    assert result.status == "fail" and "records differ (HR@10 by up to 0.0100)" in result.figures
+
+
+def test_resume_comparison_of_nondeterministic_runs_allows_a_tolerance():
+    reference = states(0)
+    # Epoch 0 already differs between two fresh runs: a nondeterministic kernel.
+    close = states(0, ((0, 0.501, 0.6001), (1, 0.602, 0.5)))
+    close["model"]["weight"] += 1e-4
+    result = gpu_check.compare_resume(reference, close)
+    assert result.status == "pass" and result.figures.startswith("within tolerance")
+    assert result.values["deterministic"] is False
+    far = states(0, ((0, 0.501, 0.6001), (1, 0.62, 0.5)))
+    assert gpu_check.compare_resume(reference, far).status == "fail"
+    drifted = states(0, ((0, 0.501, 0.6001), (1, 0.6, 0.5)))
+    drifted["last"]["weight"] *= 1.1
+    assert gpu_check.compare_resume(reference, drifted).status == "fail"
+    missing = states(0, ((0, 0.5, 0.6),))
+    assert gpu_check.compare_resume(reference, missing).status == "fail"
+
+
+# What every row of the dry run is, and why the skipped ones are skipped.
+DRY_RUN_ROWS = {
+    gpu_check.ENVIRONMENT: "info", gpu_check.FORWARD: "pass", gpu_check.AMP_STEP: "pass",
+    gpu_check.TEST_DATA: "pass", gpu_check.DATASET: "pass", gpu_check.TRAIN_O2: "pass",
+    gpu_check.TEST_MODE: "pass", gpu_check.FULL_RANKING: "pass", gpu_check.EVAL_PARITY: "pass",
+    gpu_check.RESUME: "pass", gpu_check.TRAIN_O0: "pass", gpu_check.MEMORY: "skip",
+    gpu_check.RECOMMEND: "pass", gpu_check.SERVE: "pass", gpu_check.TORCHSCRIPT: "pass",
+    gpu_check.ONNX: "pass", gpu_check.ALL_USERS: "pass", gpu_check.TORCHRUN: "skip",
+    gpu_check.COMPILED_O2: "skip", gpu_check.COMPILED_O0: "skip", gpu_check.VS_A100: "info",
+    gpu_check.VS_V100: "info",
+}
+
+
+def test_dry_run_runs_the_whole_sequence_into_one_table_in_OUT(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # any `import tqdm` here now fails
+    assert gpu_check.main(["--dry-run-cpu"]) == 0
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    status = {check["name"]: check["passed"] for check in result["checks"]}
-    assert status == {"forward fp32": True, "forward tf32": True, "forward amp": True,
-                      "amp step": True, "test data ran": False}
-    assert "RuntimeError: planted" in (tmp_path / "gpu_check.md").read_text()
+    rows = {row["name"]: row for row in result["rows"]}
+    assert {name: row["status"] for name, row in rows.items()} == DRY_RUN_ROWS, result
+    assert result["passed"] is True
+    assert rows[gpu_check.MEMORY]["figures"] == "dry run: no GPU memory to measure"
+    assert rows[gpu_check.TORCHRUN]["figures"].startswith("dry run: no GPUs")
+    assert rows[gpu_check.COMPILED_O2]["figures"].startswith("dry run: compiling on a CPU")
+    # The SIGKILL landed inside epoch 1 and the resumed run equals the uninterrupted one.
+    assert "into epoch 1" in rows[gpu_check.RESUME]["figures"]
+    assert "bit-equal" in rows[gpu_check.RESUME]["figures"]
+    for name in (gpu_check.TRAIN_O2, gpu_check.TRAIN_O0):
+        epochs = rows[name]["values"]["epochs"]
+        assert len(epochs) == gpu_check.EPOCHS and all(
+            record["train_throughput"] > 0 for record in epochs)
+    assert rows[gpu_check.FULL_RANKING]["seconds"] > 0
+    assert rows[gpu_check.EVAL_PARITY]["values"]["equal"] is True
+    table = (tmp_path / "gpu_check.md").read_text()
+    lines = table.splitlines()
+    first = lines.index("| step | result | figures | seconds |")
+    assert len(table_lines(table)) == 2 + len(DRY_RUN_ROWS)
+    assert all(line.startswith("|") for line in lines[first:first + 2 + len(DRY_RUN_ROWS)])
+    assert "tiny shape" in lines[0] and lines[-1].endswith("exit status 0")
+    assert table in capsys.readouterr().out
+    # The work directory with the dataset and checkpoints is gone; OUT holds the two files.
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.md"]
 
 
 def test_unwritable_out_is_a_one_line_error(tmp_path, capsys):
@@ -118,19 +354,20 @@ def test_positives_for_steps_is_the_fewest_that_give_that_many_steps():
         assert train.steps_per_epoch((positives - 1) * 5, args, ctx) == steps - 1
 
 
-def test_generated_tensors_have_the_shape_ncf_load_data_gives():
-    shape = gpu_check.Shape("test", 50, 40, 20_000, 1024, 1024, (64,), 64, 64, 8, (16, 8))
-    data = gpu_check.generate_tensors(shape, torch.device("cpu"))
-    assert data.train_users.dtype == data.train_items.dtype == torch.int32
-    assert len(data.train_users) == shape.nb_positives
-    assert torch.equal(torch.unique(data.train_users), torch.arange(shape.nb_users,
-                                                                    dtype=torch.int32))
-    assert 0 <= int(data.train_items.min()) and int(data.train_items.max()) < shape.nb_items
-    assert data.test_items.shape == (shape.nb_users, 101)
-    assert torch.equal(data.test_users, torch.arange(shape.nb_users, dtype=torch.int32))
-    counts = torch.bincount(data.train_items.long(), minlength=shape.nb_items)
-    # Zipf-like popularity: the first item is rated several times as often as the last.
-    assert counts[0] > 3 * counts[-1]
-    # Duplicate mask marks repeats only: each row's first occurrences are unmasked.
-    for row, mask in zip(data.test_items, data.duplicate_mask):
-        assert len(torch.unique(row)) == int((~mask).sum())
+def test_generated_dataset_is_a_converted_directory_of_its_shape(tmp_path):
+    shape = gpu_check.Shape("test", 50, 40, 20_000, 1024, 8, (16, 8), 64, 64)
+    train_pairs, test, negatives = gpu_check.generate_dataset(shape, torch.device("cpu"))
+    gpu_check.write_dataset(str(tmp_path), train_pairs, test, negatives)
+    dataset = dataloading.open_dataset(str(tmp_path))
+    assert (dataset.nb_users, dataset.nb_items) == (shape.nb_users, shape.nb_items)
+    assert dataset.fingerprint == dataloading.tensors_fingerprint(train_pairs, test, negatives)
+    assert torch.equal(dataset.train, train_pairs) and len(dataset.train) == shape.nb_positives
+    assert torch.equal(torch.unique(dataset.train[:, 0]), torch.arange(shape.nb_users))
+    assert torch.equal(dataset.test[:, 0], torch.arange(shape.nb_users))
+    assert dataset.negatives.shape == (shape.nb_users, gpu_check.TEST_NEGATIVES)
+    assert torch.equal(torch.load(tmp_path / "user_ids.pt"), torch.arange(1, 51))
+    counts = torch.bincount(dataset.train[:, 1], minlength=shape.nb_items)
+    # Zipf-like popularity: the first items are rated several times as often as the last.
+    assert counts[:5].sum() > 3 * counts[-5:].sum()
+    # Popularity alone ranks the test items well above chance, and not perfectly.
+    assert gpu_check.CHANCE_HR < gpu_check.popularity_hr(train_pairs, test, negatives) < 0.95
