@@ -942,10 +942,11 @@ class Acceptance:
                          if gpus < 2 else "")
         trained = (TRAIN_O2,)
 
-        def scaled(factor, extra=0.0):
-            """Expected seconds of a training step from what O2 took here."""
-            return lambda runner: max(times[TRAIN_O2].expected,
-                                      runner.seconds.get(TRAIN_O2, 0.0)) * factor + extra
+        def scaled(name, factor, extra=0.0):
+            """Expected seconds of the training step `name` from what O2 took on this machine;
+            its timing's before O2 has run."""
+            return lambda runner: (runner.seconds[TRAIN_O2] * factor + extra
+                                   if TRAIN_O2 in runner.seconds else times[name].expected)
 
         return [
             Step(ENVIRONMENT, self.environment_step, times[ENVIRONMENT]),
@@ -958,10 +959,10 @@ class Acceptance:
             Step(TEST_MODE, self.test_mode_step, times[TEST_MODE], needs=trained,
                  rows=(FULL_RANKING,), tools=("test",)),
             Step(EVAL_PARITY, self.eval_parity_step, times[EVAL_PARITY], needs=trained),
-            Step(RESUME, self.resume_step, times[RESUME], expected=scaled(1.5), needs=trained,
-                 tools=("killed", "resumed")),
+            Step(RESUME, self.resume_step, times[RESUME], expected=scaled(RESUME, 1.5),
+                 needs=trained, tools=("killed", "resumed")),
             Step(TRAIN_O0, lambda cap: self.train_step("o0", cap), times[TRAIN_O0],
-                 expected=scaled(1.3), needs=(DATASET,), tools=("o0",)),
+                 expected=scaled(TRAIN_O0, 1.3), needs=(DATASET,), tools=("o0",)),
             Step(MEMORY, lambda cap: self.memory_step(), Timing(0, 10),
                  skip="dry run: no GPU memory to measure" if self.dry_run else ""),
             Step(RECOMMEND, self.recommend_step, times[RECOMMEND], needs=trained,
@@ -976,12 +977,12 @@ class Acceptance:
             Step(ALL_USERS, self.all_users_step, times[ALL_USERS], needs=trained,
                  tools=("all_users",)),
             Step(TORCHRUN, lambda cap: self.torchrun_step(gpus, cap), times[TORCHRUN],
-                 expected=scaled(1.0), needs=(DATASET,), skip=torchrun_skip),
+                 expected=scaled(TORCHRUN, 1.0), needs=(DATASET,), skip=torchrun_skip),
             Step(COMPILED_O2, lambda cap: self.train_step("compiled_o2", cap),
-                 times[COMPILED_O2], expected=scaled(1.0, 60.0), needs=(DATASET,),
+                 times[COMPILED_O2], expected=scaled(COMPILED_O2, 1.0, 60.0), needs=(DATASET,),
                  skip=compile_skip, tools=("compiled_o2",)),
             Step(COMPILED_O0, lambda cap: self.train_step("compiled_o0", cap),
-                 times[COMPILED_O0], expected=scaled(1.3, 60.0), needs=(DATASET,),
+                 times[COMPILED_O0], expected=scaled(COMPILED_O0, 1.3, 60.0), needs=(DATASET,),
                  skip=compile_skip, tools=("compiled_o0",)),
             Step(VS_A100, lambda cap: self.versus("A100 40GB"), Timing(0, 10)),
             Step(VS_V100, lambda cap: self.versus("V100 16GB"), Timing(0, 10)),
