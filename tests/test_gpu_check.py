@@ -294,6 +294,8 @@ def test_dry_run_runs_the_whole_sequence_into_one_table_in_OUT(tmp_path, monkeyp
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setitem(sys.modules, "tqdm", None)  # any `import tqdm` here now fails
+    # A proxy that refuses everything: the request to serve.py must not go through it.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     assert gpu_check.main(["--dry-run-cpu"]) == 0
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     rows = {row["name"]: row for row in result["rows"]}
