@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 import cli
@@ -817,31 +818,109 @@ def share_bounds(total, world_size, rank):
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
-def epoch_samples(train_users, train_items, nb_items, negative_samples, world_size, rank,
-                  generator):
-    """One epoch's shuffled (users, items, labels) for this rank.
+# Keyed integer mixing on int64 tensors, kept within 62 bits: products wrap modulo 2**64 and the
+# mask reduces them modulo 2**62, so every value stays non-negative and right shifts are logical.
+_MASK62 = (1 << 62) - 1
+# Rounds of the shuffle's permutation; each mixes low bits into high (an odd multiplier) and
+# high into low (a right xorshift by half the width), and both steps are bijections.
+_SHUFFLE_ROUNDS = 4
+# Samples built at once: enough to amortise the per-piece work (and, on a GPU, the one check a
+# piece's shuffle makes on the host), small next to an epoch (99 M samples at ml-20m).
+PIECE_SAMPLES = 2 ** 21
 
-    Negatives are approximate, as in the original: uniform items with no check against the
-    user's positives. Every rank draws the same negatives from the same generator state, then
-    keeps and shuffles its own contiguous share, so the shares are disjoint and cover the epoch.
+
+def epoch_keys(seed, epoch):
+    """The keys an epoch's shuffle and negatives are computed from: seeded by (seed, epoch)
+    alone, so every rank computes the same epoch whatever its share, and a resumed run needs
+    no saved data-generator state."""
+    words = np.random.SeedSequence([seed, epoch]).generate_state(2 * _SHUFFLE_ROUNDS + 1,
+                                                                 dtype=np.uint64)
+    words = [int(word) & _MASK62 for word in words]
+    return {"rounds": [(words[2 * index] | 1, words[2 * index + 1])
+                       for index in range(_SHUFFLE_ROUNDS)],
+            "negatives": words[-1]}
+
+
+def shuffled_positions(positions, size, keys):
+    """Where the keyed pseudo-random permutation of range(size) sends `positions` (int64).
+
+    The permutation is of the smallest power of two holding `size`; a value at or above `size`
+    is sent on along its cycle until it comes back below (cycle walking), which makes it a
+    permutation of range(size) that any piece of it can be computed alone.
     """
-    device = train_users.device
-    nb_positives = len(train_users)
-    negative_items = torch.randint(0, nb_items, (nb_positives * negative_samples,),
-                                   generator=generator, device=device, dtype=train_items.dtype)
-    items = torch.cat((train_items, negative_items))
-    del negative_items
-    begin, end = share_bounds(len(items), world_size, rank)
-    order = torch.randperm(end - begin, generator=generator, device=device).add_(begin)
-    labels = order < nb_positives
-    # Sample i's user is train_users[i % nb_positives]: the negatives repeat the positives'
-    # users, so that array need not be built.
-    users = train_users[order % nb_positives]
-    return users, items[order], labels
+    bits = max(1, (size - 1).bit_length())
+    mask, shift = (1 << bits) - 1, max(1, bits // 2)
+    # int32 where the width fits: wrapping modulo 2**32 is still modulo 2**bits after the
+    # mask, and half the bytes to stream through is most of the speed.
+    dtype = torch.int32 if bits <= 31 else torch.int64
+
+    def permute(values):
+        for multiplier, addend in keys["rounds"]:
+            values.mul_(multiplier & mask).add_(addend & mask).bitwise_and_(mask)
+            values.bitwise_xor_(values >> shift)
+        return values
+
+    values = permute(positions.to(dtype, copy=True))
+    outside = values >= size
+    while bool(outside.any()):  # one host check per piece: fewer than two walks on average
+        values[outside] = permute(values[outside])
+        outside = values >= size
+    return values.long()
 
 
-def batches(users, items, labels, batch_size):
-    """Full batches only: the last, partial batch is dropped as in the original."""
-    for start in range(0, len(users) - batch_size + 1, batch_size):
-        end = start + batch_size
-        yield users[start:end], items[start:end], labels[start:end]
+def negative_items(indices, nb_items, keys):
+    """The item of each negative sample, a keyed hash of its index in the epoch: uniform over
+    [0, nb_items) up to a bias of nb_items / 2**62, the same whichever piece or process
+    computes it."""
+    mixed = (indices ^ keys["negatives"]).bitwise_and_(_MASK62)
+    for multiplier, shift in ((0x2545F4914F6CDD1D, 31), (0x1B873593A4E5C2D9, 29)):
+        mixed = ((mixed ^ (mixed >> shift)) * multiplier).bitwise_and_(_MASK62)
+    mixed ^= mixed >> 32
+    return mixed % nb_items
+
+
+class Epoch:
+    """One epoch's training samples for this rank, built piece by piece as training asks for
+    them: memory grows with the positives, not with the samples.
+
+    As in the original, the epoch is the training positives followed by `negative_samples`
+    negatives per positive, cut into world_size contiguous shares; each rank shuffles its own.
+    Negatives are approximate, as in the original: uniform items, no check against the user's
+    positives; negative i of the epoch repeats positive i % nb_positives's user. The shuffle
+    (shuffled_positions) and the negatives' items (negative_items) are computed from
+    epoch_keys alone, so any piece can be built without the others: the same seed gives the
+    same epoch whatever the pieces and the number of processes.
+    """
+
+    def __init__(self, train_users, train_items, nb_items, negative_samples, world_size, rank,
+                 keys):
+        self.train_users, self.train_items = train_users, train_items
+        self.nb_items, self.keys = nb_items, keys
+        self.nb_positives = len(train_users)
+        self.begin, self.end = share_bounds(self.nb_positives * (1 + negative_samples),
+                                            world_size, rank)
+
+    def __len__(self):
+        return self.end - self.begin
+
+    def samples(self, start, stop):
+        """(users, items, labels) at positions [start, stop) of this rank's shuffled share."""
+        positions = torch.arange(start, stop, device=self.train_users.device)
+        indices = shuffled_positions(positions, len(self), self.keys).add_(self.begin)
+        positive = indices < self.nb_positives
+        of_positive = indices % self.nb_positives
+        items = torch.where(positive, self.train_items[of_positive],
+                            negative_items(indices, self.nb_items, self.keys)
+                            .to(self.train_items.dtype))
+        return self.train_users[of_positive], items, positive
+
+    def batches(self, batch_size):
+        """Full batches only, in order: the last, partial batch is dropped as in the original.
+        Built a piece of at least PIECE_SAMPLES samples at a time."""
+        full = len(self) // batch_size * batch_size
+        piece = max(1, PIECE_SAMPLES // batch_size) * batch_size
+        for piece_start in range(0, full, piece):
+            users, items, labels = self.samples(piece_start, min(piece_start + piece, full))
+            for start in range(0, len(users), batch_size):
+                end = start + batch_size
+                yield users[start:end], items[start:end], labels[start:end]

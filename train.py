@@ -195,17 +195,6 @@ def grad_scaler(ctx):
     return torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
 
 
-def epoch_generator(seed, epoch, device):
-    """The generator an epoch's negatives and shuffle are drawn from.
-
-    Seeded from (seed, epoch) rather than carried over, so every rank draws the same negatives
-    whatever its share size, and a resumed run needs no saved data-generator state.
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-    return generator
-
-
 def samples_per_epoch(nb_positives, args):
     return nb_positives * (1 + args.negative_samples)
 
@@ -256,13 +245,10 @@ def train_epoch(training_loss, optimizer, scaler, train_users, train_items, nb_i
                 args, ctx):
     """One epoch of build_model's `training_loss`; returns the mean loss over all ranks."""
     training_loss.train()
-    generator = epoch_generator(args.seed, epoch, ctx.device)
-    users, items, labels = dataloading.epoch_samples(
-        train_users, train_items, nb_items, args.negative_samples, ctx.world_size, ctx.rank,
-        generator)
-    local_batch = args.batch_size // ctx.world_size
+    samples = dataloading.Epoch(train_users, train_items, nb_items, args.negative_samples,
+                                ctx.world_size, ctx.rank, dataloading.epoch_keys(args.seed, epoch))
     steps = steps_per_epoch(samples_per_epoch(len(train_users), args), args, ctx)
-    epoch_batches = dataloading.batches(users, items, labels, local_batch)
+    epoch_batches = samples.batches(args.batch_size // ctx.world_size)
     loss_sum = torch.zeros((), device=ctx.device)
     shown = Progress(steps, f"epoch {epoch}", "step", stream=sys.stdout, enabled=ctx.is_main)
     for _ in range(steps):

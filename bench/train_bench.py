@@ -137,16 +137,11 @@ def run_ours(pairs, test, negatives, nb_users, nb_items, args):
     samples = args.batch_size * (args.steps + 1)
     prefix = -(-samples // 5)
     train.train_epoch(ddp_model, optimizer, scaler, train_users[:args.batch_size // 5 + 1],
-                    train_items[:args.batch_size // 5 + 1], nb_items, 0, run_args, ctx)
-    # A full epoch's samples, held while training as a real epoch holds them, so peak memory
-    # covers all the positives (the prefix's own samples come on top: an overstatement).
-    full_epoch = dataloading.epoch_samples(train_users, train_items, nb_items, 4, 1, 0,
-                                           train.epoch_generator(1, 2, ctx.device))
+                      train_items[:args.batch_size // 5 + 1], nb_items, 0, run_args, ctx)
     start = time.perf_counter()
     train.train_epoch(ddp_model, optimizer, scaler, train_users[:prefix], train_items[:prefix],
-                    nb_items, 1, run_args, ctx)
+                      nb_items, 1, run_args, ctx)
     train_rate = prefix * 5 // args.batch_size * args.batch_size / (time.perf_counter() - start)
-    del full_epoch
     test_users, test_items, duplicate_mask = dataloading.create_test_data(test, negatives)
     start = time.perf_counter()
     evaluation.val_epoch(model, test_users.int(), test_items.int(), duplicate_mask, run_args, ctx)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dataloading
-from dataloading import batches, create_test_data, epoch_samples, share_bounds
+from dataloading import Epoch, create_test_data, epoch_keys, share_bounds, shuffled_positions
 from evaluation import hit_rate_and_ndcg, positive_ranks, ranking_metrics
 
 
@@ -64,26 +64,32 @@ def test_ranking_metrics_by_hand():
         "mrr": (1 + 1 / 2 + 1 / 5 + 1 / 20) / 4})
 
 
+def whole_epoch(train_users, train_items, nb_items, negatives, world_size=1, rank=0, seed=7,
+                epoch=0):
+    samples = Epoch(train_users, train_items, nb_items, negatives, world_size, rank,
+                    epoch_keys(seed, epoch))
+    return samples.samples(0, len(samples))
+
+
 def test_epoch_labels_and_negatives_per_positive():
     train_users = torch.tensor([0, 0, 1, 2, 2, 2], dtype=torch.int32)
     train_items = torch.tensor([1, 2, 0, 3, 4, 5], dtype=torch.int32)
-    generator = torch.Generator().manual_seed(0)
-    users, items, labels = epoch_samples(train_users, train_items, 50, 4, 1, 0, generator)
+    users, items, labels = whole_epoch(train_users, train_items, 50, 4)
     assert len(users) == 30 and labels.sum().item() == 6
     positives = sorted(zip(users[labels].tolist(), items[labels].tolist()))
     assert positives == sorted(zip(train_users.tolist(), train_items.tolist()))
     # each training positive's user appears once as a positive and 4 times as a negative
     assert torch.bincount(users.long()).tolist() == [10, 5, 15]
-    assert items.dtype == torch.int32 and items.max().item() < 50
+    assert items.dtype == torch.int32 and 0 <= items.min() and items.max().item() < 50
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_rank_shares_are_disjoint_and_cover_the_epoch(world_size):
     train_users = torch.arange(37, dtype=torch.int32) % 5
     train_items = torch.arange(37, dtype=torch.int32)
-    full = epoch_samples(train_users, train_items, 1000, 3, 1, 0, torch.Generator().manual_seed(7))
-    shares = [epoch_samples(train_users, train_items, 1000, 3, world_size, rank,
-                            torch.Generator().manual_seed(7)) for rank in range(world_size)]
+    full = whole_epoch(train_users, train_items, 1000, 3)
+    shares = [whole_epoch(train_users, train_items, 1000, 3, world_size, rank)
+              for rank in range(world_size)]
     sizes = [len(share[0]) for share in shares]
     assert sum(sizes) == 148 and max(sizes) - min(sizes) <= 1
 
@@ -94,6 +100,49 @@ def test_rank_shares_are_disjoint_and_cover_the_epoch(world_size):
     assert sorted(merged) == rows(full)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 64, 1000, 1025, 2 ** 16 + 1])
+def test_the_shuffle_is_a_permutation_of_the_share(size):
+    for epoch in range(3):
+        positions = shuffled_positions(torch.arange(size), size, epoch_keys(1, epoch))
+        assert torch.equal(positions.sort().values, torch.arange(size))
+
+
+def test_the_shuffle_spreads_positives_and_draws_fresh_each_epoch():
+    size, positives = 100_000, 20_000
+    orders = [shuffled_positions(torch.arange(size), size, epoch_keys(1, epoch))
+              for epoch in range(2)]
+    for order in orders:
+        # per block of 1,000 samples about 200 positives (binomial sd 12.6), as a true shuffle
+        per_block = (order < positives).view(100, 1000).sum(dim=1)
+        assert (per_block - 200).abs().max().item() < 70
+        # neighbours in the shuffled order are unrelated in the epoch
+        assert abs(torch.corrcoef(torch.stack((order[:-1], order[1:])).double())[0, 1]) < 0.02
+    assert (orders[0] == orders[1]).double().mean().item() < 0.001
+
+
+def test_negatives_are_uniform_items():
+    train_users = torch.zeros(1000, dtype=torch.int32)
+    train_items = torch.zeros(1000, dtype=torch.int32)
+    users, items, labels = whole_epoch(train_users, train_items, 50, 100)
+    counts = torch.bincount(items[~labels].long(), minlength=50).double()
+    expected = 100_000 / 50
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 100  # 49 degrees of freedom: above 100 has probability below 2e-5
+
+
+def test_the_epoch_is_the_same_whatever_its_pieces(monkeypatch):
+    train_users = torch.arange(301, dtype=torch.int32) % 17
+    train_items = torch.arange(301, dtype=torch.int32)
+    epochs = []
+    for piece in (1, 7, 64, 10 ** 6):
+        monkeypatch.setattr(dataloading, "PIECE_SAMPLES", piece)
+        samples = Epoch(train_users, train_items, 500, 4, 1, 0, epoch_keys(3, 2))
+        epochs.append([torch.cat(parts) for parts in zip(*samples.batches(25))])
+    for other in epochs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(epochs[0], other))
+    assert len(epochs[0][0]) == 1500  # 60 full batches of 25; 5 samples dropped
+
+
 def test_share_bounds_cover_without_overlap():
     for world_size in range(1, 6):
         bounds = [share_bounds(23, world_size, rank) for rank in range(world_size)]
@@ -102,10 +151,10 @@ def test_share_bounds_cover_without_overlap():
 
 
 def test_batches_drop_the_partial_last_batch():
-    data = torch.arange(10)
-    sizes = [len(batch[0]) for batch in batches(data, data, data > 4, 4)]
-    assert sizes == [4, 4]
-    assert list(batches(data, data, data, 11)) == []
+    samples = Epoch(torch.arange(2, dtype=torch.int32), torch.arange(2, dtype=torch.int32), 9,
+                    4, 1, 0, epoch_keys(1, 0))
+    assert [len(batch[0]) for batch in samples.batches(4)] == [4, 4]
+    assert list(samples.batches(11)) == []
 
 
 def test_id_bounds_count_test_ids_too():
