@@ -889,7 +889,8 @@ class Epoch:
     positives; negative i of the epoch repeats positive i % nb_positives's user. The shuffle
     (shuffled_positions) and the negatives' items (negative_items) are computed from
     epoch_keys alone, so any piece can be built without the others: the same seed gives the
-    same epoch whatever the pieces and the number of processes.
+    same epoch whatever the pieces, and the same samples (each share shuffled its own way, as
+    in the original) whatever the number of processes.
     """
 
     def __init__(self, train_users, train_items, nb_items, negative_samples, world_size, rank,
