@@ -271,7 +271,8 @@ def load_splits(args, ctx):
     splits = dataloading.load_splits(args.data, ctx.device, args.feature_spec_file)
     if splits.metadata is None:
         log_line(ctx, f"note: {args.data} has no {dataloading.METADATA}: taken as converted by "
-                      f"the original convert.py (its tensors passed the same checks)")
+                      f"an original's convert.py or transcode.py (its tensors passed the same "
+                      f"checks)")
     return splits
 
 

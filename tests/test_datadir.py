@@ -225,8 +225,8 @@ def train_args(data, checkpoints, *extra):
 def test_original_directory_is_used_with_a_note(clustered_data, tmp_path, capsys):
     ncf.main(train_args(clustered_data, tmp_path, "-e", "1"))
     out = capsys.readouterr().out
-    assert (f"note: {clustered_data} has no metadata.json: taken as converted by the original "
-            f"convert.py") in out
+    assert (f"note: {clustered_data} has no metadata.json: taken as converted by an original's "
+            f"convert.py or transcode.py") in out
     assert "Epoch 0:" in out
 
 
