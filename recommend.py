@@ -73,7 +73,7 @@ def add_titles(table, titles, item_column):
 
 def print_table(table):
     """Recommender.table's rows, aligned, under the user and item columns' names."""
-    header = f"{'user':>8} {'rank':>4} {table.columns[2]:>8} {'score':>8}"
+    header = f"{table.columns[0]:>8} {'rank':>4} {table.columns[2]:>8} {'score':>8}"
     print(header + ("  title" if "title" in table else ""))
     # By position: a column's name need not be a Python name (`user id`).
     for user, rank, item, score, *title in table.itertuples(index=False, name=None):

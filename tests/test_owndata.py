@@ -403,6 +403,8 @@ def test_recommend_answers_in_text_ids(tmp_path, capsys):
     assert table["customer"].unique().tolist() == ["carol", "alice"]
     assert sorted(table["product"][table["customer"] == "carol"]) == ["coffee", "juice"]
     assert table["product"][table["customer"] == "alice"].tolist() == ["juice"]
+    # the printed table is headed by the same names
+    assert capsys.readouterr().out.split()[:4] == ["customer", "rank", "product", "score"]
     with pytest.raises(SystemExit):
         cli.run(recommend.main, ["--data", str(out), "--checkpoint", str(tmp_path / "model.pth"),
                                  "--users", "dave"])
