@@ -396,6 +396,7 @@ def test_recommend_answers_in_text_ids(tmp_path, capsys):
                "--time_format", "iso8601", "--min_ratings", 3, "--valid_negative", 2) == 0
     torch.manual_seed(0)
     torch.save(NeuMF(3, 4, 4, [8, 4]).state_dict(), tmp_path / "model.pth")
+    capsys.readouterr()
     table = recommend.main(["--data", str(out), "--checkpoint", str(tmp_path / "model.pth"),
                             "--users", "carol", "alice", "-k", "4"])
     # alice trained on cake, coffee, tea; carol on tea, cake: what is left, in text ids, under
