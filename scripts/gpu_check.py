@@ -59,10 +59,11 @@ except ImportError:
 import cli  # noqa: E402
 import dataloading  # noqa: E402
 import evaluation  # noqa: E402
+import scoring  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model, model_state  # noqa: E402
 from fileio import atomic_output, make_writable_dir  # noqa: E402
-from inference import device_name, synchronize  # noqa: E402
+from inference import benchmark, device_name, synchronize  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
@@ -132,6 +133,9 @@ class Published:
 
 PUBLISHED = {"A100 40GB": Published(1555, 22.6e6, 34.1e6, 141, 94, 0.9589),
              "V100 16GB": Published(900, 10.4e6, 21.8e6, 302, 145, None)}
+# The original's forward passes on one A100 40GB at batch 1,048,576, samples/s.
+PUBLISHED_INFERENCE = {"tf32": 57.5e6, "amp": 82.7e6}
+INFERENCE_BATCHES = 20
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ FULL_RANKING = "ncf.py --full_ranking"
 EVAL_PARITY = "evaluation float16 vs float32"
 RESUME = "SIGKILL in epoch 1, --resume"
 TRAIN_O0 = "ncf.py O0"
+INFERENCE = "forward passes"
 MEMORY = "peak GPU memory"
 RECOMMEND = "recommend.py --users"
 SERVE = "serve.py"
@@ -195,8 +200,9 @@ GPU_TIMES = {
     ENVIRONMENT: Timing(2, 30), FORWARD: Timing(5, 60), AMP_STEP: Timing(3, 60),
     TEST_DATA: Timing(1, 30), DATASET: Timing(10, 90), TRAIN_O2: Timing(30, 150),
     TEST_MODE: Timing(10, 60), EVAL_PARITY: Timing(8, 60), RESUME: Timing(40, 180),
-    TRAIN_O0: Timing(30, 150), RECOMMEND: Timing(10, 60), SERVE: Timing(10, 60),
-    TORCHSCRIPT: Timing(10, 60), ONNX: Timing(15, 60), ALL_USERS: Timing(20, 90),
+    TRAIN_O0: Timing(30, 150), INFERENCE: Timing(5, 30), RECOMMEND: Timing(10, 60),
+    SERVE: Timing(10, 60), TORCHSCRIPT: Timing(10, 60), ONNX: Timing(15, 60),
+    ALL_USERS: Timing(20, 90),
     TORCHRUN: Timing(40, 150), COMPILED_O2: Timing(100, 240), COMPILED_O0: Timing(100, 240),
 }
 # The CPU dry run: seconds on a 2-core machine, capped well above them.
@@ -876,6 +882,7 @@ class Acceptance:
         self.runner = Runner(self.report, Budget(deadline, RESERVE, start=start), self.tools)
         self.runs = {}
         self.known_items = {}
+        self.inference = {}
 
     def describe(self):
         env = {"device": str(self.device), "device_name": device_name(self.device),
@@ -963,6 +970,7 @@ class Acceptance:
                  needs=trained, tools=("killed", "resumed")),
             Step(TRAIN_O0, lambda cap: self.train_step("o0", cap), times[TRAIN_O0],
                  expected=scaled(TRAIN_O0, 1.3), needs=(DATASET,), tools=("o0",)),
+            Step(INFERENCE, self.inference_step, times[INFERENCE]),
             Step(MEMORY, lambda cap: self.memory_step(), Timing(0, 10),
                  skip="dry run: no GPU memory to measure" if self.dry_run else ""),
             Step(RECOMMEND, self.recommend_step, times[RECOMMEND], needs=trained,
@@ -1020,9 +1028,9 @@ class Acceptance:
                      for name in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE")}
         # ncf.py's O0 allows TF32 unless --no_tf32; whether cuBLAS then uses it is tf32_active's.
         torch.backends.cuda.matmul.allow_tf32 = True
-        o0_tf32 = train.tf32_active(self.device)
+        o0_tf32 = scoring.tf32_active(self.device)
         torch.backends.cuda.matmul.allow_tf32 = False
-        forced = train.tf32_active(self.device)
+        forced = scoring.tf32_active(self.device)
         torch.backends.cuda.matmul.allow_tf32 = allowed
         with contextlib.suppress(AttributeError, RuntimeError):
             # A tuple in torch 2.x, an int in older releases.
@@ -1244,6 +1252,27 @@ class Acceptance:
                           + result.figures)
         return result
 
+    def inference_step(self, cap):
+        """The forward pass alone at the training batch, as the original's inference figures:
+        TF32 (where the GPU has it) and float16 autocast."""
+        shape = self.shape
+        torch.manual_seed(SEED)
+        model = NeuMF(shape.nb_users, shape.nb_items, shape.factors, shape.layers).to(self.device)
+        parts = []
+        for mode, precision in (("tf32", "fp32"), ("amp", "amp")):
+            set_precision(mode)
+            if mode == "tf32":
+                name = "tf32" if scoring.tf32_active(self.device) else "fp32"
+            else:
+                name = str(mixed_dtype(self.device)).removeprefix("torch.") + " autocast"
+            result = benchmark(model, shape.batch_size, INFERENCE_BATCHES, precision,
+                               self.device)
+            self.inference[mode] = result["throughput"]
+            parts.append(f"{name} {rate(result['throughput'])} samples/s (p99 "
+                         f"{result['latency_p99_ms']:.2f} ms)")
+        return Result("info", f"batch {shape.batch_size:,}, {INFERENCE_BATCHES} passes each: "
+                              + ", ".join(parts), dict(self.inference))
+
     def memory_step(self):
         peaks = {key: self.runs[key].probe.get("peak_memory_bytes")
                  for key in ("o2", "o0") if key in self.runs}
@@ -1418,6 +1447,10 @@ class Acceptance:
             parts.append(text)
             values[level] = {"ours": ours, "theirs": theirs, "epoch_seconds": epoch,
                              "their_seconds": seconds}
+        if card == "A100 40GB" and self.inference:
+            parts.append("forward passes: " + ", ".join(
+                f"{mode} {compared_rates(self.inference[mode], theirs)}"
+                for mode, theirs in PUBLISHED_INFERENCE.items() if mode in self.inference))
         if published.hr is not None:
             parts.append(f"their HR@10 {published.hr} is on real ml-20m, ours on generated data: "
                          f"not comparable")
