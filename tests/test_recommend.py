@@ -184,7 +184,7 @@ def test_the_id_columns_are_named_as_the_converted_ratings(data, capsys, recorde
     table = run(data, "--users", "7", "--topk", "2")
     assert list(table.columns) == [user_column, "rank", item_column, "score"]
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ["user", "rank", item_column, "score"]
+    assert printed[0].split() == [user_column, "rank", item_column, "score"]
     assert printed[1].split()[:3] == ["7", "1", str(table[item_column][0])]
 
 
