@@ -88,7 +88,7 @@ def test_recommendations_are_untrained_items_in_original_ids(data, capsys):
         trained = {ITEM_IDS[item] for u, item in TRAIN if u == dense}
         assert not trained & set(rows["movieId"])
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ["user", "rank", "movieId", "score"]
+    assert printed[0].split() == ["userId", "rank", "movieId", "score"]
     assert printed[1].split()[:3] == ["55", "1", str(expected_top(2, 1)[0][0])]
 
 
