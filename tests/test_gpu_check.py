@@ -233,6 +233,21 @@ def test_a_step_gets_at_most_what_is_left_and_stops_at_its_cap(tmp_path):
     assert runner.report.rows["extra"].figures == "not measured: several did not pass"
 
 
+def test_a_failed_row_makes_the_run_exit_1_and_the_rest_still_runs(tmp_path, monkeypatch,
+                                                                     capsys):
+    def plan(self):
+        return [Step("broken", lambda cap: 1 / 0, Timing(0, 10)),
+                Step("after it", lambda cap: Result("pass", "ran"), Timing(0, 10))]
+
+    monkeypatch.setattr(gpu_check.Acceptance, "plan", plan)
+    assert gpu_check.main(["--dry-run-cpu", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "gpu_check.py: some rows FAILED (see the table)\n"
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert [(row["name"], row["status"]) for row in rows] == [("broken", "fail"),
+                                                              ("after it", "pass")]
+    assert "ZeroDivisionError: division by zero" in (tmp_path / "gpu_check.md").read_text()
+
+
 def states(seed, epochs=((0, 0.5, 0.6), (1, 0.6, 0.5))):
     torch.manual_seed(seed)
     model = {"weight": torch.randn(4, 3), "bias": torch.randn(3)}
