@@ -48,6 +48,7 @@ import dataloading
 import evaluation
 import scoring
 from logger import PARAMETER, JsonLogger
+from progress import Progress
 
 PROG = "baselines.py"
 METHODS = ("pop", "random", "itemknn", "bpr")
@@ -207,6 +208,8 @@ class BPR(Scorer):
         sampler = torch.Generator(device).manual_seed(args.seed)
         optimizer = torch.optim.Adam((self.user_vectors, self.item_vectors),
                                      lr=args.learning_rate)
+        # BPR's epochs ran 736 s on ml-100k with nothing to read in a log meanwhile.
+        shown = Progress(args.epochs, "bpr", "epoch", stream=sys.stdout)
         for epoch in range(args.epochs):
             # Summed on the device: reading each batch's loss would wait for the GPU every step.
             epoch_loss = torch.zeros((), device=device)
@@ -227,6 +230,8 @@ class BPR(Scorer):
                 epoch_loss += loss.detach()
             self.check_finite(epoch, float(epoch_loss) / math.ceil(len(order) / args.batch_size),
                               args)
+            shown.update()
+        shown.close()
         self.user_vectors = self.user_vectors.detach()
         self.item_vectors = self.item_vectors.detach()
 

@@ -15,13 +15,14 @@ INTERVAL = 30.0
 
 
 class Progress:
-    def __init__(self, total, what, unit, stream=None, enabled=True, interval=INTERVAL,
+    def __init__(self, total, what, unit, stream=None, enabled=True, interval=None,
                  clock=time.monotonic):
         """`stream`: where the progress goes (default stderr); `enabled`: False shows nothing
         (a process that is not the one that prints, say)."""
         self.total, self.what, self.unit = total, what, unit
         self.stream = stream or sys.stderr
-        self.interval, self.clock = interval, clock
+        self.interval = INTERVAL if interval is None else interval
+        self.clock = clock
         self.done = 0
         self.bar = None
         self.quiet = not enabled

@@ -9,6 +9,7 @@ import torch
 import baselines
 import cli
 import dataloading
+import progress
 from conftest import write_clustered_dataset
 from logger import log_records, read_log
 
@@ -176,6 +177,14 @@ def test_full_ranking_never_ranks_a_training_item(tiny):
     dataset = dataloading.open_dataset(tiny)
     ranks = baselines.full_ranks(TrainedFirst(dataset), dataset.train, dataset.test)
     assert ranks.tolist() == [1, 1, 0]
+
+
+def test_bpr_reports_its_epochs_in_a_log(small_clustered, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)  # a line at every epoch
+    run(small_clustered, "--method", "bpr", "--epochs", "3", "-b", "64")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bpr: ")]
+    assert [line.split(",")[0] for line in lines] == [
+        "bpr: 1/3 epochs (33%)", "bpr: 2/3 epochs (67%)", "bpr: 3/3 epochs (100%)"]
 
 
 def test_log_holds_the_settings_and_the_printed_values(tiny, tmp_path, capsys):
