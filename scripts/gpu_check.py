@@ -1285,9 +1285,11 @@ class Acceptance:
                       f"torch.cuda.max_memory_allocated of training at batch "
                       f"{self.shape.batch_size:,} (the whole run, evaluation included): "
                       + ", ".join(f"{key.upper()} {gib(peak)}" for key, peak in peaks.items())
-                      + f" of this GPU's {gib(total)}; the limit {gib(ORIGINAL_CARD_BYTES)} "
-                        f"leaves room on the original's A100 40GB "
-                      + ("" if fits else "(exceeded: the original's recipe would not fit there)"),
+                      + f" of this GPU's {gib(total)}; "
+                      + (f"within {gib(ORIGINAL_CARD_BYTES)}, so the original's recipe still "
+                         f"fits its A100 40GB" if fits else
+                         f"over {gib(ORIGINAL_CARD_BYTES)}: the original's recipe would no "
+                         f"longer fit its A100 40GB"),
                       {"peak_memory_bytes": peaks})
 
     def recommend_step(self, cap):

@@ -248,6 +248,44 @@ def test_a_failed_row_makes_the_run_exit_1_and_the_rest_still_runs(tmp_path, mon
     assert "ZeroDivisionError: division by zero" in (tmp_path / "gpu_check.md").read_text()
 
 
+def logged_run(precision, rates, peak):
+    epochs = [{"epoch": epoch, "train_throughput": rate, "hr@10": 0.5, "train_loss": 0.4,
+               "train_epoch_time": 99.3e6 / rate, "validation_epoch_time": 0.3}
+              for epoch, rate in enumerate(rates)]
+    return gpu_check.Run({"precision": precision}, epochs,
+                         {"best_train_throughput": max(rates)}, {"peak_memory_bytes": peak})
+
+
+def test_memory_and_comparison_rows_of_an_h200(tmp_path):
+    check = gpu_check.Acceptance(True, str(tmp_path), str(tmp_path))
+    check.device = torch.device("cuda", 0)  # only read, never used
+    check.environment.update(device_name="NVIDIA H200", memory_bytes=141 * 2 ** 30)
+    check.runs = {"o2": logged_run("float16", [60e6, 80e6], 9 * 2 ** 30),
+                  "o0": logged_run("tf32", [40e6, 50e6], 14 * 2 ** 30),
+                  "compiled_o2": logged_run("float16", [5e6, 95e6], None)}
+    check.inference = {"tf32": 150e6, "amp": 260e6}
+    memory = check.memory_step()
+    assert memory.status == "pass" and "O2 9.0 GiB, O0 14.0 GiB of this GPU's 141.0 GiB" in (
+        memory.figures)
+    a100 = check.versus("A100 40GB")
+    assert a100.status == "info"
+    assert a100.figures.startswith("H200 4800 GB/s = 3.09x the A100 40GB's 1555 GB/s; ")
+    assert "O0 (tf32): ours 50 M vs 22.6 M samples/s = 2.21x" in a100.figures
+    assert "O2 (float16): ours 80 M vs 34.1 M samples/s = 2.35x, compiled 95 M = 2.79x" in (
+        a100.figures)
+    # 30 epochs of the best epoch's 99.3 M samples / 80 M samples/s + 0.3 s of evaluation.
+    assert "train + eval time 46 s vs their time to train 94 s" in a100.figures
+    assert "amp ours 260 M vs 82.7 M samples/s = 3.14x" in a100.figures
+    v100 = check.versus("V100 16GB")
+    assert "5.33x the V100 16GB's 900 GB/s" in v100.figures and "forward" not in v100.figures
+    check.runs["o0"] = logged_run("tf32", [40e6, 50e6], 40 * 2 ** 30)
+    assert check.memory_step().status == "fail"
+    check.runs = {}
+    assert check.memory_step().status == "skip"
+    check.environment["device_name"] = "NVIDIA GeForce RTX 4090"
+    assert "memory bandwidth unknown" in check.versus("A100 40GB").figures
+
+
 def states(seed, epochs=((0, 0.5, 0.6), (1, 0.6, 0.5))):
     torch.manual_seed(seed)
     model = {"weight": torch.randn(4, 3), "bias": torch.randn(3)}
