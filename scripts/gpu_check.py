@@ -362,9 +362,11 @@ class Runner:
         except Exception as error:  # any failure is the result being reported
             results = Result("fail", f"{type(error).__name__}: {error}")
         except BaseException as stop:
-            # SIGTERM from the shell's hard stop, or Ctrl-C: the table says where it came.
-            self.report.set(step.name, Result("fail", f"stopped during this step "
-                                                      f"({type(stop).__name__})"))
+            # SIGTERM from the shell's hard stop (cli.run makes it SystemExit(143)), or Ctrl-C:
+            # the table says where it came.
+            how = ("SIGTERM" if isinstance(stop, SystemExit) and stop.code == 128 + signal.SIGTERM
+                   else type(stop).__name__)
+            self.report.set(step.name, Result("fail", f"stopped during this step ({how})"))
             raise
         finally:
             for key in step.tools:

@@ -226,8 +226,15 @@ def test_a_step_gets_at_most_what_is_left_and_stops_at_its_cap(tmp_path):
     assert time.monotonic() - start < 2 and caps[0] <= 0.3
     row = runner.report.rows["capped"]
     assert row.status == "fail" and row.figures.startswith("StepTimeout: stopped at its cap")
-    # A step of several rows: one it does not fill is reported as not measured.
+    # SIGTERM (as cli.run raises it) stops the run, and the row says where it came.
+    def terminated(cap):
+        raise SystemExit(143)
+
     runner.budget = gpu_check.Budget(100, 0.0)
+    with pytest.raises(SystemExit):
+        runner.run(Step("several", terminated, Timing(0, 10)))
+    assert runner.report.rows["several"].figures == "stopped during this step (SIGTERM)"
+    # A step of several rows: one it does not fill is reported as not measured.
     runner.run(Step("several", lambda cap: Result("fail", "no"), Timing(0, 10),
                     rows=("extra",)))
     assert runner.report.rows["extra"].figures == "not measured: several did not pass"
