@@ -36,7 +36,6 @@ fitting and evaluating. With --log_path, dllogger records (logger/): the run's s
 (PARAMETER) and a summary ([]) holding the same values.
 """
 import math
-import os
 import sys
 import time
 import warnings
@@ -330,9 +329,6 @@ def open_logger(args, dataset, device):
                                "nb_users": dataset.nb_users, "nb_items": dataset.nb_items,
                                "data_fingerprint": dataset.fingerprint})
     except OSError as error:
-        # JsonLogger created it, and keeps whole records only: on a full disk it is empty
-        if os.path.isfile(args.log_path) and os.path.getsize(args.log_path) == 0:
-            os.remove(args.log_path)
         raise cli.UserError(f"--log_path {args.log_path}: cannot write there "
                             f"({error.strerror}); pass --log_path with a writable file") from None
     return logger

@@ -368,10 +368,9 @@ def log_2023_record(logger, results):
 
 
 def what_the_log_keeps(path, results, runs):
-    """What a log whose write failed holds, said truly: whole records only (JsonLogger); one
-    that holds none is removed rather than left empty."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        os.remove(path)
+    """What a log whose write failed holds, said truly: whole records only, and none at all
+    where JsonLogger removed the log it had started."""
+    if not os.path.exists(path):
         return "nothing was logged, and the empty log is removed"
     if len(results) < runs:
         return (f"it holds the settings and the {len(results)} row(s) printed above, of the "

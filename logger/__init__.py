@@ -57,6 +57,9 @@ class JsonLogger:
     def __init__(self, path=None, append=False):
         self.path = path
         self.start = time.time()
+        # A log this logger started that no record reaches (a full disk) is removed, not left
+        # empty; an appended one is someone else's.
+        self.started_here = not append
         if path is None:
             return
         directory = os.path.dirname(os.path.abspath(path))
@@ -107,6 +110,9 @@ class JsonLogger:
                 # which read_log could not parse: the log keeps whole records only.
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, size)
+            if self.started_here and not size:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
             # A full disk fails in write or close, whose errors name no file; name the log's.
             raise OSError(error.errno, error.strerror, self.path) from None
 

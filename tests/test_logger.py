@@ -48,3 +48,15 @@ def test_records_round_trip(tmp_path):
     assert len(read_log(path)) == 4
     JsonLogger(str(path))  # a new run starts the file afresh
     assert read_log(path) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("append, kept", [(False, False), (True, True)])
+def test_a_log_started_here_that_no_record_reaches_is_removed(tmp_path, append, kept):
+    path = tmp_path / "log.json"
+    path.symlink_to("/dev/full")  # every write fails: No space left on device
+    logger = JsonLogger(str(path), append=append)
+    with pytest.raises(cli.UserError, match="writing failed"):
+        with logger.write_failures_reported("kept"):
+            logger.log(PARAMETER, {"seed": 1})
+    assert path.is_symlink() is kept
