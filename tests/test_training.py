@@ -226,12 +226,20 @@ def test_defaults_match_the_original():
     assert args.log_path == "log.json" and args.load_checkpoint_path is None
 
 
-def test_full_ranking_in_test_mode_equals_a_plain_ranking(clustered_data, tmp_path):
+def test_full_ranking_in_test_mode_equals_a_plain_ranking(clustered_data, tmp_path, capsys,
+                                                           monkeypatch):
     from checkpoint import load_model
     ncf.main(train_args(clustered_data, tmp_path, "-e", "1"))
     model_path = str(tmp_path / "ck" / "model.pth")
+    # its cost is said first: the sample (all 300 users here) took 2.1 s by this clock
+    clock = iter([0.0, 2.1])
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: next(clock))
+    capsys.readouterr()
     result = ncf.main(["--data", clustered_data, "--mode", "test", "--load_checkpoint_path",
                        model_path, "--full_ranking", "--log_path", str(tmp_path / "t.json")])
+    monkeypatch.undo()
+    assert ("note: --full_ranking scores all 200 items for every user: about 2 s on this cpu "
+            "(timed on the first users)") in capsys.readouterr().out.splitlines()
     model = load_model(model_path).eval()
     train = torch.load(os.path.join(clustered_data, "train_ratings.pt"), weights_only=True)
     test = torch.load(os.path.join(clustered_data, "test_ratings.pt"), weights_only=True)
