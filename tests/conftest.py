@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import subprocess
@@ -65,9 +66,9 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A 64 KiB tmpfs, filled to the last block, or a skip where mounting is not permitted."""
-    mount_point = tmp_path / "full"
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, or a skip where mounting is not permitted."""
+    mount_point = tmp_path / "small"
     mount_point.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
@@ -76,9 +77,15 @@ def full_disk(tmp_path):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
-        with open(mount_point / "filler", "wb") as filler:
-            filler.write(b"\0" * 2 ** 20)
-    except OSError:
-        pass
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def full_disk(small_disk):
+    """small_disk filled to its last block by a file named filler."""
+    with contextlib.suppress(OSError), open(small_disk / "filler", "wb", buffering=0) as filler:
+        while True:
+            filler.write(b"x" * 4096)
+    return small_disk

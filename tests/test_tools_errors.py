@@ -1,10 +1,8 @@
 """The small tools' bad inputs, one table: each exits with status 2, prints one line on stderr,
 `PROG: error: ...`, that names the flag or file at fault, and writes nothing."""
-import contextlib
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 
@@ -235,27 +233,6 @@ def test_a_log_without_room_for_the_2023_record_says_so(tmp_path, inputs):
     records = read_log(tmp_path / "log.json")
     assert [record["data"]["batch_size"] for record in records
             if record["type"] == "LOG" and record["step"] == []] == [1, 2]
-
-
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 64 KiB tmpfs filled up, or a skip where mounting is not permitted."""
-    mount_point = tmp_path / "full"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        filler = open(mount_point / "filler", "wb", buffering=0)
-        with contextlib.suppress(OSError), filler:
-            while True:
-                filler.write(b"x" * 4096)
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 @pytest.mark.parametrize("argv, message", [
