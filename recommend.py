@@ -23,7 +23,7 @@ import torch
 import cli
 from fileio import atomic_output
 from progress import Progress
-from recommender import PRECISIONS, Recommender, load_titles, titles_note
+from recommender import Recommender, add_scoring_flags, load_titles, titles_note
 
 PROG = "recommend.py"
 
@@ -44,15 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("-k", "--topk", type=int, default=10, help="items per user")
     parser.add_argument("--movies", help="MovieLens titles: movies.csv (movieId,title,...), "
                                           "ml-1m's or ml-10m's movies.dat, or ml-100k's u.item")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="bf16: where the item bounds would apply (an MLP hidden layer, "
-                             "4,096 items or more) but rule out too few items, a bfloat16 pass "
-                             "picks max(100, 4k) items per user, which float32 scores and "
-                             "orders; fp32: float32 throughout; auto (default): bf16 where the "
-                             "device has native bf16. Every other path scores in float32")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="default: cuda when available")
+    add_scoring_flags(parser)
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk must be at least 1, got {args.topk}")

@@ -44,6 +44,19 @@ BF16_CPU_CHUNK_PAIRS = 2 ** 16
 BOUNDS_TRIAL_USERS = 64
 
 
+def add_scoring_flags(parser):
+    """recommend.py's and serve.py's --device and --precision."""
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bf16: where the item bounds would apply (an MLP hidden layer, "
+                             "4,096 items or more) but rule out too few items, a bfloat16 pass "
+                             "picks max(100, 4k) items per user, which float32 scores and "
+                             "orders; fp32: float32 throughout; auto (default): bf16 where the "
+                             "device has native bf16. Every other path scores in float32")
+
+
 class Recommender:
     """A model with the data it was trained on: scores users, hides their training items.
 

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 import cli
-from recommender import PRECISIONS, Recommender, load_titles, titles_note
+from recommender import Recommender, add_scoring_flags, load_titles, titles_note
 
 PROG = "serve.py"
 DEFAULT_TOPK = 10
@@ -75,15 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
     parser.add_argument("--no_fallback", action="store_true",
                         help="answer 404 for an unknown user instead of the most-rated items")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="default: cuda when available")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="bf16: where the item bounds would apply (an MLP hidden layer, "
-                             "4,096 items or more) but rule out too few items, a bfloat16 pass "
-                             "picks max(100, 4k) items per user, which float32 scores and "
-                             "orders; fp32: float32 throughout; auto (default): bf16 where the "
-                             "device has native bf16. Every other path scores in float32")
+    add_scoring_flags(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0 to 65535, got {args.port}")
