@@ -70,17 +70,23 @@ def torch_load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_tensor_file(path, if_missing, writer):
+    """The object a tensor file holds, refused in one line when it is missing (`if_missing`
+    says what to do) or cannot be read (re-run `writer`)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found; {if_missing}")
+    try:
+        return torch_load(path)
+    except Exception as error:  # torch raises several types for damaged files
+        raise DataError(f"{path}: cannot be read ({type(error).__name__}); re-run {writer} to "
+                        f"rewrite it") from None
+
+
 def load_tensor(data_dir, name, dims):
     """One dense int64 tensor of `dims` dimensions written by convert.py into data_dir."""
     path = os.path.join(data_dir, name)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found; convert the ratings first with "
-                        f"`python convert.py --path RATINGS --output {data_dir}`")
-    try:
-        tensor = torch_load(path)
-    except Exception as error:  # torch raises several types for damaged files
-        raise DataError(f"{path}: cannot be read ({type(error).__name__}); "
-                        f"re-run convert.py to rewrite it") from None
+    tensor = read_tensor_file(path, f"convert the ratings first with `python convert.py --path "
+                                    f"RATINGS --output {data_dir}`", "convert.py")
     if (not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided
             or tensor.dim() != dims or tensor.dtype != torch.int64):
         raise DataError(f"{path}: expected a dense {dims}-D int64 tensor; re-run convert.py to "
@@ -429,14 +435,8 @@ def read_mapping(path, spec, mapping, names):
 
 def load_chunk(file, features):
     """The dense 2-D tensor of one chunk, a column per feature."""
-    if not os.path.isfile(file):
-        raise DataError(f"{file}: not found; re-run convert.py --format 2023 or transcode.py to "
-                        f"write it")
-    try:
-        tensor = torch_load(file)
-    except Exception as error:  # torch raises several types for damaged files
-        raise DataError(f"{file}: cannot be read ({type(error).__name__}); re-run convert.py "
-                        f"or transcode.py to rewrite it") from None
+    tensor = read_tensor_file(file, "re-run convert.py --format 2023 or transcode.py to write it",
+                              "convert.py or transcode.py")
     if (not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided
             or tensor.dim() != 2 or tensor.shape[1] != len(features)):
         raise DataError(f"{file}: expected a dense 2-D tensor of {len(features)} column(s) "
