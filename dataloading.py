@@ -534,9 +534,9 @@ def _shown(value):
     return "missing" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
-class YamlError(ValueError):
+class YamlError(DataError):
     """Text outside the YAML that parse_yaml reads: `line` (from 1) and `problem` say where
-    and what."""
+    and what; callers name the file."""
 
     def __init__(self, line, problem):
         super().__init__(f"line {line}: {problem}")

@@ -54,7 +54,7 @@ WHOLE_NUMBER = re.compile(r"[+-]?\d{1,19}", re.ASCII)
 ALLOWED = {"/health": "GET", "/recommend": "GET and POST"}
 
 
-class RequestError(Exception):
+class RequestError(cli.UserError):
     """A request the service refuses: its HTTP status and a message for the client."""
 
     def __init__(self, status, message):
