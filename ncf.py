@@ -230,9 +230,9 @@ def cuda_index(local_rank, visible):
     A launcher that gives each process only its own GPU (SLURM's --gpus-per-task=1, a
     CUDA_VISIBLE_DEVICES per rank) leaves one visible whatever the rank: that one is this
     process's. Otherwise local rank N takes GPU N; two processes never share one, which NCCL
-    refuses.
+    refuses (one GPU visible and no CUDA_VISIBLE_DEVICES: every process sees the same one).
     """
-    if visible == 1:
+    if visible == 1 and (local_rank == 0 or os.environ.get("CUDA_VISIBLE_DEVICES")):
         return 0
     if local_rank >= visible:
         raise cli.UserError(f"local rank {local_rank} has no GPU ({visible} visible); start at "

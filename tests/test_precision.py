@@ -194,12 +194,17 @@ def test_no_tf32_under_the_override_is_refused_in_one_line(monkeypatch):
     assert ncf.set_tf32(args, torch.device("cpu")) is False
 
 
-@pytest.mark.parametrize("local_rank, visible, index", [
-    (0, 1, 0), (3, 1, 0),  # one GPU visible per process (SLURM --gpus-per-task=1): its own
-    (0, 8, 0), (5, 8, 5),
-    (2, 2, None),  # more processes than GPUs: two would share one, which NCCL refuses
+@pytest.mark.parametrize("local_rank, visible, environ, index", [
+    # one GPU visible per process (SLURM --gpus-per-task=1): its own
+    (3, 1, {"CUDA_VISIBLE_DEVICES": "3"}, 0),
+    (0, 1, {}, 0), (0, 8, {}, 0), (5, 8, {}, 5),
+    # more processes than GPUs: two would share one, which NCCL refuses
+    (2, 2, {}, None), (1, 1, {}, None),
 ])
-def test_each_process_takes_its_own_gpu(local_rank, visible, index):
+def test_each_process_takes_its_own_gpu(monkeypatch, local_rank, visible, environ, index):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
     if index is None:
         with pytest.raises(cli.UserError, match=f"^local rank {local_rank} has no GPU "
                                                 f"\\({visible} visible\\)"):
