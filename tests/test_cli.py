@@ -96,13 +96,17 @@ def test_a_list_default_is_a_new_list_each_parse():
 def test_stopping_training_is_one_line(clustered_data, tmp_path, signum, status, line):
     process = subprocess.Popen(
         [sys.executable, "ncf.py", "--data", clustered_data, "-b", "4096", "-e", "1000",
-         "--checkpoint_dir", str(tmp_path / "ck"), "--log_path", str(tmp_path / "log.json")],
+         "--threshold", "1.1", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path",
+         str(tmp_path / "log.json")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
     try:
         for output in process.stdout:
+            seen.append(output)
             # epoch 0's last.pth is written before epoch 1 ends
             if output.startswith("Epoch 1:"):
                 break
+        assert seen[-1].startswith("Epoch 1:"), "".join(seen)
         process.send_signal(signum)
         stderr = process.communicate(timeout=60)[1]
     finally:
