@@ -224,10 +224,6 @@ LAUNCH = ("import sys; sys.path.insert(0, {scripts!r}); import gpu_check; "
 TRAINING_IMPORTS = ("torch._dynamo",)
 
 
-class StepTimeout(Exception):
-    """A step ran past its cap."""
-
-
 @dataclass
 class Result:
     status: str  # pass, fail, skip or info
@@ -390,10 +386,10 @@ class Runner:
 
 @contextlib.contextmanager
 def time_cap(seconds):
-    """Raise StepTimeout in the main thread once `seconds` have passed: the cap of a step that
+    """Raise TimeoutError in the main thread once `seconds` have passed: the cap of a step that
     runs in this process. A subprocess step stops its process before that."""
     def expire(signum, frame):
-        raise StepTimeout(f"stopped at its cap of {seconds:.0f} s")
+        raise TimeoutError(f"stopped at its cap of {seconds:.0f} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
@@ -439,7 +435,7 @@ class Launched:
             return self.process.wait(timeout=max(timeout, 0.0))
         except subprocess.TimeoutExpired:
             self.stop()
-            raise StepTimeout(f"{self.key} did not finish within {timeout:.0f} s; "
+            raise TimeoutError(f"{self.key} did not finish within {timeout:.0f} s; "
                               f"stopped") from None
 
     def signal(self, number):
@@ -1223,7 +1219,7 @@ class Acceptance:
                 return Result("fail", f"the run to interrupt ended before epoch 1: "
                                       f"{killed.failure()}")
             if time.monotonic() - start > cap:
-                raise StepTimeout(f"no last.pth of epoch 0 within {cap:.0f} s")
+                raise TimeoutError(f"no last.pth of epoch 0 within {cap:.0f} s")
             time.sleep(POLL_SECONDS)
         epoch_line = re.search(r"Epoch 0: .*?train_time = ([\d.]+)", killed.stdout())
         delay = KILL_AT * float(epoch_line.group(1)) if epoch_line else 0.0
@@ -1330,7 +1326,7 @@ class Acceptance:
                 if launched.process.poll() is not None:
                     return Result("fail", f"serve.py failed: {launched.failure()}")
                 if time.monotonic() - start > cap:
-                    raise StepTimeout(f"serve.py not listening within {cap:.0f} s")
+                    raise TimeoutError(f"serve.py not listening within {cap:.0f} s")
                 time.sleep(POLL_SECONDS)
             ready = time.monotonic() - start
             url = f"{found.group(1)}/recommend?user={RECOMMEND_USERS[0]}&k={TOPK}"

@@ -225,7 +225,7 @@ def test_a_step_gets_at_most_what_is_left_and_stops_at_its_cap(tmp_path):
     runner.run(Step("capped", sleeps, Timing(0, 100)))
     assert time.monotonic() - start < 2 and caps[0] <= 0.3
     row = runner.report.rows["capped"]
-    assert row.status == "fail" and row.figures.startswith("StepTimeout: stopped at its cap")
+    assert row.status == "fail" and row.figures.startswith("TimeoutError: stopped at its cap")
     # SIGTERM (as cli.run raises it) stops the run, and the row says where it came.
     def terminated(cap):
         raise SystemExit(143)
