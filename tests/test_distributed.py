@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+from logger import log_records, read_log
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -41,11 +43,23 @@ def result_line(output):
     return match.groups()
 
 
+@pytest.fixture(scope="module")
+def two_process_run(clustered_data, tmp_path_factory):
+    """(a 2-process training run of 3 epochs, its directory)."""
+    directory = tmp_path_factory.mktemp("two")
+    run = torchrun(*TRAINING, "--data", clustered_data, "--checkpoint_dir",
+                   str(directory / "ck"), "--log_path", str(directory / "log.json"))
+    return run, directory
+
+
+TRAINING = ["-e", "3", "-b", "2048"]
+
+
 def test_two_processes_train_one_model_and_match_single_process_evaluation(clustered_data,
+                                                                           two_process_run,
                                                                            tmp_path):
-    checkpoints = tmp_path / "ck"
-    run = torchrun("--data", clustered_data, "-e", "3", "-b", "2048", "--checkpoint_dir",
-                   str(checkpoints), "--log_path", str(tmp_path / "log.json"))
+    run, directory = two_process_run
+    checkpoints = directory / "ck"
     assert run.returncode == 0, run.stderr
     lines = epoch_lines(run.stdout)
     assert [line.split(":")[0] for line in lines] == ["Epoch 0", "Epoch 1", "Epoch 2"]
@@ -57,25 +71,34 @@ def test_two_processes_train_one_model_and_match_single_process_evaluation(clust
 
     model = str(checkpoints / "model.pth")
     test_flags = ["--data", clustered_data, "--mode", "test", "--load_checkpoint_path", model,
-                  "--log_path", str(tmp_path / "test.json"), "--valid_batch_size", "3000",
-                  "--full_ranking"]
-    two = torchrun(*test_flags)
+                  "--valid_batch_size", "3000", "--full_ranking"]
+    two = torchrun(*test_flags, "--log_path", str(tmp_path / "two.json"))
     assert two.returncode == 0, two.stderr
-    one = subprocess.run([sys.executable, "ncf.py", *test_flags], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    # A subprocess with one thread, as each of torchrun's: the same scoring kernels.
+    one = subprocess.run([sys.executable, "ncf.py", *test_flags, "--log_path",
+                          str(tmp_path / "one.json")], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert one.returncode == 0, one.stderr
     assert result_line(two.stdout) == result_line(one.stdout)
     assert float(result_line(one.stdout)[0]) == best
+    (one_record,) = log_records(read_log(tmp_path / "one.json"), "summary")
+    (two_record,) = log_records(read_log(tmp_path / "two.json"), "summary")
+    assert one_record["hr@10"] == two_record["hr@10"]
+    assert one_record["ndcg@10"] == two_record["ndcg@10"]
+    # Per-user sums in one order, as the ranks; what remains is the float32 rounding of the
+    # logits, which varies with the shape of a scoring batch (the shares cut rows differently).
+    assert one_record["validation_loss"] == pytest.approx(two_record["validation_loss"],
+                                                          rel=1e-6)
 
 
-def test_same_seed_gives_the_same_curve(clustered_data, tmp_path):
+def test_same_seed_gives_the_same_curve(clustered_data, two_process_run, tmp_path):
     curves = []
-    for attempt in range(2):
-        run = torchrun("--data", clustered_data, "-e", "2", "-b", "2048", "--checkpoint_dir",
-                       str(tmp_path / f"ck{attempt}"), "--log_path", str(tmp_path / "log.json"))
+    for run in (two_process_run[0],
+                torchrun(*TRAINING, "--data", clustered_data, "--checkpoint_dir",
+                         str(tmp_path / "ck"), "--log_path", str(tmp_path / "log.json"))):
         assert run.returncode == 0, run.stderr
         curves.append([line.split(", train_time")[0] for line in epoch_lines(run.stdout)])
-    assert curves[0] == curves[1] and len(curves[0]) == 2
+    assert curves[0] == curves[1] and len(curves[0]) == 3
 
 
 def test_a_failing_rank_ends_the_run_promptly_with_its_message(clustered_data, tmp_path):
