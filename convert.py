@@ -58,6 +58,7 @@ Every file is written in full before any is renamed, so a conversion that fails 
 (a full disk) leaves the earlier one in DIR as it was.
 """
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -98,6 +99,9 @@ OUTPUT_FILES = ([f"{name}.pt" for name in TENSORS + VALIDATION_TENSORS]
 # Test negatives are drawn this many at a time. Part of the seeded result: changing it changes
 # which negatives a seed gives.
 DRAWS_PER_BLOCK = 2**20
+# Rows handled at a time by the steps that go through every rating in pieces, so that their
+# temporaries stay a few MB whatever the file's size.
+PIECE_ROWS = 2**20
 
 
 class FlagError(RatingsError):
@@ -109,6 +113,10 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
     """Apply the preprocessing protocol to a frame of user_id, item_id, timestamp (file order;
     and rating when min_rating is given).
 
+    The frame is emptied: its columns are taken out of it, so that each one's memory goes as
+    soon as the steps are done with it rather than when the caller lets go of the frame (pass
+    frame.copy() to keep it).
+
     Returns a dict with the int64 tensors named in TENSORS (VALIDATION_TENSORS too with
     validation; an id map of text ids is a list of str) and the counts ratings_read,
     users_dropped, duplicates_dropped, users, items, train, test (and validation), plus
@@ -118,8 +126,10 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
     """
     steps = Progress(4, "convert", "step", enabled=progress)
     ratings_read = len(frame)
-    frame, filtered = _filter_rows(frame, min_rating, min_item_ratings)
-    user, item, timestamp, user_ids, users_dropped = _keep_active_users(frame, min_ratings)
+    columns = {name: frame.pop(name).to_numpy() for name in list(frame.columns)}
+    columns, filtered = _filter_rows(columns, min_rating, min_item_ratings)
+    user, item, timestamp, user_ids, users_dropped = _keep_active_users(columns, min_ratings)
+    del columns
     _check_negatives_fit(len(user_ids), valid_negative)
     steps.update()
 
@@ -145,24 +155,27 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
         raise RatingsError(f"no training pair is left: each of the {len(user_ids)} users kept has "
                            f"only {held_out} distinct item(s), all held out; raise --min_ratings "
                            f"above {held_out}, or add interactions")
-    train = np.empty((int(is_train.sum()), 2), dtype=np.int64)
-    train[:, 0] = user[is_train]
-    train[:, 1] = item[is_train]
     # [held_out, users, 2]: the test rows, then the validation rows
     rows = np.empty((held_out, len(user_ids), 2), dtype=np.int64)
     rows[:, :, 0] = np.arange(len(user_ids))
     rows[:, :, 1] = item[held_out_rows]
-    del user, item, is_train, held_out_rows
+    del held_out_rows
     steps.update()
     steps.close()
 
+    # The negatives before the training pairs, so that the pairs' keys are gone when the
+    # training tensor is made: the largest of all, 16 bytes a rating.
     rng = _generator(seed)
     held_out_items = list(rows[:, :, 1])
+    negatives = [_negatives(pairs, held_out_items, nb_items, valid_negative, rng, progress,
+                            what) for what in ("test", "validation")[:held_out]]
+    del pairs
+    train = _rows_where(is_train, user, item)
+    del user, item, is_train
     result = {
         "train_ratings": torch.from_numpy(train),
         "test_ratings": torch.from_numpy(rows[0]),
-        "test_negatives": torch.from_numpy(_negatives(pairs, held_out_items, nb_items,
-                                                      valid_negative, rng, progress)),
+        "test_negatives": torch.from_numpy(negatives[0]),
         "user_ids": _id_map(user_ids),
         "item_ids": _id_map(item_ids),
         "ratings_read": ratings_read,
@@ -176,10 +189,28 @@ def convert(frame, seed, valid_negative, min_ratings, progress=False, min_rating
     }
     if validation:
         result["validation_ratings"] = torch.from_numpy(rows[1])
-        result["validation_negatives"] = torch.from_numpy(_negatives(
-            pairs, held_out_items, nb_items, valid_negative, rng, progress, "validation"))
+        result["validation_negatives"] = torch.from_numpy(negatives[1])
         result["validation"] = len(user_ids)
     return result
+
+
+def _rows_where(kept, *columns):
+    """int64 [kept.sum(), len(columns)]: the columns' values where kept holds, filled a piece
+    at a time, with no full-length temporary beside the result."""
+    rows = np.empty((int(kept.sum()), len(columns)), dtype=np.int64)
+    filled = 0
+    for begin, end in _pieces(len(kept)):
+        taken = kept[begin:end]
+        count = int(taken.sum())
+        for position, values in enumerate(columns):
+            rows[filled:filled + count, position] = values[begin:end][taken]
+        filled += count
+    return rows
+
+
+def _pieces(length):
+    """(begin, end) of consecutive pieces of PIECE_ROWS rows covering range(length)."""
+    return ((begin, min(begin + PIECE_ROWS, length)) for begin in range(0, length, PIECE_ROWS))
 
 
 def convert_split(train_frame, test_frame, given_negatives, seed, valid_negative, where,
@@ -312,27 +343,29 @@ def _id_map(ids):
     return torch.from_numpy(np.asarray(ids, dtype=np.int64))
 
 
-def _filter_rows(frame, min_rating, min_item_ratings):
-    """The rows rated min_rating or more, then of those the rows of items with at least
-    min_item_ratings of them; the counts of what each dropped."""
+def _filter_rows(columns, min_rating, min_item_ratings):
+    """Of the columns (name: array), the rows rated min_rating or more, then of those the rows
+    of items with at least min_item_ratings of them; the counts of what each dropped."""
     filtered = {}
     if min_rating is not None:
-        kept = frame["rating"].to_numpy() >= min_rating
+        rating = columns.pop("rating")
+        kept = rating >= min_rating
         if not kept.any():
             raise FlagError(f"--min_rating {min_rating}: no rating is that high (the highest is "
-                            f"{frame['rating'].max():g}); lower --min_rating")
-        filtered["rows_below_min_rating"] = int(len(frame) - kept.sum())
-        frame = frame[kept]
+                            f"{rating.max():g}); lower --min_rating")
+        filtered["rows_below_min_rating"] = int(len(kept) - kept.sum())
+        columns = {name: values[kept] for name, values in columns.items()}
     if min_item_ratings > 1:
-        codes, items = pd.factorize(frame["item_id"].to_numpy())
+        codes, items = pd.factorize(columns["item_id"])
         counts = np.bincount(codes)
         if counts.max() < min_item_ratings:
             raise FlagError(f"--min_item_ratings {min_item_ratings}: no item has that many "
                             f"ratings (the most any item has is {counts.max()}); lower "
                             "--min_item_ratings")
         filtered["items_dropped"] = int((counts < min_item_ratings).sum())
-        frame = frame[counts[codes] >= min_item_ratings]
-    return frame, filtered
+        kept = counts[codes] >= min_item_ratings
+        columns = {name: values[kept] for name, values in columns.items()}
+    return columns, filtered
 
 
 def _check_negatives_fit(users, valid_negative):
@@ -352,16 +385,45 @@ def _gigabytes(size):
 
 def _first_appearance_ids(values):
     """Dense 0-based ids in order of first appearance, and the original value of each id."""
+    code_type = np.int32 if len(values) < 2**31 else np.int64
+    if values.dtype.kind == "i":
+        low, high = int(values.min()), int(values.max())
+        # the table costs at most 4 bytes a row, or 64 MB
+        if high - low < max(len(values), 2**24):
+            return _first_appearance_ids_by_table(values, low, high, code_type)
     # a hash-table pass: linear, where np.unique would sort and lose the order of appearance
     codes, uniques = pd.factorize(values)
-    return codes.astype(np.int32 if len(uniques) < 2**31 else np.int64), uniques
+    return codes.astype(code_type), uniques
 
 
-def _keep_active_users(frame, min_ratings):
+def _first_appearance_ids_by_table(values, low, high, code_type):
+    """_first_appearance_ids of whole numbers in [low, high], a piece at a time, with a table
+    from value to id of the values met in earlier pieces: no full-length temporary beside the
+    ids, where pd.factorize of all of them makes one of 8 bytes a row. Within a piece
+    pd.factorize numbers the values by first appearance, and those new to the table come after
+    every earlier piece's."""
+    ids = np.full(high - low + 1, -1, dtype=code_type)
+    codes = np.empty(len(values), dtype=code_type)
+    uniques = []
+    seen = 0
+    for begin, end in _pieces(len(values)):
+        piece_codes, piece_values = pd.factorize(values[begin:end])
+        slots = piece_values.astype(np.int64) - low
+        known = ids[slots]
+        new = known < 0
+        known[new] = np.arange(seen, seen + int(new.sum()), dtype=code_type)
+        ids[slots[new]] = known[new]
+        uniques.append(piece_values[new])
+        seen += int(new.sum())
+        codes[begin:end] = known[piece_codes]
+    return codes, np.concatenate(uniques)
+
+
+def _keep_active_users(columns, min_ratings):
     """Drop users with fewer than min_ratings rows; number the rest by first appearance."""
-    user, user_ids = _first_appearance_ids(frame["user_id"].to_numpy())
-    item = frame["item_id"].to_numpy()
-    timestamp = frame["timestamp"].to_numpy()
+    user, user_ids = _first_appearance_ids(columns.pop("user_id"))
+    item = columns.pop("item_id")
+    timestamp = columns.pop("timestamp")
     counts = np.bincount(user, minlength=len(user_ids))
     active = counts >= min_ratings
     if not active.any():
@@ -394,10 +456,14 @@ def _stable_order(values):
     low = int(values.min())
     if (int(values.max()) - low + 1) * n > 2**63:
         return np.argsort(values, kind="stable")
-    composite = values.astype(np.int64)
-    composite -= low
-    composite *= n
-    composite += np.arange(n, dtype=np.int64)
+    composite = np.empty(n, dtype=np.int64)
+    # a piece at a time: no full-length temporary (the positions) beside it
+    for begin, end in _pieces(n):
+        piece = composite[begin:end]
+        piece[:] = values[begin:end]
+        piece -= low
+        piece *= n
+        piece += np.arange(begin, end, dtype=np.int64)
     composite.sort()
     composite %= n
     return composite
@@ -411,35 +477,77 @@ def _split(user, item, nb_users, nb_items, held_out=1):
     included), a mask of the training rows, the rows held out [held_out, nb_users] (latest
     first; -1 where a user has too few distinct pairs), and the number of duplicate rows dropped.
     """
-    keys = user.astype(np.int64)
-    keys *= nb_items
-    keys += item
-    order = _stable_order(keys)
-    pairs = keys[order]
-    del keys
-    # in each run of equal keys the first comes earliest in time: it is the one kept
-    first = np.empty(len(pairs), dtype=bool)
-    first[0] = True
-    np.not_equal(pairs[1:], pairs[:-1], out=first[1:])
-    is_train = np.ones(len(pairs), dtype=bool)
-    is_train[order[~first]] = False
-    duplicates = len(pairs) - int(first.sum())
-    pairs, kept_rows = pairs[first], order[first]
-    del order, first
+    is_train = np.ones(len(user), dtype=bool)
+    pairs, kept_rows = _distinct_pairs(user, item, nb_users, nb_items, is_train)
+    duplicates = len(user) - len(pairs)
     # pairs are sorted by user, so each user's pairs form one run; its latest row is the test
     starts = np.searchsorted(pairs, np.arange(nb_users, dtype=np.int64) * nb_items)
     held_out_rows = np.empty((held_out, nb_users), dtype=np.int64)
     held_out_rows[0] = np.maximum.reduceat(kept_rows, starts)
     if held_out > 1:
         sizes = np.diff(np.append(starts, len(pairs)))
-        owner = np.repeat(np.arange(nb_users), sizes)
+        latest = np.repeat(held_out_rows[0].astype(kept_rows.dtype), sizes)
         # the latest left once the test row is set aside; a user's only row gives -1
-        rest = np.where(kept_rows == held_out_rows[0][owner], -1, kept_rows)
+        rest = np.where(kept_rows == latest, -1, kept_rows)
+        del latest
         held_out_rows[1] = np.maximum.reduceat(rest, starts)
         # a user with two distinct pairs would train on none
         held_out_rows[:, sizes < 3] = -1
     is_train[held_out_rows[held_out_rows >= 0]] = False
     return pairs, is_train, held_out_rows, duplicates
+
+
+def _distinct_pairs(user, item, nb_users, nb_items, is_train):
+    """The sorted distinct keys user * nb_items + item of time-ordered rows, and for each the
+    row of its earliest occurrence (an index into user and item); is_train is cleared at every
+    later occurrence.
+
+    The keys are sorted stably as _stable_order sorts: as key * rows + row, each one unique,
+    built a piece at a time; where that overflows int64, by merge sort. The distinct keys are
+    then written over the sorted ones from the start of the same array, a piece at a time: 8
+    bytes a row for the keys and 4 for the kept rows, where sorting keys and positions apart,
+    then copying the distinct ones out of both, held up to 34.
+    """
+    n = len(user)
+    order = None
+    if nb_users * nb_items * n <= 2**63:
+        pairs = np.empty(n, dtype=np.int64)
+        for begin, end in _pieces(n):
+            piece = pairs[begin:end]
+            piece[:] = user[begin:end]
+            piece *= nb_items
+            piece += item[begin:end]
+            piece *= n
+            piece += np.arange(begin, end, dtype=np.int64)
+        pairs.sort()
+    else:
+        keys = user.astype(np.int64)
+        keys *= nb_items
+        keys += item
+        order = np.argsort(keys, kind="stable")
+        pairs = keys[order]
+        del keys
+    kept_rows = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    kept = 0
+    previous = -1
+    for begin, end in _pieces(n):
+        if order is None:
+            keys = pairs[begin:end] // n
+            rows = pairs[begin:end] - keys * n
+        else:
+            keys, rows = pairs[begin:end].copy(), order[begin:end]
+        # in each run of equal keys the first comes earliest in time: it is the one kept
+        first = np.empty(len(keys), dtype=bool)
+        first[0] = keys[0] != previous
+        np.not_equal(keys[1:], keys[:-1], out=first[1:])
+        previous = keys[-1]
+        is_train[rows[~first]] = False
+        count = int(first.sum())
+        # at or before this piece's start: over keys already read
+        pairs[kept:kept + count] = keys[first]
+        kept_rows[kept:kept + count] = rows[first]
+        kept += count
+    return pairs[:kept], kept_rows[:kept]
 
 
 def _negatives(pairs, held_out_items, nb_items, valid_negative, rng, progress, what="test"):
@@ -748,8 +856,32 @@ def one_line_errors(source, output, memory_hint=""):
                             f"a machine with more{memory_hint}") from None
 
 
+# mallopt's parameter number (glibc's malloc.h) for the size from which a block gets pages of
+# its own, handed back to the system when it is freed; and the size set here.
+_M_MMAP_THRESHOLD = -3
+OWN_PAGES_BYTES = 2**20
+
+
+def return_freed_memory():
+    """Have the C allocator hand every block of OWN_PAGES_BYTES or more back to the system when
+    it is freed; True where it could (glibc), False elsewhere, which changes nothing else.
+
+    glibc raises that threshold on its own to the size of each such block freed, up to 32 MB,
+    and serves smaller blocks from its heap after that. Reading and the steps that go a piece
+    at a time keep some pieces and free others; kept ones interleaved with freed ones pin the
+    heap, which cannot shrink past them: 0.6 GB more at the peak of 100 M ratings. A fixed
+    threshold stops the raising (its cost: fresh pages, zero-filled, for each piece).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_MMAP_THRESHOLD, OWN_PAGES_BYTES) == 1
+
+
 def main(argv=None):
     args = _arguments(argv)
+    return_freed_memory()
     columns = (args.user_col, args.item_col, args.time_col)
     split = args.test_path or args.paper
     if split:

@@ -39,6 +39,10 @@ _WHAT = {"user_id": "user id", "item_id": "item id", "timestamp": "timestamp",
 _FLAGS = {"user_id": "--user_col", "item_id": "--item_col", "timestamp": "--time_col",
           "rating": "--rating_col"}
 NO_TIME = "none"
+_IDS = ("user_id", "item_id")
+# Rows read at a time where the file takes the fast path (see _read_in_pieces): 50 MB of
+# pandas' columns for a MovieLens file.
+READ_ROWS = 1 << 21
 TIME_FORMATS = ("integer", "number", "iso8601")
 
 # name -> (reader name, separator, positions of user, item, timestamp, fields per line). `::` is
@@ -263,8 +267,16 @@ def _position(path, header, column):
 
 def _read_headerless(path, separator, positions, fields, kinds):
     options = dict(sep=separator, header=None, quoting=csv.QUOTE_NONE, **kinds.read_options)
-    frame = _read(path, options, {**_unused_as_category(fields, positions),
-                                  **kinds.text_dtypes(positions)}, fields)
+    dtype = {**_unused_as_category(fields, positions), **kinds.text_dtypes(positions)}
+
+    def well_formed(piece):
+        return len(piece.columns) == fields and not (separator == ":"
+                                                     and _stray_dat_fields(piece))
+
+    pieces = _read_in_pieces(path, options, dtype, positions, kinds, well_formed)
+    if pieces is not None:
+        return pieces
+    frame = _read(path, options, dtype, fields)
     if len(frame.columns) != fields:
         # the C parser takes the field count from the first line and refuses longer lines
         # after it, so only the first line can have the wrong count here
@@ -280,10 +292,15 @@ def _check_dat_separators(frame, path):
     7 fields is '::'-separated exactly when fields 1, 3 and 5 are empty (a shorter line lacks a
     value, refused later). Their categories are looked at first: a well-formed file has none but
     "", and then no row need be."""
-    between = frame.iloc[:, 1:6:2]
-    if any((column.cat.categories != "").any() for _, column in between.items()):
+    if _stray_dat_fields(frame):
+        between = frame.iloc[:, 1:6:2]
         filled = (between.notna() & between.ne("")).any(axis=1).to_numpy()
         raise RatingsError(f"{path}: line {int(np.flatnonzero(filled)[0]) + 1}: {_DAT_SEPARATORS}")
+
+
+def _stray_dat_fields(frame):
+    """Whether a ratings.dat frame read as ':'-separated holds a line not separated by '::'."""
+    return any((column.cat.categories != "").any() for _, column in frame.iloc[:, 1:6:2].items())
 
 
 def _read_named(path, wanted, named, reader, kinds):
@@ -329,8 +346,12 @@ def _check_named_once(path, header, column, role):
 def _read_with_header(path, header, positions, kinds):
     options = kinds.read_options
     read = [position for position in positions if position is not None]
-    frame = _read(path, options, {**_unused_as_category(len(header), read),
-                                  **kinds.text_dtypes(positions)})
+    dtype = {**_unused_as_category(len(header), read), **kinds.text_dtypes(positions)}
+    pieces = _read_in_pieces(path, options, dtype, positions, kinds,
+                             lambda piece: isinstance(piece.index, pd.RangeIndex))
+    if pieces is not None:
+        return pieces
+    frame = _read(path, options, dtype)
     if not isinstance(frame.index, pd.RangeIndex):
         # pandas turns the extra leading fields of a first line longer than the header into an
         # index, shifting every column
@@ -346,6 +367,70 @@ def _unused_as_category(fields, positions):
     line's field count; usecols turns that check off. A category costs a byte per row.
     """
     return {field: "category" for field in range(fields) if field not in positions}
+
+
+def _read_in_pieces(path, options, dtype, positions, kinds, well_formed):
+    """What _columns returns for the file, read READ_ROWS rows at a time, or None.
+
+    The columns of a whole-file read are held as int64 twice over (pandas' pieces, then their
+    concatenation) before _columns narrows them: a peak of 53 bytes a rating at ml-20m's shape,
+    24 here (where freed blocks go back to the system, as convert.py has them). Here each piece
+    is narrowed before the next is read, and the pieces are joined one column at a time. Only the
+    fast paths are taken: every id and time a plain int64 and every number a finite one, and
+    each piece well_formed (a test of the reader's own). Anything else, a read error included,
+    gives None, and the whole-file read then takes the file and says what is wrong with it, so
+    that errors and slow paths are exactly as before.
+    """
+    names = (COLUMNS + ("rating",))[:len(positions)]
+    if any(position is not None and kinds.of[column] not in ("integer", "number")
+           for column, position in zip(names, positions)):
+        return None
+    pieces = {column: [] for column in names}
+    rows = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.DtypeWarning)
+            with pd.read_csv(path, engine="c", skip_blank_lines=False, dtype=dtype,
+                             chunksize=READ_ROWS, **options) as reader:
+                for piece in reader:
+                    if not well_formed(piece):
+                        return None
+                    for column, position in zip(names, positions):
+                        values = _plain_values(piece, position, column, kinds.of[column], rows)
+                        if values is None:
+                            return None
+                        pieces[column].append(values)
+                    rows += len(piece)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError,
+            OSError):
+        return None
+    if not rows:
+        return None
+    # joined column by column, each one's pieces let go of as soon as it is whole
+    return pd.DataFrame({column: np.concatenate(pieces.pop(column)) for column in names},
+                        copy=False)
+
+
+def _plain_values(piece, position, column, kind, first_row):
+    """A piece's column as _columns would make it, where the fast path takes it; else None."""
+    if position is None:
+        return np.arange(first_row, first_row + len(piece), dtype=np.int64)
+    values = piece.iloc[:, position]
+    if kind == "integer":
+        if values.dtype != np.int64:
+            return None
+        return _narrowed(values.to_numpy()) if column in _IDS else values.to_numpy()
+    # not uint64 (beyond int64), which the whole-file read may take as text
+    if values.dtype.kind in "if" and np.isfinite(values).all():
+        return values.to_numpy(dtype=np.float64)
+    return None
+
+
+def _narrowed(values):
+    """int64 ids as int32 when they all fit: half the memory for the steps that follow."""
+    if values.min() >= np.iinfo(np.int32).min and values.max() <= np.iinfo(np.int32).max:
+        return values.astype(np.int32)
+    return values
 
 
 def _read(path, options, dtype, fields=None):
@@ -425,12 +510,10 @@ def _columns(frame, path, first_line, options, positions, kinds):
             text = _read(path, dict(options, usecols=[position], na_filter=False),
                          {position: str}).iloc[:, 0].to_numpy()
             result[column] = _PARSE[kind](text, column, path, first_line)
-    # ids fit int32 in every MovieLens release; half the memory for the steps that follow
-    for column in ("user_id", "item_id"):
-        values = result[column]
-        if (values.dtype == np.int64 and values.min() >= np.iinfo(np.int32).min
-                and values.max() <= np.iinfo(np.int32).max):
-            result[column] = values.astype(np.int32)
+    # ids fit int32 in every MovieLens release
+    for column in _IDS:
+        if result[column].dtype == np.int64:
+            result[column] = _narrowed(result[column].to_numpy())
     return result
 
 

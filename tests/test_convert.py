@@ -1,9 +1,12 @@
+import ctypes
 import errno
 import functools
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ import cli
 import convert
 import dataloading
 import fileio
+import generate
+import load
 import progress
 from conftest import REAL_DATA, ROOT
 from neumf import NeuMF
@@ -110,7 +115,8 @@ def reference(frame, min_ratings):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_a_plain_pandas_reference(seed):
     frame = random_frame(seed)
-    result = convert.convert(frame, seed=seed, valid_negative=30, min_ratings=30)
+    # convert empties the frame it is given
+    result = convert.convert(frame.copy(), seed=seed, valid_negative=30, min_ratings=30)
     train, test, kept = reference(frame, 30)
     user_ids, item_ids = result["user_ids"].numpy(), result["item_ids"].numpy()
     assert user_ids.tolist() == pd.unique(kept["user_id"]).tolist()
@@ -152,6 +158,13 @@ def test_test_positive_can_be_drawn():
                           "timestamp": [1, 2, 3, 4, 5]})
     result = convert.convert(frame, seed=1, valid_negative=20, min_ratings=1)
     assert result["test_negatives"][0].tolist() == [3] * 20
+
+
+def test_convert_lets_go_of_the_columns_it_is_given():
+    frame = random_frame(5)
+    result = convert.convert(frame, seed=1, valid_negative=5, min_ratings=1)
+    assert frame.columns.empty
+    assert result["ratings_read"] == 2000
 
 
 def test_blocks_of_draws_give_valid_negatives(monkeypatch):
@@ -700,3 +713,148 @@ def test_metadata_names_movielens_columns_for_its_headerless_files(tmp_path, cap
     run("--path", path, "--output", tmp_path / "out", "--min_ratings", 1)
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert (metadata["user_column"], metadata["item_column"]) == columns
+
+
+# Issue 26: the conversion of identity_input as the code before the memory work wrote it, per
+# set of flags: SHA-256 over each output file's name and bytes (metadata.json without its
+# source path), in name order.
+IDENTITY_INPUT = "96143afa96c9df830e3d009e19994c2fac5b7ddb89457bb6044461360c3ba866"
+BEFORE_THE_MEMORY_WORK = [
+    (["--min_ratings", "30"],
+     "4c170f2bd9201449000aa8b55a4b3270b1135c4621163f8db3ef96dc30f5d4c4"),
+    (["--validation", "--min_rating", "3", "--min_item_ratings", "40", "--seed", "7"],
+     "fcbabe5ee06c2addd5072fa5d64ba69ef89696bbf5c517844c1c6acdc2e13018"),
+    (["--string_ids", "--format", "2023", "--valid_negative", "20"],
+     "0e54b06ca62639e5b7f1c66b2a95e89e13bf5835f9d42554a53b1a97b3e15247"),
+    (["--time_format", "number"],
+     "1df68e15be8e48d3ea8ffac4f2b1cce5aa1a27979a227ab1f6cd8fe9fa1cc6fe"),
+]
+
+
+@pytest.fixture(scope="module")
+def identity_input(tmp_path_factory):
+    """13,091 generated ratings of 300 users and 200 items with what the protocol sorts out:
+    every 11th rating again a day later (a repeat), every 3rd time cut to its day (ties)."""
+    frame = generate.generate_ratings(300, 200, 40.0, seed=3)
+    repeats = frame.iloc[::11].copy()
+    repeats["timestamp"] += 86400
+    frame = pd.concat([frame, repeats], ignore_index=True)
+    frame.loc[::3, "timestamp"] = frame["timestamp"].iloc[::3] // 86400 * 86400
+    path = tmp_path_factory.mktemp("identity") / "ratings.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def outputs_digest(directory):
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        content = path.read_bytes()
+        if path.name == "metadata.json":
+            metadata = json.loads(content)
+            del metadata["source"]
+            content = json.dumps(metadata, sort_keys=True).encode()
+        digest.update(path.name.encode())
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def test_the_identity_input_is_the_one_recorded(identity_input):
+    # Otherwise generate.py (or pandas' CSV writer) changed: record BEFORE_THE_MEMORY_WORK
+    # again from a conversion known to be right.
+    assert hashlib.sha256(identity_input.read_bytes()).hexdigest() == IDENTITY_INPUT
+
+
+@pytest.mark.parametrize("flags, expected", BEFORE_THE_MEMORY_WORK,
+                         ids=["filtered users", "filters and validation", "text ids, 2023",
+                              "number times"])
+def test_outputs_are_byte_identical_to_before_the_memory_work(tmp_path, identity_input,
+                                                                monkeypatch, flags, expected):
+    # pieces far smaller than the file, so that every step goes through many of them
+    monkeypatch.setattr(convert, "PIECE_ROWS", 100)
+    monkeypatch.setattr(load, "READ_ROWS", 333)
+    assert run("--path", identity_input, "--output", tmp_path, *flags) == 0
+    assert outputs_digest(tmp_path) == expected
+
+
+def test_a_conversion_holds_about_25_bytes_a_rating(tmp_path, monkeypatch):
+    """Issue 26: numpy's peak during a conversion (tracemalloc sees numpy's and pandas' arrays,
+    not the allocator's slack) was 59 bytes a rating: the frame kept to the end, the columns
+    read as int64 twice over, keys and positions sorted side by side. Now 27.5: the training
+    tensor (16), the ratings' users and items in time order (8) and the rest."""
+    path = tmp_path / "ratings.csv"
+    generate.write_csv(generate.generate_ratings(*generate.PRESETS["small"], seed=1), path)
+    monkeypatch.setattr(convert, "PIECE_ROWS", 4096)
+    monkeypatch.setattr(load, "READ_ROWS", 4096)
+    tracemalloc.start()
+    try:
+        run("--path", path, "--output", tmp_path / "out", "--valid_negative", 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    ratings = json.loads((tmp_path / "out" / "metadata.json").read_text())["ratings_read"]
+    assert peak / ratings < 32
+
+
+@pytest.mark.parametrize("name, text, flags", [
+    ("ratings.csv", HEADER + "1,2,3,4\n1,3,3,5\n\n1,4,3,6\n", []),
+    ("ratings.csv", HEADER + "1,2,3,4\n1,3,3,5\n1.5,4,3,6\n", []),
+    ("ratings.csv", HEADER + "1,2,3,4\n1,3,3,5\n1,4,3,6,7\n", []),
+    ("ratings.csv", HEADER + "1,2,3,4\n1,3,3,5\n1,4,x,6\n", ["--min_rating", "3"]),
+    ("ratings.dat", "1::2::3::4\n1::3::3::5\n1:4::3::6\n", []),
+    ("u.data", "1\t2\t3\t4\n1\t3\t3\t5\n1\t4\t3\n", []),
+], ids=["blank line", "float id", "extra field", "bad rating", "dat separator",
+        "missing field"])
+def test_a_bad_line_in_a_later_piece_is_refused_as_in_one_piece(tmp_path, capsys, monkeypatch,
+                                                                name, text, flags):
+    path = tmp_path / name
+    path.write_text(text)
+    argv = ["--path", path, "--output", tmp_path / "out", "--min_ratings", 1, *flags]
+    whole = failure(capsys, *argv)
+    assert "line 3" in whole or "line 4" in whole
+    monkeypatch.setattr(load, "READ_ROWS", 1)
+    assert failure(capsys, *argv) == whole
+
+
+@pytest.mark.parametrize("values", [
+    np.array([7, 3, 7, 9, 3, 3, 12, 9, 7, 5, 12, 3], dtype=np.int32),  # the table
+    np.array([2**40, 3, 2**40, -2**40, 3, 8, 8, 2**40], dtype=np.int64),  # too wide for it
+    np.array(["b", "a", "b", "c", "a", "d"], dtype=object),  # text
+])
+def test_first_appearance_ids_across_pieces(monkeypatch, values):
+    monkeypatch.setattr(convert, "PIECE_ROWS", 5)
+    codes, uniques = convert._first_appearance_ids(values)
+    expected_codes, expected_uniques = pd.factorize(values)
+    assert codes.tolist() == expected_codes.tolist()
+    assert uniques.tolist() == expected_uniques.tolist()
+
+
+@pytest.mark.parametrize("nb_items", [50, 2**55], ids=["one sort", "merge sort"])
+def test_distinct_pairs_keep_the_earliest_of_each(monkeypatch, nb_items):
+    # 4 users x 2^55 items x 5000 rows overflows the key * rows + row of the one sort
+    rng = np.random.default_rng(0)
+    user = rng.integers(0, 4, 5000).astype(np.int32)
+    item = rng.integers(0, 50, 5000).astype(np.int32)
+    monkeypatch.setattr(convert, "PIECE_ROWS", 333)
+    is_train = np.ones(len(user), dtype=bool)
+    pairs, kept_rows = convert._distinct_pairs(user, item, 4, nb_items, is_train)
+    keys, earliest = np.unique(user.astype(np.int64) * nb_items + item, return_index=True)
+    assert pairs.tolist() == keys.tolist()
+    assert kept_rows.tolist() == earliest.tolist()
+    assert np.flatnonzero(is_train).tolist() == sorted(earliest.tolist())
+
+
+def test_freed_memory_is_handed_back_where_glibc_allows(monkeypatch):
+    assert convert.return_freed_memory() is bool(glibc())
+
+    class NoMallopt:
+        pass
+
+    monkeypatch.setattr(convert.ctypes, "CDLL", lambda name: NoMallopt())
+    assert convert.return_freed_memory() is False
+
+
+def glibc():
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
