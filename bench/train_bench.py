@@ -17,6 +17,8 @@ Each variant also times, in its own process, the matrix products a training samp
 Linear's forward, input-gradient and weight-gradient products, in its precision): the samples/s
 the machine would reach if training did nothing else, and the share of it training reaches.
 ours-bf16 is what --opt_level O2 trains in on a CPU with bf16 units; it is skipped elsewhere.
+ours-compiled and ours-bf16-compiled (asked for with --variants) train with --compile; their
+first step includes the compilation.
 """
 import argparse
 import json
@@ -43,7 +45,10 @@ from neumf import NeuMF  # noqa: E402
 
 MF_DIM, LAYERS = 64, [256, 256, 128, 64]
 # The autocast dtype each variant trains in; None is float32.
-VARIANT_DTYPES = {"baseline": None, "ours": None, "ours-bf16": torch.bfloat16}
+VARIANT_DTYPES = {"baseline": None, "ours": None, "ours-bf16": torch.bfloat16,
+                  "ours-compiled": None, "ours-bf16-compiled": torch.bfloat16}
+# Run unless --variants names others: compiling takes a minute of a default run's few.
+DEFAULT_VARIANTS = ["baseline", "ours", "ours-bf16"]
 
 
 def make_data(nb_users, nb_items, nb_positives, seed=0):
@@ -102,7 +107,9 @@ def run_baseline(train, test, negatives, nb_users, nb_items, args):
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
+    start = time.perf_counter()
     step(0)
+    first_step_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for index in range(1, args.steps + 1):
         step(index)
@@ -121,13 +128,14 @@ def run_baseline(train, test, negatives, nb_users, nb_items, args):
         scores[duplicate_mask] = -1
         torch.topk(scores, 10)
     eval_rate = test_items.numel() / (time.perf_counter() - start)
-    return train_rate, eval_rate
+    return train_rate, eval_rate, first_step_seconds
 
 
 def run_ours(pairs, test, negatives, nb_users, nb_items, args):
     cli.reuse_freed_memory()  # as ncf.py does; the baseline keeps the C library's default
     ctx = train.Context(torch.device("cpu"), 0, 1, False, VARIANT_DTYPES[args.child])
-    run_args = train.Recipe(batch_size=args.batch_size, valid_batch_size=args.valid_batch_size)
+    run_args = train.Recipe(batch_size=args.batch_size, valid_batch_size=args.valid_batch_size,
+                            compile=args.child.endswith("-compiled"))
     model, ddp_model = train.build_model(run_args, nb_users, nb_items, ctx)
     optimizer = train.build_optimizer(run_args, model)
     scaler = train.grad_scaler(ctx)
@@ -136,8 +144,11 @@ def run_ours(pairs, test, negatives, nb_users, nb_items, args):
     # epoch's data pipeline is paid for in proportion, as in a full epoch.
     samples = args.batch_size * (args.steps + 1)
     prefix = -(-samples // 5)
+    start = time.perf_counter()
     train.train_epoch(ddp_model, optimizer, scaler, train_users[:args.batch_size // 5 + 1],
                       train_items[:args.batch_size // 5 + 1], nb_items, 0, run_args, ctx)
+    # One step, and with --compile the compilation: what a compiled run pays once.
+    first_step_seconds = time.perf_counter() - start
     start = time.perf_counter()
     train.train_epoch(ddp_model, optimizer, scaler, train_users[:prefix], train_items[:prefix],
                       nb_items, 1, run_args, ctx)
@@ -146,7 +157,7 @@ def run_ours(pairs, test, negatives, nb_users, nb_items, args):
     start = time.perf_counter()
     evaluation.val_epoch(model, test_users.int(), test_items.int(), duplicate_mask, run_args, ctx)
     eval_rate = test_items.numel() / (time.perf_counter() - start)
-    return train_rate, eval_rate
+    return train_rate, eval_rate, first_step_seconds
 
 
 def linear_shapes(mf_dim=MF_DIM, layers=LAYERS):
@@ -200,12 +211,14 @@ def peak_rss_gb():
 def child(args):
     train, test, negatives = make_data(args.users, args.items, args.positives)
     runner = run_baseline if args.child == "baseline" else run_ours
-    train_rate, eval_rate = runner(train, test, negatives, args.users, args.items, args)
+    train_rate, eval_rate, first_step_seconds = runner(train, test, negatives, args.users,
+                                                       args.items, args)
     peak_gb = peak_rss_gb()
     dtype = VARIANT_DTYPES[args.child] or torch.float32
     shapes = linear_shapes()
     seconds = matmul_seconds_per_sample(dtype, min(args.batch_size, dataloading.CPU_CHUNK), shapes)
-    print(json.dumps({"variant": args.child, "train_samples_per_s": train_rate,
+    print(json.dumps({"variant": args.child, "first_step_seconds": first_step_seconds,
+                      "train_samples_per_s": train_rate,
                       "eval_samples_per_s": eval_rate, "peak_rss_gb": peak_gb,
                       "precision": str(dtype).removeprefix("torch."),
                       "matmul_gflops": matmul_flops_per_sample(shapes) / seconds / 1e9,
@@ -222,8 +235,9 @@ def parse_args(argv=None):
     parser.add_argument("--valid_batch_size", type=int, default=2 ** 20)
     parser.add_argument("--steps", type=int, default=2, help="timed optimiser steps")
     parser.add_argument("--quick", action="store_true", help="a small shape for smoke tests")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANT_DTYPES),
-                        choices=list(VARIANT_DTYPES))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        choices=list(VARIANT_DTYPES),
+                        help="*-compiled: train.py with --compile (the first step compiles)")
     parser.add_argument("--child", choices=list(VARIANT_DTYPES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -245,10 +259,12 @@ def main(argv=None):
     if args.child:
         return child(args)
     variants = args.variants
-    if "ours-bf16" in variants and not train.cpu_has_native_bf16():
-        print("ours-bf16 skipped: this CPU has no bf16 units (AMX or AVX512_BF16), so "
-              "--opt_level O2 trains in float32 here")
-        variants = [variant for variant in variants if variant != "ours-bf16"]
+    if not train.cpu_has_native_bf16():
+        skipped = [variant for variant in variants if VARIANT_DTYPES[variant] == torch.bfloat16]
+        if skipped:
+            print(f"{', '.join(skipped)} skipped: this CPU has no bf16 units (AMX or "
+                  f"AVX512_BF16), so --opt_level O2 trains in float32 here")
+        variants = [variant for variant in variants if variant not in skipped]
     results = []
     for variant in variants:
         command = [sys.executable, os.path.abspath(__file__), "--child", variant,
@@ -262,16 +278,18 @@ def main(argv=None):
           f"threads; {inference.cpu_model()}")
     print(f"matrix products per training sample: "
           f"{matmul_flops_per_sample(linear_shapes()) / 1e6:.3f} MFLOP")
-    print("| variant | train samples/s | eval samples/s | peak RSS GB | matrix-product limit "
-          "samples/s | share of the limit |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | first step s | train samples/s | eval samples/s | peak RSS GB | "
+          "matrix-product limit samples/s | share of the limit |")
+    print("|---|---|---|---|---|---|---|")
     for result in results:
-        print(f"| {result['variant']} | {result['train_samples_per_s']:,.0f} | "
+        print(f"| {result['variant']} | {result['first_step_seconds']:.1f} | "
+              f"{result['train_samples_per_s']:,.0f} | "
               f"{result['eval_samples_per_s']:,.0f} | {result['peak_rss_gb']:.2f} | "
               f"{result['matmul_limit_samples_per_s']:,.0f} ({result['precision']}, "
               f"{result['matmul_gflops']:,.0f} GFLOP/s) | {result['matmul_limit_share']:.0%} |")
     by_variant = {result["variant"]: result for result in results}
-    for new, old in (("ours", "baseline"), ("ours-bf16", "ours")):
+    for new, old in (("ours", "baseline"), ("ours-bf16", "ours"), ("ours-compiled", "ours"),
+                     ("ours-bf16-compiled", "ours-bf16")):
         if new in by_variant and old in by_variant:
             training, evaluating, memory = (
                 by_variant[new][key] / by_variant[old][key]
