@@ -11,6 +11,7 @@ import cli
 import dataloading
 import evaluation
 import ncf
+import progress
 import train
 from logger import log_records, read_log
 
@@ -79,6 +80,18 @@ def test_training_learns_and_model_pth_reproduces_best_hr(clustered_data, tmp_pa
     assert nvidia_training_data(tmp_path / "log.json")["batch_size"] == 2048
     with open(tmp_path / "log.json") as log_file:
         assert all(line.startswith("DLLL {") for line in log_file)
+
+
+def test_an_epoch_reports_its_steps_where_output_is_a_log(clustered_data, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)  # a line at every step
+    ncf.main(train_args(clustered_data, tmp_path, "-e", "1", "-b", "8192"))
+    steps = 5 * len(torch.load(os.path.join(clustered_data, "train_ratings.pt"),
+                               weights_only=True)) // 8192
+    lines = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("epoch 0: ")]
+    assert lines == [f"epoch 0: {step}/{steps} steps ({step / steps:.0%})"
+                     for step in range(1, steps + 1)]
 
 
 def test_threshold_stops_early(clustered_data, tmp_path, capsys):
