@@ -33,7 +33,8 @@ import torch
 import cli
 from convert import (feature_spec, mapping_files, one_line_errors, output_directory,
                      replace_outputs, stage_file, yaml_text)
-from dataloading import SERIES_LENGTH, YamlError, channel_features, parse_yaml
+from dataloading import SERIES_LENGTH, channel_features
+from feature_spec import YamlError, parse_yaml
 from progress import Progress
 
 PROG = "transcode.py"

@@ -12,11 +12,11 @@ import torch.serialization
 
 import cli
 import convert
-import dataloading
 import ncf
 import transcode
 from conftest import write_clustered_dataset
-from dataloading import DataError, YamlError, open_dataset, parse_yaml
+from dataloading import DataError, open_dataset
+from feature_spec import YamlError, parse_yaml
 
 # The feature spec as the 2023 original's convert.py writes it: yaml.dump of its dict (PyYAML
 # 5.1 and later: block style, keys sorted, a list at its key's indentation).
