@@ -290,14 +290,25 @@ def _csv_chunk(frame):
     return text[keep].tobytes()
 
 
-def write_csv(frame, path, chunk_rows=1 << 20):
-    """Write ml-20m-style CSV under a temporary name beside `path`, then rename into place."""
+def write_csv(frame, path, chunk_rows=1 << 20, copies=1):
+    """Write ml-20m-style CSV under a temporary name beside `path`, then rename into place.
+
+    copies: the frame's rows that many times over, one copy after the other, each copy's
+    userIds past the previous copy's (copy k adds k x the frame's highest userId): the same
+    shape with that many times the users and ratings, for measuring sizes beyond ml-20m
+    without that much memory here.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    users = int(frame["userId"].max())
     with atomic_output(path) as temporary, open(temporary, "wb") as out:
         out.write(",".join(frame.columns).encode() + b"\n")
-        for begin in range(0, len(frame), chunk_rows):
-            out.write(_csv_chunk(frame.iloc[begin : begin + chunk_rows]))
+        for copy in range(copies):
+            for begin in range(0, len(frame), chunk_rows):
+                chunk = frame.iloc[begin : begin + chunk_rows]
+                if copy:
+                    chunk = chunk.assign(userId=chunk["userId"] + copy * users)
+                out.write(_csv_chunk(chunk))
 
 
 def memory_needed(n_users, n_items, mean_ratings):
