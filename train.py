@@ -145,8 +145,11 @@ def build_model(args, nb_users, nb_items, ctx):
     model = model.to(ctx.device)
     loss = TrainingLoss(model)
     if ctx.world_size > 1:
+        # Gradients as views of DDP's all-reduce buckets: one gradient copy per process, not
+        # two (0.55 GB a process at five times ml-20m's users).
         loss = torch.nn.parallel.DistributedDataParallel(
-            loss, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            loss, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     if args.compile:
         check_compiler(ctx)
         loss = torch.compile(loss)
