@@ -62,7 +62,6 @@ import ctypes
 import json
 import math
 import os
-import re
 import sys
 
 import numpy as np
@@ -71,8 +70,9 @@ import torch
 
 import cli
 from checkpoint import save_into
-from dataloading import (CHANNELS, CONVERTING, FEATURE_SPEC, METADATA, SERIES_LENGTH, parse_yaml,
+from dataloading import (CHANNELS, CONVERTING, FEATURE_SPEC, METADATA, SERIES_LENGTH,
                          tensors_fingerprint)
+from feature_spec import yaml_text
 from fileio import fsync_path, make_writable_dir, removed_if_failed, staged_output
 from load import (NO_TIME, TIME_FORMATS, RatingsError, first_line, id_columns, load_negatives,
                   load_paper_ratings, load_ratings)
@@ -754,52 +754,6 @@ def feature_spec(names, cardinalities, metadata, mappings, channel_spec=None):
                         for mapping in mappings},
         "channel_spec": channel_spec or dict(zip(CHANNELS, ([user], [item], [label]))),
     }
-
-
-def yaml_text(value):
-    """Block-style YAML of nested dicts, lists and scalars, which PyYAML (the 2023 original's
-    reader) and dataloading.parse_yaml read alike."""
-    return "".join(line + "\n" for line in _yaml_lines(value, 0))
-
-
-def _yaml_lines(value, indent):
-    pad = " " * indent
-    for key, item in value.items() if isinstance(value, dict) else ((None, item)
-                                                                     for item in value):
-        head = f"{pad}- " if key is None else f"{pad}{_yaml_scalar(key)}:"
-        if isinstance(item, (dict, list)) and item:
-            lines = list(_yaml_lines(item, indent + 2))
-            if key is None:
-                # a list's item begins on its dash line
-                yield head + lines[0][indent + 2:]
-                yield from lines[1:]
-            else:
-                yield head
-                yield from lines
-        else:
-            yield f"{head}{'' if key is None else ' '}{_yaml_scalar(item)}"
-
-
-_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
-
-
-def _yaml_scalar(value):
-    if isinstance(value, (dict, list)):
-        return "{}" if isinstance(value, dict) else "[]"
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
-        # YAML 1.1 (PyYAML) takes 1e+20 for text: its floats have a point
-        return re.sub(r"^([-0-9]+)(e|$)", r"\1.0\2", repr(value))
-    text = str(value)
-    # plain only where it reads back as the same text, not as yes (true) or null
-    if _PLAIN.fullmatch(text) and parse_yaml(text) == text:
-        return text
-    return json.dumps(text)
 
 
 def replace_outputs(directory, staged):

@@ -2,9 +2,11 @@
 
 PyYAML, which the 2023 original reads and writes it with, is no dependency here: parse_yaml
 reads the subset of YAML that NVIDIA's tools write and its templates hold, and refuses anything
-else naming its line. dataloading.py reads the layout it describes; convert.py writes it.
+else naming its line; yaml_text writes it. dataloading.py reads the layout it describes;
+convert.py writes it.
 """
 import json
+import math
 import re
 
 import cli
@@ -230,3 +232,49 @@ def _yaml_scalar(text, number):
     if _YAML_FLOAT.fullmatch(text) and text.strip("+-") != ".":
         return float(digits)
     return text
+
+
+def yaml_text(value):
+    """Block-style YAML of nested dicts, lists and scalars, which PyYAML (the 2023 original's
+    reader) and parse_yaml read alike."""
+    return "".join(line + "\n" for line in _yaml_lines(value, 0))
+
+
+def _yaml_lines(value, indent):
+    pad = " " * indent
+    for key, item in value.items() if isinstance(value, dict) else ((None, item)
+                                                                     for item in value):
+        head = f"{pad}- " if key is None else f"{pad}{_scalar_text(key)}:"
+        if isinstance(item, (dict, list)) and item:
+            lines = list(_yaml_lines(item, indent + 2))
+            if key is None:
+                # a list's item begins on its dash line
+                yield head + lines[0][indent + 2:]
+                yield from lines[1:]
+            else:
+                yield head
+                yield from lines
+        else:
+            yield f"{head}{'' if key is None else ' '}{_scalar_text(item)}"
+
+
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+
+
+def _scalar_text(value):
+    if isinstance(value, (dict, list)):
+        return "{}" if isinstance(value, dict) else "[]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
+        # YAML 1.1 (PyYAML) takes 1e+20 for text: its floats have a point
+        return re.sub(r"^([-0-9]+)(e|$)", r"\1.0\2", repr(value))
+    text = str(value)
+    # plain only where it reads back as the same text, not as yes (true) or null
+    if _PLAIN.fullmatch(text) and parse_yaml(text) == text:
+        return text
+    return json.dumps(text)

@@ -32,9 +32,9 @@ import torch
 
 import cli
 from convert import (feature_spec, mapping_files, one_line_errors, output_directory,
-                     replace_outputs, stage_file, yaml_text)
+                     replace_outputs, stage_file)
 from dataloading import SERIES_LENGTH, channel_features
-from feature_spec import YamlError, parse_yaml
+from feature_spec import YamlError, parse_yaml, yaml_text
 from progress import Progress
 
 PROG = "transcode.py"

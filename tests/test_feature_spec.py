@@ -16,7 +16,7 @@ import ncf
 import transcode
 from conftest import write_clustered_dataset
 from dataloading import DataError, open_dataset
-from feature_spec import YamlError, parse_yaml
+from feature_spec import YamlError, parse_yaml, yaml_text
 
 # The feature spec as the 2023 original's convert.py writes it: yaml.dump of its dict (PyYAML
 # 5.1 and later: block style, keys sorted, a list at its key's indentation).
@@ -444,7 +444,7 @@ def test_the_yaml_written_reads_back_the_same():
              "numbers": [0, -3, 2 ** 40, 1.5, 1e20, -2.0, math.inf, -math.inf],
              "empty": {}, "none": [], "nothing": None, "flags": [True, False],
              "nested": [{"a": [1, {"b": [[2, 3], []]}]}, [[4]]]}
-    text = convert.yaml_text(value)
+    text = yaml_text(value)
     assert parse_yaml(text) == value
     try:
         import yaml
