@@ -105,8 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--amp", action="store_true", help="mixed precision (same as O2)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model and its loss for training (fuses their "
-                             "elementwise passes, for GPUs: slower than eager on CPUs measured; "
-                             "the first epoch compiles; a CPU needs a C++ compiler)")
+                             "elementwise passes; meant for GPUs: slower than eager on the CPUs "
+                             "measured; the first epoch compiles; a CPU needs a C++ compiler)")
     parser.add_argument("--no_tf32", action="store_true",
                         help="float32 matrix products in IEEE float32 on an Ampere or newer GPU, "
                              "where O0 otherwise runs them in TF32 as the original's figures")

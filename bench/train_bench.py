@@ -47,7 +47,7 @@ MF_DIM, LAYERS = 64, [256, 256, 128, 64]
 # The autocast dtype each variant trains in; None is float32.
 VARIANT_DTYPES = {"baseline": None, "ours": None, "ours-bf16": torch.bfloat16,
                   "ours-compiled": None, "ours-bf16-compiled": torch.bfloat16}
-# Run unless --variants names others: compiling takes a minute of a default run's few.
+# Run unless --variants names others: compiling adds 10-25 s to a default run's few minutes.
 DEFAULT_VARIANTS = ["baseline", "ours", "ours-bf16"]
 
 
