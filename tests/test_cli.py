@@ -88,6 +88,13 @@ def test_a_list_default_is_a_new_list_each_parse():
     assert parser.parse_args([]).layers == [1, 2]
 
 
+def interruptible():
+    """SIGINT as a terminal's Ctrl-C delivers it. A suite started in the background (`make
+    test &`) hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler, rightly: the child would train on, as `nohup` asks."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status, line", [
     (signal.SIGINT, 130, "ncf.py: interrupted (Ctrl-C)"),
@@ -98,7 +105,8 @@ def test_stopping_training_is_one_line(clustered_data, tmp_path, signum, status,
         [sys.executable, "ncf.py", "--data", clustered_data, "-b", "4096", "-e", "1000",
          "--threshold", "1.1", "--checkpoint_dir", str(tmp_path / "ck"), "--log_path",
          str(tmp_path / "log.json")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=interruptible)
     seen = []
     try:
         for output in process.stdout:
