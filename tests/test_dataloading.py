@@ -30,6 +30,23 @@ def test_test_data_marks_repeats_after_the_first():
     assert mask.tolist() == [[False, False, True, False, True], [False] * 5]
 
 
+@pytest.mark.parametrize("rows_a_block", [1, 3, 7, 2 ** 16])
+def test_test_data_in_blocks_marks_each_rows_first_occurrences(monkeypatch, rows_a_block):
+    monkeypatch.setattr(dataloading, "CANDIDATE_ROWS", rows_a_block)
+    generator = torch.Generator().manual_seed(2)
+    test_ratings = torch.stack((torch.arange(20), torch.randint(0, 6, (20,),
+                                                                generator=generator)), 1)
+    negatives = torch.randint(0, 6, (20, 9), generator=generator)
+    users, items, mask = create_test_data(test_ratings, negatives, torch.int32)
+    assert items.dtype == torch.int32 and users.tolist() == list(range(20))
+    for row, negative_row, positive in zip(range(20), negatives.tolist(),
+                                           test_ratings[:, 1].tolist()):
+        assert items[row].tolist() == negative_row + [positive]
+        row_items = negative_row + [positive]
+        assert mask[row].tolist() == [item in row_items[:column]
+                                      for column, item in enumerate(row_items)]
+
+
 def test_positive_drawn_as_negative_is_ranked_once():
     test_ratings = torch.tensor([[0, 5]])
     negatives = torch.tensor([[3, 5, 3, 7]])
