@@ -695,6 +695,12 @@ def write_outputs(directory, tensors, metadata, layout="2019", progress=False):
           + VALIDATION_TENSORS if name in tensors))
     files.append((METADATA, json.dumps({**metadata, "fingerprint": fingerprint},
                                        indent=1).encode() + b"\n"))
+    write_files(directory, files, progress)
+
+
+def write_files(directory, files, progress=True):
+    """Each (name, content) of `files` staged in full under a temporary name, then all
+    renamed into place (replace_outputs); an error before then removes the temporaries."""
     staged = {}
     try:
         with Progress(len(files), "write", "file", enabled=progress) as bar:
@@ -717,18 +723,17 @@ def layout_2023(tensors):
     train = tensors["train_ratings"]
     files = [(MAPPING_FILES["train"][0], train),
              (MAPPING_FILES["train"][1], torch.ones(len(train), 1))]
-    for mapping in ("test", "validation"):
-        if f"{mapping}_ratings" not in tensors:
-            continue
+    mappings = ["train"] + [mapping for mapping in ("test", "validation")
+                            if f"{mapping}_ratings" in tensors]
+    length = tensors["test_negatives"].shape[1] + 1
+    for mapping in mappings[1:]:
         pairs, negatives = tensors[f"{mapping}_ratings"], tensors[f"{mapping}_negatives"]
-        length = negatives.shape[1] + 1
         items = torch.cat((pairs[:, 1:], negatives), dim=1).reshape(-1)
         labels = torch.zeros(len(pairs), length)
         labels[:, 0] = 1
         files += [(MAPPING_FILES[mapping][0],
                    torch.stack((pairs[:, 0].repeat_interleave(length), items), dim=1)),
                   (MAPPING_FILES[mapping][1], labels.reshape(-1, 1))]
-    mappings = [mapping for mapping in MAPPING_FILES if mapping_files(mapping)[0] in dict(files)]
     spec = feature_spec(("user", "item", "label"), (tensors["users"], tensors["items"]),
                         {SERIES_LENGTH: length}, mappings)
     return files + [(FEATURE_SPEC, yaml_text(spec).encode())]

@@ -32,7 +32,7 @@ import torch
 
 import cli
 from convert import (feature_spec, mapping_files, one_line_errors, output_directory,
-                     replace_outputs, stage_file)
+                     write_files)
 from dataloading import SERIES_LENGTH, channel_features
 from feature_spec import YamlError, parse_yaml, yaml_text
 from progress import Progress
@@ -303,30 +303,16 @@ def transcode(args):
             users, items, labels = series_positive_first(spec_path, user, item, label, length)
         else:
             users, items, labels = user.values, item.values, label.values
-        ids = torch.from_numpy(np.stack((users, items), axis=1).astype(np.int64))
-        tensors[mapping] = (ids, torch.from_numpy(labels.astype(np.float32)).reshape(-1, 1))
+        ids = torch.from_numpy(np.stack((users, items), axis=1).astype(np.int64, copy=False))
+        tensors[mapping] = (ids, torch.from_numpy(labels.astype(np.float32, copy=False))
+                            .reshape(-1, 1))
     new_spec = feature_spec(names, counts, spec["metadata"], list(tensors), spec["channel_spec"])
     files = [(name, tensor) for mapping, pair in tensors.items()
              for name, tensor in zip(mapping_files(mapping), pair)]
     files.append((args.feature_spec_out, yaml_text(new_spec).encode()))
-    write(args.output, files)
+    write_files(args.output, files)
     return {"users": counts[0], "items": counts[1], "left_out": left_out,
             **{mapping: len(pair[0]) for mapping, pair in tensors.items()}}
-
-
-def write(directory, files):
-    """Every file staged in full, then all renamed into place (convert.py's way)."""
-    staged = {}
-    try:
-        with Progress(len(files), "write", "file") as bar:
-            for name, content in files:
-                staged[name] = stage_file(directory, name, content)
-                bar.update()
-    except BaseException:
-        for temporary in staged.values():
-            os.remove(temporary)
-        raise
-    replace_outputs(directory, staged)
 
 
 def main(argv=None):
