@@ -447,11 +447,9 @@ def load_chunk(file, features):
 def check_labels(file, labels):
     if bool(((labels == 0) | (labels == 1)).all()):
         return
-    bad = torch.nonzero((labels != 0) & (labels != 1))
-    if len(bad):
-        row = int(bad[0])
-        raise DataError(f"{file}: row {row}: label {labels[row].item()}; a label is 1 (a "
-                        f"positive) or 0 (a negative)")
+    row = int(torch.nonzero((labels != 0) & (labels != 1))[0])
+    raise DataError(f"{file}: row {row}: label {labels[row].item()}; a label is 1 (a "
+                    f"positive) or 0 (a negative)")
 
 
 def training_pairs(mapping):
