@@ -46,6 +46,7 @@ STARTED = time.monotonic()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 try:
     import torch
@@ -62,8 +63,9 @@ import evaluation  # noqa: E402
 import scoring  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model, model_state  # noqa: E402
+from child_process import failure_reason  # noqa: E402
 from fileio import atomic_output, make_writable_dir  # noqa: E402
-from inference import benchmark, device_name, synchronize  # noqa: E402
+from inference import AUTOCAST_DTYPES, benchmark, device_name, synchronize  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 
@@ -467,13 +469,9 @@ class Launched:
             return {}
 
     def failure(self):
-        """Why it failed: its last stderr line (its own one-line error, or a traceback's last
-        line), else how it ended."""
-        lines = self.stderr().strip().splitlines()
-        if lines:
-            return lines[-1]
-        code = self.process.returncode
-        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        return failure_reason(subprocess.CompletedProcess(self.process.args,
+                                                          self.process.returncode,
+                                                          stderr=self.stderr()))
 
 
 class Tools:
@@ -623,11 +621,6 @@ def set_precision(mode):
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def mixed_dtype(device):
-    """The autocast dtype ncf.py's O2 trains in: float16 on a GPU; on a CPU, bfloat16."""
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
 def recipe(shape, batch_size=None):
     return train.Recipe(batch_size=batch_size or shape.batch_size, seed=SEED,
                         factors=shape.factors, layers=list(shape.layers))
@@ -691,14 +684,14 @@ def write_dataset(directory, train_pairs, test, negatives):
     + 1) and metadata.json (counts and fingerprint: no reader hashes 430 MB again)."""
     # Imported here: convert imports pandas, half a second of every tool process's start, and
     # those processes import this module.
-    from convert import write_outputs
+    from convert import FORMAT_VERSION, write_outputs
     tensors = {"train_ratings": train_pairs.cpu(), "test_ratings": test.cpu(),
                "test_negatives": negatives.cpu()}
     nb_users = int(test[:, 0].max()) + 1
     nb_items = max(int(train_pairs[:, 1].max()), int(test[:, 1].max()),
                    int(negatives.max())) + 1
     tensors.update(user_ids=torch.arange(1, nb_users + 1), item_ids=torch.arange(1, nb_items + 1))
-    metadata = {"format_version": 1, "source": "scripts/gpu_check.py (generated)",
+    metadata = {"format_version": FORMAT_VERSION, "source": "scripts/gpu_check.py (generated)",
                 "seed": SEED, "valid_negative": TEST_NEGATIVES, "users": nb_users,
                 "items": nb_items, "train": len(train_pairs), "test": len(test)}
     os.makedirs(directory, exist_ok=True)
@@ -1178,15 +1171,14 @@ class Acceptance:
         splits = dataloading.load_splits(self.data, self.device)
         model = load_model(self.model_path(), self.device).eval()
         args = recipe(self.shape)
-        mixed = mixed_dtype(self.device)
-        plain = train.Context(self.device, 0, 1, False)
-        autocast = train.Context(self.device, 0, 1, False, autocast_dtype=mixed)
+        mixed = AUTOCAST_DTYPES[self.device.type]
+        ctx = train.Context(self.device, 0, 1, False)
         test = splits.test
         float32_ranks, _ = evaluation.sampled_ranks(model, test.users, test.items,
-                                                    test.duplicate_mask, args, plain)
+                                                    test.duplicate_mask, args, ctx)
         with torch.autocast(self.device.type, dtype=mixed):
             mixed_ranks, _ = evaluation.sampled_ranks(model, test.users, test.items,
-                                                      test.duplicate_mask, args, autocast)
+                                                      test.duplicate_mask, args, ctx)
         # What ranking the low-precision logits themselves would give, for scale.
         low_ranks = torch.empty_like(float32_ranks)
         rows = max(1, args.valid_batch_size // test.items.shape[1])
@@ -1259,12 +1251,12 @@ class Acceptance:
         parts = []
         for mode, precision in (("tf32", "fp32"), ("amp", "amp")):
             set_precision(mode)
+            result = benchmark(model, shape.batch_size, INFERENCE_BATCHES, precision,
+                               self.device)
             if mode == "tf32":
                 name = "tf32" if scoring.tf32_active(self.device) else "fp32"
             else:
-                name = str(mixed_dtype(self.device)).removeprefix("torch.") + " autocast"
-            result = benchmark(model, shape.batch_size, INFERENCE_BATCHES, precision,
-                               self.device)
+                name = f"{result['dtype']} autocast"
             self.inference[mode] = result["throughput"]
             parts.append(f"{name} {rate(result['throughput'])} samples/s (p99 "
                          f"{result['latency_p99_ms']:.2f} ms)")
