@@ -101,10 +101,16 @@ def physical_memory():
 
 def available_memory():
     """Bytes the system can still give this process (Linux's MemAvailable); None elsewhere."""
+    return proc_field_bytes("/proc/meminfo", "MemAvailable")
+
+
+def proc_field_bytes(path, key):
+    """The `key:` line of a Linux /proc file given in kB (/proc/meminfo, /proc/PID/status), in
+    bytes; None where the file cannot be read (another system, a process gone) or lacks it."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -117,13 +123,27 @@ def is_cpu_out_of_memory(error):
     return "can't allocate memory" in str(error)
 
 
-# mallopt's parameter numbers (glibc's malloc.h): the most blocks served by mmap, and the free
+# mallopt's parameter numbers (glibc's malloc.h): the most blocks served by mmap, the size from
+# which a block gets pages of its own (handed back to the system when it is freed), and the free
 # memory at the top of the heap above which free() returns it to the system.
 _M_MMAP_MAX = -4
+_M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
 # Free memory the heap keeps at its top: more than a CPU training piece's activations (about
 # 0.4 GB), so the next piece finds them; beyond it, memory goes back to the system.
 KEPT_FREE_BYTES = 2 ** 30
+# The size from which return_freed_memory gives blocks pages of their own.
+OWN_PAGES_BYTES = 2 ** 20
+
+
+def _mallopt(*settings):
+    """glibc's mallopt(parameter, value) for each pair in turn; True where each took, False
+    where there is no mallopt (another C library), which changes nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
 def reuse_freed_memory():
@@ -139,11 +159,20 @@ def reuse_freed_memory():
     KiB) on its own, and a block freed at the top would go back to the kernel each time (the
     float32 scorer lost a third of its speed to that).
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
+    return _mallopt((_M_TRIM_THRESHOLD, KEPT_FREE_BYTES), (_M_MMAP_MAX, 0))
+
+
+def return_freed_memory():
+    """Have the C allocator hand every block of OWN_PAGES_BYTES or more back to the system when
+    it is freed, convert.py's choice; True where it could (glibc), False elsewhere.
+
+    glibc raises that threshold on its own to the size of each such block freed, up to 32 MB,
+    and serves smaller blocks from its heap after that. Reading and the steps that go a piece
+    at a time keep some pieces and free others; kept ones interleaved with freed ones pin the
+    heap, which cannot shrink past them: 0.6 GB more at the peak of 100 M ratings. A fixed
+    threshold stops the raising (its cost: fresh pages, zero-filled, for each piece).
+    """
+    return _mallopt((_M_MMAP_THRESHOLD, OWN_PAGES_BYTES))
 
 
 def world_size():

@@ -58,7 +58,6 @@ Every file is written in full before any is renamed, so a conversion that fails 
 (a full disk) leaves the earlier one in DIR as it was.
 """
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -815,32 +814,9 @@ def one_line_errors(source, output, memory_hint=""):
                             f"a machine with more{memory_hint}") from None
 
 
-# mallopt's parameter number (glibc's malloc.h) for the size from which a block gets pages of
-# its own, handed back to the system when it is freed; and the size set here.
-_M_MMAP_THRESHOLD = -3
-OWN_PAGES_BYTES = 2**20
-
-
-def return_freed_memory():
-    """Have the C allocator hand every block of OWN_PAGES_BYTES or more back to the system when
-    it is freed; True where it could (glibc), False elsewhere, which changes nothing else.
-
-    glibc raises that threshold on its own to the size of each such block freed, up to 32 MB,
-    and serves smaller blocks from its heap after that. Reading and the steps that go a piece
-    at a time keep some pieces and free others; kept ones interleaved with freed ones pin the
-    heap, which cannot shrink past them: 0.6 GB more at the peak of 100 M ratings. A fixed
-    threshold stops the raising (its cost: fresh pages, zero-filled, for each piece).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return mallopt(_M_MMAP_THRESHOLD, OWN_PAGES_BYTES) == 1
-
-
 def main(argv=None):
     args = _arguments(argv)
-    return_freed_memory()
+    cli.return_freed_memory()
     columns = (args.user_col, args.item_col, args.time_col)
     split = args.test_path or args.paper
     if split:

@@ -844,13 +844,13 @@ def test_distinct_pairs_keep_the_earliest_of_each(monkeypatch, nb_items):
 
 
 def test_freed_memory_is_handed_back_where_glibc_allows(monkeypatch):
-    assert convert.return_freed_memory() is bool(glibc())
+    assert cli.return_freed_memory() is bool(glibc())
 
     class NoMallopt:
         pass
 
-    monkeypatch.setattr(convert.ctypes, "CDLL", lambda name: NoMallopt())
-    assert convert.return_freed_memory() is False
+    monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: NoMallopt())
+    assert cli.return_freed_memory() is False
 
 
 def glibc():
