@@ -118,8 +118,11 @@ class Child:
                                         stderr=subprocess.PIPE, text=True,
                                         start_new_session=True)
         self.stderr = []
-        for stream, kept in ((self.process.stdout, None), (self.process.stderr, self.stderr)):
-            threading.Thread(target=self._read, args=(stream, kept), daemon=True).start()
+        self.readers = [threading.Thread(target=self._read, args=(stream, kept), daemon=True)
+                        for stream, kept in ((self.process.stdout, None),
+                                             (self.process.stderr, self.stderr))]
+        for reader in self.readers:
+            reader.start()
 
     def _read(self, stream, kept):
         for line in stream:
@@ -145,25 +148,32 @@ class Child:
         while self.process.poll() is None and time.perf_counter() < deadline:
             self.sample()
             time.sleep(1)
-        if self.process.poll() is not None:
-            return True
-        self.sample()
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        return False
+        exited = self.process.poll() is not None
+        if not exited:
+            self.sample()
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.finish_reading()
+        return exited
 
     def wait(self):
         """Wait for the process; its peak RSS (wait4's, which counts it alone) and wall time."""
         _, status, usage = os.wait4(self.process.pid, 0)
         self.process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - self.started
+        self.finish_reading()
         self.check()
         # ru_maxrss is in KiB on Linux
         return usage.ru_maxrss * 1024, seconds
+
+    def finish_reading(self):
+        """Wait for the last lines of an ended process: its pipes close after it does."""
+        for reader in self.readers:
+            reader.join()
 
     def check(self):
         if self.process.returncode:
@@ -191,14 +201,7 @@ def descendants(pid):
 
 def vm_hwm(pid):
     """A process's peak resident memory in bytes, None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return cli.proc_field_bytes(f"/proc/{pid}/status", "VmHWM")
 
 
 def samples_per_second(lines, batch_size):
