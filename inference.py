@@ -316,7 +316,9 @@ def run(args):
                             f"({error.strerror}); pass --log_path with a writable file"
                              ) from None
     results = []
-    try:
+    runs = len(args.precision) * len(args.batch_sizes)
+    with logger.write_failures_reported(
+            lambda: what_the_log_keeps(args.log_path, results, runs)):
         logger.log(PARAMETER, vars(args))
         print_header(name, model)
         for precision in args.precision:
@@ -333,13 +335,6 @@ def run(args):
                 print_row(result)
                 results.append(result)
         log_2023_record(logger, results)
-    except OSError as error:
-        if error.filename != args.log_path:
-            raise
-        kept = what_the_log_keeps(args.log_path, results,
-                                  len(args.precision) * len(args.batch_sizes))
-        raise cli.UserError(f"--log_path {args.log_path}: writing failed ({error.strerror}); "
-                            f"{kept}; free space or pass --log_path elsewhere") from None
     return results
 
 

@@ -77,15 +77,16 @@ class JsonLogger:
     @contextlib.contextmanager
     def write_failures_reported(self, kept):
         """Inside it, a failed write of this log (a full disk, a file size limit) raises a
-        cli.UserError: the flag, the reason, what the log and the run kept (`kept`), what to do.
-        Other OSErrors pass unchanged."""
+        cli.UserError: the flag, the reason, what the log and the run kept (`kept`, or what
+        `kept()` says at the failure), what to do. Other OSErrors pass unchanged."""
         try:
             yield
         except OSError as error:
             if self.path is None or error.filename != self.path:
                 raise
+            said = kept() if callable(kept) else kept
             raise cli.UserError(f"--log_path {self.path}: writing failed ({error.strerror}); "
-                                f"{kept}; free space or pass --log_path elsewhere") from None
+                                f"{said}; free space or pass --log_path elsewhere") from None
 
     def _write(self, fields):
         if self.path is None:
