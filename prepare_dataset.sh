@@ -87,15 +87,16 @@ elif [ -f "$CACHE_DIR/feature_spec.yaml" ]; then
 fi
 [ -f "$HERE/convert.py" ] || die "convert.py not found in $HERE"
 
-# Whether a CSV header line names MovieLens' userId, movieId and timestamp columns.
+# Whether a CSV header line names MovieLens' userId, movieId and timestamp columns, as load.py
+# decides it: each name exactly, quotes aside (" movieId" is another column to it).
 movielens_header() {
-    local field found=0
+    local field user="" movie="" time=""
     local -a fields
     IFS=, read -r -a fields <<<"$1"
     for field in "${fields[@]}"; do
-        case "${field//[\" ]/}" in userId | movieId | timestamp) found=$((found + 1)) ;; esac
+        case "${field//\"/}" in userId) user=1 ;; movieId) movie=1 ;; timestamp) time=1 ;; esac
     done
-    [ "$found" -ge 3 ]
+    [ "$user$movie$time" = 111 ]
 }
 
 if [ -n "${UNKNOWN:-}" ]; then

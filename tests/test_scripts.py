@@ -411,8 +411,11 @@ def recorded_arguments(cache):
     ("raw/mine", "0, 17, 38308", ["--first_columns"]),
     ("raw", "\ufeffuserId,movieId,rating,timestamp", []),
     ("raw/mine", '"userId","movieId","rating","timestamp"', []),
+    ("raw", "userId, movieId, rating, timestamp", ["--first_columns"]),
+    ("raw", "userId,userId,userId", ["--first_columns"]),
 ], ids=["RAW_DIR, other header", "RAW_DIR/DATASET, like_movielens", "MovieLens header",
-        "MovieLens header quoted"])
+        "MovieLens header quoted", "names with spaces, as load.py reads them",
+        "one name three times"])
 def test_prepare_reads_an_unknown_dataset_as_the_2023_original(stubbed, offline, tmp_path, place,
                                                                header, flags):
     """It refused any name it did not know; the 2023 original reads RAW_DATADIR/ratings.csv
