@@ -23,6 +23,7 @@ server tens of microseconds (README), and the Docker image runs it with nothing 
 import collections
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -408,12 +409,40 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True
+    """Closing answers the requests being scored, ends idle keep-alive connections, and joins
+    every connection's thread: a thread still in torch code while Python finalizes is ended
+    mid-C++, and the process aborts ("terminate called without an active exception") instead
+    of leaving with 143 on SIGTERM."""
+    daemon_threads = False
     request_queue_size = 128  # a burst of clients waits in the queue instead of being refused
 
     def __init__(self, address, service):
         self.service = service
+        self.connections = set()
+        self.connections_lock = threading.Lock()
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        # Forgotten before it is closed, so server_close never shuts down a reused descriptor.
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        # Shutting down the reading side wakes a handler waiting for its next request with
+        # end-of-file; one that is scoring still writes its answer, then finds end-of-file.
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:  # the client has gone already
+                    pass
+        super().server_close()
 
     def handle_error(self, request, client_address):
         # A client that closes its connection while its answer is written is routine.
