@@ -226,6 +226,21 @@ def test_a_step_gets_at_most_what_is_left_and_stops_at_its_cap(tmp_path):
     assert time.monotonic() - start < 2 and caps[0] <= 0.3
     row = runner.report.rows["capped"]
     assert row.status == "fail" and row.figures.startswith("TimeoutError: stopped at its cap")
+    # The cap also ends a wait on a tool's process, and the Runner stops that process.
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\ntime.sleep(60)\n")
+    tools = gpu_check.Tools(str(tmp_path), dict(os.environ), ahead=0)
+    tools.plan("sleeper", str(sleeper))
+    runner.tools, runner.budget = tools, gpu_check.Budget(0.5, 0.0)
+    launched = []
+
+    def waits_on_its_tool(cap):
+        launched.append(tools.take("sleeper"))
+        launched[0].process.wait()
+
+    runner.run(Step("several", waits_on_its_tool, Timing(0, 100), tools=("sleeper",)))
+    assert runner.report.rows["several"].figures.startswith("TimeoutError: stopped at its cap")
+    assert launched[0].process.poll() is not None
     # SIGTERM (as cli.run raises it) stops the run, and the row says where it came.
     def terminated(cap):
         raise SystemExit(143)
