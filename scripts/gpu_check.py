@@ -335,7 +335,6 @@ class Runner:
         self.report = report
         self.budget = budget
         self.tools = tools
-        self.seconds = {}
 
     def run(self, step):
         names = (step.name, *step.rows)
@@ -369,15 +368,14 @@ class Runner:
         finally:
             for key in step.tools:
                 self.tools.drop(key)
-        self.seconds[step.name] = self.budget.clock() - start
+        took = self.budget.clock() - start
         if isinstance(results, Result):
             results = {step.name: results}
         for name in names:
             result = results.get(name) or Result("skip", f"not measured: {step.name} did "
                                                          f"not pass")
             seconds = result.values.pop("seconds", None)
-            self.report.set(name, result, self.seconds[step.name] if name == step.name
-                            else seconds)
+            self.report.set(name, result, took if name == step.name else seconds)
 
     def missing(self, step):
         for need in step.needs:
@@ -936,8 +934,10 @@ class Acceptance:
         def scaled(name, factor, extra=0.0):
             """Expected seconds of the training step `name` from what O2 took on this machine;
             its timing's before O2 has run."""
-            return lambda runner: (runner.seconds[TRAIN_O2] * factor + extra
-                                   if TRAIN_O2 in runner.seconds else times[name].expected)
+            def expected(runner):
+                took = runner.report.rows[TRAIN_O2].seconds
+                return times[name].expected if took is None else took * factor + extra
+            return expected
 
         return [
             Step(ENVIRONMENT, self.environment_step, times[ENVIRONMENT]),
@@ -1011,11 +1011,13 @@ class Acceptance:
         overrides = {name: os.environ.get(name, "unset")
                      for name in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE")}
         # ncf.py's O0 allows TF32 unless --no_tf32; whether cuBLAS then uses it is tf32_active's.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        o0_tf32 = scoring.tf32_active(self.device)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        forced = scoring.tf32_active(self.device)
-        torch.backends.cuda.matmul.allow_tf32 = allowed
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            o0_tf32 = scoring.tf32_active(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            forced = scoring.tf32_active(self.device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
         with contextlib.suppress(AttributeError, RuntimeError):
             # A tuple in torch 2.x, an int in older releases.
             version = torch.cuda.nccl.version()

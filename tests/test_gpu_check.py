@@ -197,7 +197,7 @@ def test_the_deadline_skips_what_no_longer_fits_and_says_so(tmp_path):
     runner.run(Step("slow", takes(1), Timing(11, 100), tools=("b",)))
     runner.run(Step("after slow", takes(1), Timing(1, 100), needs=("slow",)))
     runner.run(Step("scaled", takes(1), Timing(1, 100),
-                    expected=lambda done: done.seconds["fast"] / 2))
+                    expected=lambda done: done.report.rows["fast"].seconds / 2))
     runner.run(Step("broken", broken, Timing(1, 100)))
     runner.run(Step("last", takes(2), Timing(1, 100), skip="a reason"))
     rows = runner.report.rows
