@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import cli
-from feature_spec import YamlError, parse_yaml
+from feature_spec import read_mapping_file
 
 DATA_FILES = ("train_ratings.pt", "test_ratings.pt", "test_negatives.pt")
 # Written by `convert.py --validation`: each user's second-latest interaction and its negatives.
@@ -322,16 +322,7 @@ def read_feature_spec(path):
     if not os.path.lexists(path):
         raise DataError(f"{path}: not found; convert the ratings with `python convert.py "
                         f"--format 2023 --output DIR`, or name the spec with --feature_spec_file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            spec = parse_yaml(handle.read())
-    except YamlError as error:
-        raise DataError(f"{path}: line {error.line}: {error.problem}; {SPEC_ADVICE}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        raise DataError(f"{path}: cannot be read ({reason}); {SPEC_ADVICE}") from None
-    if not isinstance(spec, dict):
-        raise DataError(f"{path}: not a YAML mapping; {SPEC_ADVICE}")
+    spec = read_mapping_file(path, DataError, SPEC_ADVICE)
     for section in ("feature_spec", "source_spec", "channel_spec", "metadata"):
         if not isinstance(spec.get(section), dict):
             raise DataError(f"{path}: has no {section} mapping; {SPEC_ADVICE}")
@@ -371,7 +362,8 @@ def declared_counts(path, cardinalities, found):
     for (feature, declared), count in zip(cardinalities, found):
         if declared is not None and declared < count:
             raise DataError(f"{path}: feature_spec.{feature}.cardinality is {declared} but the "
-                            f"tensors hold {feature} id {count - 1}; set it to {count} or more")
+                            f"data holds {feature} id {count - 1}; raise it to {count} or more, "
+                            f"or set it to auto")
         counts.append(count if declared is None else declared)
     return tuple(counts)
 

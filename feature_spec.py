@@ -51,6 +51,22 @@ def parse_yaml(text):
     return value
 
 
+def read_mapping_file(path, error, advice):
+    """The YAML mapping in the file at `path`; a problem with the file or its text raises
+    `error` naming the file (and line), then `advice`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = parse_yaml(handle.read())
+    except YamlError as problem:
+        raise error(f"{path}: line {problem.line}: {problem.problem}; {advice}") from None
+    except (OSError, UnicodeDecodeError) as problem:
+        reason = problem.strerror if isinstance(problem, OSError) else "not UTF-8 text"
+        raise error(f"{path}: cannot be read ({reason}); {advice}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not a YAML mapping; {advice}")
+    return value
+
+
 def _without_comment(line):
     """line without its `# comment`: a # at its start or after a blank, outside quotes."""
     quote = None

@@ -33,8 +33,8 @@ import torch
 import cli
 from convert import (feature_spec, mapping_files, one_line_errors, output_directory,
                      write_files)
-from dataloading import SERIES_LENGTH, channel_features
-from feature_spec import YamlError, parse_yaml, yaml_text
+from dataloading import SERIES_LENGTH, channel_features, declared_cardinality, declared_counts
+from feature_spec import read_mapping_file, yaml_text
 from progress import Progress
 
 PROG = "transcode.py"
@@ -72,18 +72,8 @@ def read_spec(path):
     if not os.path.isfile(path):
         raise cli.UserError(f"{path}: no such file; give the spec's directory with --path and "
                             f"its name with --feature_spec_in")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            spec = parse_yaml(handle.read())
-    except YamlError as error:
-        raise cli.UserError(f"{path}: line {error.line}: {error.problem}; write the YAML of "
-                            f"the 2023 original's data/csv_conversion/feature_spec.yaml") from None
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        raise cli.UserError(f"{path}: cannot be read ({reason}); check the file") from None
-    if not isinstance(spec, dict):
-        raise cli.UserError(f"{path}: not a YAML mapping; write feature_spec, source_spec, "
-                            f"channel_spec and metadata")
+    spec = read_mapping_file(path, cli.UserError, "write it as the 2023 original's "
+                                                   "data/csv_conversion/feature_spec.yaml")
     for section in ("feature_spec", "source_spec", "channel_spec"):
         if not isinstance(spec.get(section), dict):
             raise cli.UserError(f"{path}: has no {section} mapping; add it, as in the 2023 "
@@ -256,23 +246,10 @@ def series_positive_first(path, user, item, label, length):
 
 def cardinalities(path, spec, names, columns):
     """(users, items) counts: the declared cardinality, or max id + 1 over every mapping."""
-    counts = []
-    for feature, index in zip(names[:2], (0, 1)):
-        found = max(int(mapping[index].values.max(initial=-1)) for mapping in columns.values())
-        entry = spec["feature_spec"].get(feature)
-        declared = entry.get("cardinality", "auto") if isinstance(entry, dict) else "auto"
-        if declared in ("auto", None):
-            counts.append(found + 1)
-            continue
-        if type(declared) is not int or declared < 1:
-            raise cli.UserError(f"{path}: feature_spec.{feature}.cardinality is {declared!r}; "
-                                f"give the number of ids, or auto")
-        if declared <= found:
-            raise cli.UserError(f"{path}: feature_spec.{feature}.cardinality is {declared} but "
-                                f"the data holds {feature} id {found}; raise it to {found + 1} "
-                                f"or more, or set it to auto")
-        counts.append(declared)
-    return tuple(counts)
+    found = [1 + max(int(mapping[index].values.max(initial=-1)) for mapping in columns.values())
+             for index in (0, 1)]
+    declared = [(feature, declared_cardinality(path, spec, feature)) for feature in names[:2]]
+    return declared_counts(path, declared, found)
 
 
 def transcode(args):

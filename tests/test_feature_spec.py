@@ -275,11 +275,11 @@ BAD_2023 = [
      "test_data_0.pt: user 0 has two series (rows 0 and 21 on)"),
     ("item cardinality below the ids", lambda d: edit_spec(d, "cardinality: 40",
                                                            "cardinality: 39"),
-     "feature_spec.yaml: feature_spec.item.cardinality is 39 but the tensors hold item id 39; "
-     "set it to 40 or more"),
+     "feature_spec.yaml: feature_spec.item.cardinality is 39 but the data holds item id 39; "
+     "raise it to 40 or more, or set it to auto"),
     ("user cardinality below the ids", lambda d: edit_spec(d, "cardinality: 60",
                                                            "cardinality: 12"),
-     "feature_spec.user.cardinality is 12 but the tensors hold user id 59"),
+     "feature_spec.user.cardinality is 12 but the data holds user id 59"),
     ("cardinality not a count", lambda d: edit_spec(d, "cardinality: 60", "cardinality: many"),
      "feature_spec.user.cardinality is 'many'; give the number of ids"),
     ("series length missing", lambda d: edit_spec(d, "test_samples_per_series: 21", "other: 1"),
