@@ -270,7 +270,10 @@ def train_epoch(training_loss, optimizer, scaler, train_users, train_items, nb_i
             loss_sum += loss.detach()
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients stay the views of its all-reduce buckets, zeroed: set to None,
+        # a step's first piece would allocate a gradient of its own beside the buckets until the
+        # all-reduce copies it in (a third table-sized buffer, 0.55 GB at five times ml-20m).
+        optimizer.zero_grad(set_to_none=ctx.world_size == 1)
         shown.update()
     shown.close()
     if ctx.world_size > 1:

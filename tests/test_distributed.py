@@ -9,6 +9,9 @@ import time
 import pytest
 import torch
 
+import dataloading
+import ncf
+import train
 from logger import log_records, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +102,48 @@ def test_same_seed_gives_the_same_curve(clustered_data, two_process_run, tmp_pat
         assert run.returncode == 0, run.stderr
         curves.append([line.split(", train_time")[0] for line in epoch_lines(run.stdout)])
     assert curves[0] == curves[1] and len(curves[0]) == 3
+
+
+def gradients_after_an_epoch(rank, data, store, answers):
+    """A process of two: one epoch of train_epoch with two pieces a step, then what its
+    parameters' gradients are."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=2)
+    try:
+        ctx = train.Context(torch.device("cpu"), rank, 2, rank == 0)
+        args = ncf.parse_args(["--data", data, "-b", "2048", "--grads_accumulated", "2"])
+        splits = dataloading.load_splits(data, ctx.device)
+        model, training_loss = train.build_model(args, splits.nb_users, splits.nb_items, ctx)
+        train.train_epoch(training_loss, train.build_optimizer(args, model),
+                          train.grad_scaler(ctx), splits.train_users, splits.train_items,
+                          splits.nb_items, 0, args, ctx)
+        grads = [parameter.grad for parameter in model.parameters()]
+        answers.put((rank, [None if grad is None else (grad.untyped_storage().data_ptr(),
+                                                       bool(grad.eq(0).all())) for grad in grads]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gradients_stay_views_of_the_all_reduce_buckets(clustered_data, tmp_path):
+    """Set to None between steps, a step's first piece would allocate a gradient beside DDP's
+    buckets: a third table-sized buffer a process."""
+    context = torch.multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    workers = [context.Process(target=gradients_after_an_epoch,
+                               args=(rank, clustered_data, str(tmp_path / "store"), answers))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        found = dict(answers.get(timeout=120) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+    for rank, grads in found.items():
+        assert None not in grads, rank
+        assert all(zeroed for _, zeroed in grads), rank
+        # Views of a few buckets, not a storage a parameter.
+        assert len({storage for storage, _ in grads}) < len(grads), rank
 
 
 def test_a_failing_rank_ends_the_run_promptly_with_its_message(clustered_data, tmp_path):
