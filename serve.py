@@ -418,31 +418,44 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, service):
         self.service = service
-        self.connections = set()
-        self.connections_lock = threading.Lock()
+        self.connections = {}  # an open connection: the thread serving it
+        self.threads = set()
+        self.lock = threading.Lock()
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
-        with self.connections_lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
+        # ThreadingMixIn's own would leave server_close a thread it cannot join where SIGTERM
+        # comes between making the thread and starting it.
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address))
+        with self.lock:
+            self.threads = {known for known in self.threads if known.is_alive()}
+            self.threads.add(thread)
+            self.connections[request] = thread
+        thread.start()
 
     def shutdown_request(self, request):
         # Forgotten before it is closed, so server_close never shuts down a reused descriptor.
-        with self.connections_lock:
-            self.connections.discard(request)
+        with self.lock:
+            self.connections.pop(request, None)
         super().shutdown_request(request)
 
     def server_close(self):
-        # Shutting down the reading side wakes a handler waiting for its next request with
-        # end-of-file; one that is scoring still writes its answer, then finds end-of-file.
-        with self.connections_lock:
-            for connection in self.connections:
+        super().server_close()
+        with self.lock:
+            for connection, thread in self.connections.items():
+                if thread.ident is None:  # never started: nothing else will close it
+                    connection.close()
+                    continue
+                # End-of-file wakes a handler waiting for its next request; one that is
+                # scoring still writes its answer, then finds end-of-file.
                 try:
                     connection.shutdown(socket.SHUT_RD)
                 except OSError:  # the client has gone already
                     pass
-        super().server_close()
+            threads = [thread for thread in self.threads if thread.ident is not None]
+        for thread in threads:
+            thread.join()
 
     def handle_error(self, request, client_address):
         # A client that closes its connection while its answer is written is routine.
