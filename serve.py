@@ -412,48 +412,43 @@ class Server(ThreadingHTTPServer):
     """Closing answers the requests being scored, ends idle keep-alive connections, and joins
     every connection's thread: a thread still in torch code while Python finalizes is ended
     mid-C++, and the process aborts ("terminate called without an active exception") instead
-    of leaving with 143 on SIGTERM."""
+    of leaving with 143 on SIGTERM. Close after shutdown(), from another thread than
+    serve_forever's."""
     daemon_threads = False
     request_queue_size = 128  # a burst of clients waits in the queue instead of being refused
 
     def __init__(self, address, service):
         self.service = service
-        self.connections = {}  # an open connection: the thread serving it
+        self.connections = set()
         self.threads = set()
         self.lock = threading.Lock()
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
-        # ThreadingMixIn's own would leave server_close a thread it cannot join where SIGTERM
-        # comes between making the thread and starting it.
         thread = threading.Thread(target=self.process_request_thread,
                                   args=(request, client_address))
         with self.lock:
-            self.threads = {known for known in self.threads if known.is_alive()}
-            self.threads.add(thread)
-            self.connections[request] = thread
+            self.threads = {known for known in self.threads if known.is_alive()} | {thread}
+            self.connections.add(request)
         thread.start()
 
     def shutdown_request(self, request):
         # Forgotten before it is closed, so server_close never shuts down a reused descriptor.
         with self.lock:
-            self.connections.pop(request, None)
+            self.connections.discard(request)
         super().shutdown_request(request)
 
     def server_close(self):
         super().server_close()
         with self.lock:
-            for connection, thread in self.connections.items():
-                if thread.ident is None:  # never started: nothing else will close it
-                    connection.close()
-                    continue
+            for connection in self.connections:
                 # End-of-file wakes a handler waiting for its next request; one that is
                 # scoring still writes its answer, then finds end-of-file.
                 try:
                     connection.shutdown(socket.SHUT_RD)
                 except OSError:  # the client has gone already
                     pass
-            threads = [thread for thread in self.threads if thread.ident is not None]
+            threads = list(self.threads)
         for thread in threads:
             thread.join()
 
@@ -492,10 +487,17 @@ def main(argv=None):
     print(f"{PROG}: {len(recommender.user_ids)} users, {len(recommender.item_ids)} items; "
           f"serving on http://{host}:{port}", flush=True)
     # Ctrl-C and SIGTERM (`docker stop`: as PID 1 a process that does not handle it ignores
-    # it) end serve_forever through cli.run's one line.
+    # it) end the wait below through cli.run's one line. Accepting runs in a thread of its own
+    # so that they never land inside it, between making a request's thread and starting it.
+    accepting = threading.Thread(target=server.serve_forever, name="accepting")
+    accepting.start()
     try:
-        server.serve_forever()
+        while accepting.is_alive():
+            # Timed: the kernel may hand the signal to another thread, which would not wake
+            # an untimed wait of this one.
+            accepting.join(timeout=0.5)
     finally:
+        server.shutdown()
         server.server_close()
 
 

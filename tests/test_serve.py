@@ -362,11 +362,6 @@ def serving(service):
         thread.join(timeout=10)
 
 
-def request_threads():
-    return [thread for thread in threading.enumerate()
-            if "process_request_thread" in thread.name]
-
-
 def test_closing_answers_the_request_in_flight_and_joins_every_thread(tmp_path, monkeypatch):
     files = write_served_data(tmp_path)
     service = serve.Service(Recommender(files["data"], files["checkpoint"]),
@@ -401,7 +396,9 @@ def test_closing_answers_the_request_in_flight_and_joins_every_thread(tmp_path, 
             assert not closing.is_alive(), "server_close waits for the idle connection"
             status, answer = in_flight.result()
         # A thread left running would be ended mid-torch when the interpreter finalizes.
-        assert request_threads() == []
+        assert len(server.threads) == 2  # the idle connection's and the one in flight
+        assert not any(thread.is_alive() for thread in server.threads)
+        assert server.connections == set()
     finally:
         release.set()
         idle.close()
