@@ -29,6 +29,7 @@ machine, the command and the date.
 """
 import datetime
 import json
+import multiprocessing
 import os
 import re
 import shlex
@@ -90,12 +91,25 @@ def inputs(workdir, preset, sizes):
     missing = [size for size in sizes if not os.path.exists(paths[size])]
     if missing and fits("generate.py", 0, min(missing)):
         started = time.perf_counter()
-        frame = generate.generate_ratings(*generate.PRESETS[preset], seed=1)
-        for size in missing:
-            print(f"writing {paths[size]} (once)", flush=True)
-            generate.write_csv(frame, paths[size], copies=size)
+        # In a process of its own: a child's peak RSS as wait4 reports it starts from its
+        # parent's peak (Linux carries it across exec), and generating takes 2 GB or more.
+        writer = multiprocessing.get_context("spawn").Process(
+            target=write_inputs, args=(preset, {size: paths[size] for size in missing}))
+        writer.start()
+        writer.join()
+        if writer.exitcode:
+            raise cli.UserError(f"writing the generated ratings failed (exit status "
+                                f"{writer.exitcode}); see its message above")
         print(f"  {time.perf_counter() - started:.0f} s", flush=True)
     return {size: path for size, path in paths.items() if os.path.exists(path)}
+
+
+def write_inputs(preset, paths):
+    """{size: path}: generate.py's preset, written size times over into each path."""
+    frame = generate.generate_ratings(*generate.PRESETS[preset], seed=1)
+    for size, path in paths.items():
+        print(f"writing {path} (once)", flush=True)
+        generate.write_csv(frame, path, copies=size)
 
 
 def ratings_in(preset, size):
