@@ -36,6 +36,34 @@ class _ReluDropout(torch.autograd.Function):
         return grad_in.mul_(ctx.scale), None, None
 
 
+class _RowsIntoGrad(torch.autograd.Function):
+    """weight[ids], whose backward adds the rows' gradients straight into weight.grad.
+
+    The stock embedding backward zeroes a gradient the size of the table, fills the rows in,
+    and autograd adds it to weight.grad: two passes over every table for each piece of a CPU
+    batch, 30 % of a step at five times ml-20m's users, and a table-sized buffer live in each
+    piece. Autograd still receives a gradient, an empty sparse one, so that the hooks on the
+    table's gradient (DDP's all-reduce) run as they would.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, ids):
+        ctx.weight = weight
+        ctx.save_for_backward(ids)
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, ids, grad_out)
+        nothing = torch.sparse_coo_tensor(ids[None, :0], grad_out[:0], weight.shape,
+                                          check_invariants=True)
+        return nothing, None
+
+
 def _scaled_keep_mask(shape, p, dtype, device):
     """Per element 0 with probability p, else 1/(1-p): inverted dropout's mask.
 
@@ -131,14 +159,31 @@ def _initialise(model):
     lecun_uniform_(model.final.weight)
 
 
+def _lookup(model, table, ids):
+    if model.rows_into_grad and torch.is_grad_enabled() and table.weight.requires_grad:
+        return _RowsIntoGrad.apply(table.weight, ids)
+    return table(ids)
+
+
+def _mf_forward(model, user, item):
+    return _lookup(model, model.mf_user_embed, user) * _lookup(model, model.mf_item_embed, item)
+
+
 def _mlp_forward(model, user, item):
-    mlp = torch.cat((model.mlp_user_embed(user), model.mlp_item_embed(item)), dim=1)
+    mlp = torch.cat((_lookup(model, model.mlp_user_embed, user),
+                     _lookup(model, model.mlp_item_embed, item)), dim=1)
     for layer in model.mlp:
         mlp = relu_dropout(layer(mlp), model.dropout, model.training)
     return mlp
 
 
-class NeuMF(nn.Module):
+class _Recommender(nn.Module):
+    # Training sets it where pieces of a batch each run a backward pass (a CPU): the tables'
+    # gradients then take the rows in place (_RowsIntoGrad).
+    rows_into_grad = False
+
+
+class NeuMF(_Recommender):
     kind = "neumf"
 
     def __init__(self, nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout=0.0):
@@ -156,12 +201,12 @@ class NeuMF(nn.Module):
         _initialise(self)
 
     def forward(self, user, item, sigmoid=False):
-        mf = self.mf_user_embed(user) * self.mf_item_embed(item)
+        mf = _mf_forward(self, user, item)
         logits = self.final(torch.cat((mf, _mlp_forward(self, user, item)), dim=1))
         return torch.sigmoid(logits) if sigmoid else logits
 
 
-class GMF(nn.Module):
+class GMF(_Recommender):
     """Generalised matrix factorisation: NeuMF's MF branch with an output layer of its own."""
     kind = "gmf"
     # No MLP branch: what the factored scorer and the tools read off a model.
@@ -177,11 +222,11 @@ class GMF(nn.Module):
         _initialise(self)
 
     def forward(self, user, item, sigmoid=False):
-        logits = self.final(self.mf_user_embed(user) * self.mf_item_embed(item))
+        logits = self.final(_mf_forward(self, user, item))
         return torch.sigmoid(logits) if sigmoid else logits
 
 
-class MLP(nn.Module):
+class MLP(_Recommender):
     """NeuMF's MLP branch with an output layer of its own."""
     kind = "mlp"
     mf_dim = 0

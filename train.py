@@ -143,6 +143,9 @@ def build_model(args, nb_users, nb_items, ctx):
                             f"{' '.join(map(str, args.layers))}: the model cannot be allocated; "
                             f"use smaller sizes") from None
     model = model.to(ctx.device)
+    # A CPU trains a batch in pieces (chunks). Under --compile the stock embedding backward
+    # stays: its graph would have to capture the in-place gradient update.
+    model.rows_into_grad = ctx.device.type == "cpu" and not args.compile
     loss = TrainingLoss(model)
     if ctx.world_size > 1:
         # Gradients as views of DDP's all-reduce buckets: one gradient copy per process, not

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neumf import NeuMF, _ReluDropout, parameter_count, relu_dropout
+from neumf import GMF, MLP, NeuMF, _ReluDropout, parameter_count, relu_dropout
 
 
 def reference_forward(model, user, item):
@@ -161,6 +161,36 @@ def test_fused_relu_dropout_gradient_equals_unfused():
     unfused.backward(grad_out)
     torch.testing.assert_close(fused, unfused)
     torch.testing.assert_close(fused_grad, x.grad)
+
+
+@pytest.mark.parametrize("build", [lambda: NeuMF(7, 5, 4, [8, 6]), lambda: GMF(7, 5, 4),
+                                   lambda: MLP(7, 5, [8, 6])], ids=["neumf", "gmf", "mlp"])
+def test_tables_taking_rows_in_place_get_the_stock_gradients(build):
+    """Two backward passes (two pieces of a batch) with repeated ids: the same outputs and
+    gradients, and autograd hands the tables only an empty sparse gradient."""
+    torch.manual_seed(0)
+    stock = build()
+    in_place = build()
+    in_place.load_state_dict(stock.state_dict())
+    in_place.rows_into_grad = True
+    handed = []
+    for name, parameter in in_place.named_parameters():
+        if name.endswith("_embed.weight"):
+            parameter.register_hook(lambda grad: handed.append((grad.layout, grad._nnz())))
+    for user, item in ([[0, 3, 3, 6], [1, 1, 4, 0]], [[3, 5, 0, 3], [4, 2, 1, 4]]):
+        user, item = torch.tensor(user), torch.tensor(item)
+        outputs = [model(user, item) for model in (stock, in_place)]
+        assert torch.equal(outputs[0], outputs[1])
+        for output in outputs:
+            output.square().sum().backward()
+    tables = [name for name, _ in stock.named_parameters() if name.endswith("_embed.weight")]
+    assert handed == [(torch.sparse_coo, 0)] * 2 * len(tables)
+    grads = dict(stock.named_parameters())
+    for name, parameter in in_place.named_parameters():
+        assert parameter.grad.layout == torch.strided, name
+        torch.testing.assert_close(parameter.grad, grads[name].grad, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        assert torch.equal(in_place(user, item), stock(user, item))
 
 
 @pytest.mark.parametrize("nb_users, nb_items, mf_dim, layers",
