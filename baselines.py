@@ -337,9 +337,10 @@ def open_logger(args, dataset, device):
 def main(argv=None):
     """Returns the metrics and timings it prints."""
     args = parse_args(argv)
-    cli.reuse_freed_memory()
     try:
         dataset = dataloading.open_dataset(args.data)
+        # After loading, whose temporaries then go back to the system (ncf.py does the same).
+        cli.reuse_freed_memory()
         evaluation.check_cutoffs(args, dataset.negatives.shape[1] + 1)
         device = torch.device(args.device)
         logger = open_logger(args, dataset, device)

@@ -34,9 +34,10 @@ CONVERTING = ".converting"
 FEATURE_SPEC = "feature_spec.yaml"
 CHANNELS = ("user_ch", "item_ch", "label_ch")
 SERIES_LENGTH = "test_samples_per_series"
-# Samples a CPU processes at once, in training and evaluation. At the ml-20m shape (2-core
-# Sapphire Rapids, freed memory reused: cli.reuse_freed_memory) 2**16 trained fastest in float32
-# and bfloat16, 2**15 and 2**17 within noise, 2**14 and 2**18 slower, with a peak RSS of 2.2 GB
+# Samples a CPU processes at once in evaluation, and in training under --compile (train.chunks).
+# At the ml-20m shape (2-core Sapphire Rapids, freed memory reused: cli.reuse_freed_memory),
+# with every piece paying for the tables' full gradients, 2**16 trained fastest in float32 and
+# bfloat16, 2**15 and 2**17 within noise, 2**14 and 2**18 slower, with a peak RSS of 2.2 GB
 # against 3.9 GB at 2**18: activations that fit in cache beat fewer, larger products.
 CPU_CHUNK = 2 ** 16
 

@@ -99,9 +99,10 @@ def write_all_users(recommender, topk, titles, output):
 def main(argv=None):
     """Returns the recommendation table for --users; None after writing --all_users' CSV."""
     args = parse_args(argv)
-    cli.reuse_freed_memory()
     titles = load_titles(args.movies) if args.movies else None
     recommender = Recommender(args.data, args.checkpoint, args.device, args.precision)
+    # After loading, whose temporaries then go back to the system (ncf.py does the same).
+    cli.reuse_freed_memory()
     note = titles_note(titles, recommender.item_ids, args.movies)
     if note:
         print(f"{PROG}: {note}", file=sys.stderr)

@@ -271,10 +271,39 @@ def test_full_ranking_in_test_mode_equals_a_plain_ranking(clustered_data, tmp_pa
     assert result["full_hr"] < result["hr"]
 
 
+@pytest.mark.parametrize("compiled, piece", [(False, train.CPU_PIECE),
+                                              (True, dataloading.CPU_CHUNK)])
+def test_cpu_pieces_are_small_where_the_tables_take_rows_in_place(compiled, piece):
+    """Small pieces cost nothing table-sized only where rows_into_grad holds (not under
+    --compile), and a GPU takes the batch whole."""
+    args = ncf.parse_args(["--data", "unused"] + (["--compile"] if compiled else []))
+    batch = [torch.arange(3 * piece + 5)] * 3
+    for device, sizes in (("cpu", [piece] * 3 + [5]), ("cuda", [3 * piece + 5])):
+        ctx = train.Context(torch.device(device), 0, 1, True)
+        assert train.rows_into_grad(args, ctx) == (device == "cpu" and not compiled)
+        pieces = train.chunks(batch, args, ctx)
+        assert [len(user) for user, *_ in pieces] == sizes
+        assert sum(weight for *_, weight in pieces) == pytest.approx(1.0)
+
+
+def test_data_loading_returns_its_temporaries_before_freed_memory_is_kept(
+        clustered_data, tmp_path, monkeypatch):
+    """Loading five copies of ml-20m peaks 2 GB above what it keeps: memory the C allocator
+    would otherwise hold for the rest of the run, in every process."""
+    calls = []
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: calls.append("reuse_freed_memory"))
+    load_splits = dataloading.load_splits
+    monkeypatch.setattr(dataloading, "load_splits",
+                        lambda *given: calls.append("load_splits") or load_splits(*given))
+    ncf.main(["--data", clustered_data, "-e", "1", "-b", "4096", "--checkpoint_dir",
+              str(tmp_path / "ck"), "--log_path", str(tmp_path / "log.json")])
+    assert calls == ["load_splits", "reuse_freed_memory"]
+
+
 def test_cpu_pieces_give_the_whole_batch_gradient(clustered_data, monkeypatch):
     """A batch split into pieces (CPU memory bound) updates the model as the whole batch does."""
     def one_step(piece):
-        monkeypatch.setattr(dataloading, "CPU_CHUNK", piece)
+        monkeypatch.setattr(train, "CPU_PIECE", piece)
         args = ncf.parse_args(["--data", clustered_data, "-b", "4096", "--dropout", "0"])
         ctx = train.Context(torch.device("cpu"), 0, 1, True)
         splits = dataloading.load_splits(args.data, ctx.device)
