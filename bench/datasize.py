@@ -52,14 +52,14 @@ from logger import log_records, read_log  # noqa: E402
 
 # What a step is expected to need: a fixed part plus bytes per rating of the input, fitted to
 # the peaks this script measured at 1x and 5x on the 2-core development machine (2026-12-03;
-# 1x, 2x, 5x: convert.py 0.92, 1.53, 3.37 GB; one process 2.52, 3.32, 5.46; two 5.71, 7.43,
-# 13.05; evaluation 1.26, 2.20, 5.06), rounded up. generate.py's is its ml-20m frame's.
+# 1x, 2x, 5x: convert.py 0.89, 1.50, 3.33 GB; one process 1.55, 2.22, 4.29; two 3.05, 4.55,
+# 9.24; evaluation 1.06, 1.73, 3.69), rounded up. generate.py's is its ml-20m frame's.
 NEEDS = {
     "generate.py": (2.2e9, 0),
     "convert.py": (0.4e9, 33),
-    "ncf.py, 1 process": (1.9e9, 40),
-    "ncf.py, 2 processes": (4.0e9, 95),
-    "ncf.py --mode test": (0.4e9, 48),
+    "ncf.py, 1 process": (0.9e9, 35),
+    "ncf.py, 2 processes": (1.5e9, 80),
+    "ncf.py --mode test": (0.4e9, 34),
 }
 # The share of the available memory a step may plan to take: the rest is left to whatever else
 # the machine runs, which a step near the limit would have the kernel's OOM killer end.
