@@ -606,9 +606,12 @@ _MASK62 = (1 << 62) - 1
 # Rounds of the shuffle's permutation; each mixes low bits into high (an odd multiplier) and
 # high into low (a right xorshift by half the width), and both steps are bijections.
 _SHUFFLE_ROUNDS = 4
-# Samples built at once: enough to amortise the per-piece work (and, on a GPU, the one check a
-# piece's shuffle makes on the host), small next to an epoch (99 M samples at ml-20m).
-PIECE_SAMPLES = 2 ** 21
+# Samples built at once, by device type: enough to amortise the per-piece work, small next to
+# an epoch (99 M samples at ml-20m). A GPU's are larger: a piece's shuffle checks its cycle walk
+# on the host, which drains the GPU's queue of training steps. A check every 32 batches of 2**20
+# instead of every 2 made an H200's epoch 13 % faster (1.57 to 1.36 s in float16) for 0.3 GiB
+# more peak memory.
+PIECE_SAMPLES = {"cpu": 2 ** 21, "cuda": 2 ** 25}
 
 
 def epoch_keys(seed, epoch):
@@ -699,9 +702,10 @@ class Epoch:
 
     def batches(self, batch_size):
         """Full batches only, in order: the last, partial batch is dropped as in the original.
-        Built a piece of at least PIECE_SAMPLES samples at a time."""
+        Built a piece of at least PIECE_SAMPLES (for this device) samples at a time."""
         full = len(self) // batch_size * batch_size
-        piece = max(1, PIECE_SAMPLES // batch_size) * batch_size
+        wanted = PIECE_SAMPLES.get(self.train_users.device.type, PIECE_SAMPLES["cpu"])
+        piece = max(1, wanted // batch_size) * batch_size
         for piece_start in range(0, full, piece):
             users, items, labels = self.samples(piece_start, min(piece_start + piece, full))
             for start in range(0, len(users), batch_size):

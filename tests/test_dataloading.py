@@ -152,12 +152,31 @@ def test_the_epoch_is_the_same_whatever_its_pieces(monkeypatch):
     train_items = torch.arange(301, dtype=torch.int32)
     epochs = []
     for piece in (1, 7, 64, 10 ** 6):
-        monkeypatch.setattr(dataloading, "PIECE_SAMPLES", piece)
+        monkeypatch.setitem(dataloading.PIECE_SAMPLES, "cpu", piece)
         samples = Epoch(train_users, train_items, 500, 4, 1, 0, epoch_keys(3, 2))
         epochs.append([torch.cat(parts) for parts in zip(*samples.batches(25))])
     for other in epochs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(epochs[0], other))
     assert len(epochs[0][0]) == 1500  # 60 full batches of 25; 5 samples dropped
+
+
+@pytest.mark.parametrize("device, pieces", [("cpu", [(0, 2 ** 21), (2 ** 21, 2 ** 22)]),
+                                            ("cuda", [(0, 2 ** 22)])])
+def test_a_gpu_builds_its_epoch_in_fewer_larger_pieces(monkeypatch, device, pieces):
+    """On a GPU each piece waits on the host for the queue of training steps to drain."""
+    class Positives:
+        def __init__(self):
+            self.device = torch.device(device)
+
+        def __len__(self):
+            return 10 ** 6  # an epoch of 5 M samples: 4 full batches of 2**20
+
+    built = []
+    monkeypatch.setattr(Epoch, "samples", lambda self, start, stop: built.append(
+        (start, stop)) or (torch.zeros(stop - start),) * 3)
+    samples = Epoch(Positives(), Positives(), 9, 4, 1, 0, epoch_keys(1, 0))
+    assert sum(1 for _ in samples.batches(2 ** 20)) == 4
+    assert built == pieces
 
 
 def test_share_bounds_cover_without_overlap():
