@@ -182,7 +182,7 @@ def full_ranking_evaluation(model, splits, args, ctx):
     no candidate there, as training positives are not; the test positive, a later interaction,
     stays a candidate for the validation one.
     """
-    known_users, known_items = splits.train_users, splits.train_items
+    known_users, known_items = splits.positives.users(), splits.positives.items
     metrics = {}
     if splits.validation is not None:
         validation = splits.validation
@@ -213,7 +213,7 @@ def full_ranking_seconds(model, splits, ctx, sample_users=1024):
     sample = min(sample_users, len(splits.test.users))
     start = time.perf_counter()
     full_ranking_ranks(model, splits.test.users[:sample], splits.test.items[:sample, -1],
-                       splits.train_users, splits.train_items)
+                       splits.positives.users(), splits.positives.items)
     return (time.perf_counter() - start) / sample * (share[1] - share[0])
 
 

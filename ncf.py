@@ -384,7 +384,7 @@ def run(args):
         # Before the model is built and the log opened (which would empty an existing one).
         evaluation.check_cutoffs(args, splits.test.items.shape[1])
         if args.mode == "train":
-            train.check_epoch_holds_a_step(len(splits.train_users), args, ctx)
+            train.check_epoch_holds_a_step(len(splits.positives), args, ctx)
         model, training_loss = train.build_model(args, splits.nb_users, splits.nb_items, ctx)
         log_line(ctx, str(model))
         log_line(ctx, f"{sum(parameter.numel() for parameter in model.parameters())} parameters")

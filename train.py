@@ -259,13 +259,13 @@ def check_epoch_holds_a_step(nb_positives, args, ctx):
         f"giving at least {USEFUL_STEPS}; -b {max(fitting)} is the largest that trains at all)")
 
 
-def train_epoch(training_loss, optimizer, scaler, train_users, train_items, nb_items, epoch,
-                args, ctx):
-    """One epoch of build_model's `training_loss`; returns the mean loss over all ranks."""
+def train_epoch(training_loss, optimizer, scaler, positives, nb_items, epoch, args, ctx):
+    """One epoch of build_model's `training_loss` on `positives` (dataloading.Positives);
+    returns the mean loss over all ranks."""
     training_loss.train()
-    samples = dataloading.Epoch(train_users, train_items, nb_items, args.negative_samples,
-                                ctx.world_size, ctx.rank, dataloading.epoch_keys(args.seed, epoch))
-    steps = steps_per_epoch(samples_per_epoch(len(train_users), args), args, ctx)
+    samples = dataloading.Epoch(positives, nb_items, args.negative_samples, ctx.world_size,
+                                ctx.rank, dataloading.epoch_keys(args.seed, epoch))
+    steps = steps_per_epoch(samples_per_epoch(len(positives), args), args, ctx)
     epoch_batches = samples.batches(args.batch_size // ctx.world_size)
     loss_sum = torch.zeros((), device=ctx.device)
     shown = Progress(steps, f"epoch {epoch}", "step", stream=sys.stdout, enabled=ctx.is_main)
@@ -324,7 +324,7 @@ def parameters_are_finite(model):
 def train(args, ctx, model, training_loss, splits, logger, run_start):
     """The epochs from the first not yet run (0, or last.pth's with --resume) to --epochs or
     --threshold; returns the summary (see summarize)."""
-    nb_samples = samples_per_epoch(len(splits.train_users), args)
+    nb_samples = samples_per_epoch(len(splits.positives), args)
     optimizer = build_optimizer(args, model)
     scaler = grad_scaler(ctx)
     first_epoch, best, history = 0, Best(), []
@@ -339,8 +339,8 @@ def train(args, ctx, model, training_loss, splits, logger, run_start):
     for epoch in range(first_epoch, args.epochs):
         synchronize(ctx)
         start = time.time()
-        train_loss = train_epoch(training_loss, optimizer, scaler, splits.train_users,
-                                 splits.train_items, splits.nb_items, epoch, args, ctx)
+        train_loss = train_epoch(training_loss, optimizer, scaler, splits.positives,
+                                 splits.nb_items, epoch, args, ctx)
         synchronize(ctx)
         train_time = time.time() - start
         # Under float16 loss scaling an overflowing step is skipped by the scaler, so only
@@ -513,7 +513,7 @@ def save_checkpoint(path, model, optimizer, scaler, history, best, args, ctx, sp
         "args": saved_args(args, ctx),
         "precision": ctx.precision,
         "data": {"nb_users": splits.nb_users, "nb_items": splits.nb_items,
-                 "nb_train": len(splits.train_users), "fingerprint": splits.fingerprint},
+                 "nb_train": len(splits.positives), "fingerprint": splits.fingerprint},
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
     }
@@ -554,9 +554,9 @@ def resume_state(args, ctx, model, optimizer, scaler, splits):
             f"--opt_level/--amp and --no_tf32")
     saved_data = state["data"]
     check_matches(weights, path, splits.nb_users, splits.nb_items)
-    if saved_data["nb_train"] != len(splits.train_users):
+    if saved_data["nb_train"] != len(splits.positives):
         raise cli.UserError(f"{path}: checkpoint was trained on {saved_data['nb_train']} "
-                            f"training positives, --data has {len(splits.train_users)}; resume "
+                            f"training positives, --data has {len(splits.positives)}; resume "
                             f"with the same data")
     if saved_data.get("fingerprint") != splits.fingerprint:
         raise cli.UserError(

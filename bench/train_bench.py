@@ -139,19 +139,23 @@ def run_ours(pairs, test, negatives, nb_users, nb_items, args):
     model, ddp_model = train.build_model(run_args, nb_users, nb_items, ctx)
     optimizer = train.build_optimizer(run_args, model)
     scaler = train.grad_scaler(ctx)
-    train_users, train_items = pairs[:, 0].int(), pairs[:, 1].int()
+
+    def positives(count):
+        """The first `count` positives in file (time) order: users spread as in a whole epoch."""
+        return dataloading.Positives.from_pairs(pairs[:count, 0].int(), pairs[:count, 1].int(),
+                                                nb_users)
+
     # Train over a prefix of the positives that holds exactly steps + 1 batches, so the
     # epoch's data pipeline is paid for in proportion, as in a full epoch.
     samples = args.batch_size * (args.steps + 1)
     prefix = -(-samples // 5)
     start = time.perf_counter()
-    train.train_epoch(ddp_model, optimizer, scaler, train_users[:args.batch_size // 5 + 1],
-                      train_items[:args.batch_size // 5 + 1], nb_items, 0, run_args, ctx)
+    train.train_epoch(ddp_model, optimizer, scaler, positives(args.batch_size // 5 + 1),
+                      nb_items, 0, run_args, ctx)
     # One step, and with --compile the compilation: what a compiled run pays once.
     first_step_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    train.train_epoch(ddp_model, optimizer, scaler, train_users[:prefix], train_items[:prefix],
-                      nb_items, 1, run_args, ctx)
+    train.train_epoch(ddp_model, optimizer, scaler, positives(prefix), nb_items, 1, run_args, ctx)
     train_rate = prefix * 5 // args.batch_size * args.batch_size / (time.perf_counter() - start)
     test_users, test_items, duplicate_mask = dataloading.create_test_data(test, negatives)
     start = time.perf_counter()

@@ -1073,8 +1073,9 @@ class Acceptance:
         users, items = (torch.randint(0, count, (positives,), generator=generator,
                                       device=self.device, dtype=torch.int32)
                         for count in (shape.nb_users, shape.nb_items))
-        loss = train.train_epoch(loss_module, optimizer, scaler, users, items, shape.nb_items, 0,
-                                 args, ctx)
+        loss = train.train_epoch(loss_module, optimizer, scaler,
+                                 dataloading.Positives.from_pairs(users, items, shape.nb_users),
+                                 shape.nb_items, 0, args, ctx)
         after = list(model.parameters())
         updated = all(not torch.equal(old, new) for old, new in zip(before, after))
         finite = all(bool(torch.isfinite(new).all()) for new in after)

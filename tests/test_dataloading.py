@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import dataloading
-from dataloading import Epoch, create_test_data, epoch_keys, share_bounds, shuffled_positions
+from dataloading import (Epoch, Positives, create_test_data, epoch_keys, share_bounds,
+                         shuffled_positions)
 from evaluation import hit_rate_and_ndcg, positive_ranks, ranking_metrics
 
 
@@ -83,9 +84,37 @@ def test_ranking_metrics_by_hand():
 
 def whole_epoch(train_users, train_items, nb_items, negatives, world_size=1, rank=0, seed=7,
                 epoch=0):
-    samples = Epoch(train_users, train_items, nb_items, negatives, world_size, rank,
-                    epoch_keys(seed, epoch))
+    positives = Positives.from_pairs(train_users, train_items, int(train_users.max()) + 1)
+    samples = Epoch(positives, nb_items, negatives, world_size, rank, epoch_keys(seed, epoch))
     return samples.samples(0, len(samples))
+
+
+def test_positives_are_grouped_by_user_in_their_order():
+    users = torch.tensor([2, 0, 2, 1, 0, 2], dtype=torch.int32)
+    items = torch.tensor([7, 3, 5, 9, 1, 6], dtype=torch.int32)
+    positives = Positives.from_pairs(users, items, nb_users=4)  # user 3 has no positive
+    assert positives.offsets.tolist() == [0, 2, 3, 6, 6]
+    assert positives.items.tolist() == [3, 1, 9, 7, 5, 6]
+    assert positives.users().tolist() == [0, 0, 1, 2, 2, 2]
+    assert positives.users().dtype == torch.int32 and len(positives) == 6
+    assert positives.users_of(torch.tensor([5, 0, 2, 3, 1])).tolist() == [2, 0, 1, 2, 0]
+    first = positives.prefix(3)
+    assert first.users().tolist() == [0, 0, 1] and first.items.tolist() == [3, 1, 9]
+
+
+def test_users_of_positions_equal_the_user_column_on_random_data():
+    generator = torch.Generator().manual_seed(5)
+    users = torch.randint(0, 50, (2000,), generator=generator, dtype=torch.int32)
+    items = torch.arange(2000, dtype=torch.int32)
+    positives = Positives.from_pairs(users, items, 60)
+    column = users[torch.argsort(users, stable=True)]
+    positions = torch.randint(0, 2000, (5000,), generator=generator)
+    assert torch.equal(positives.users_of(positions), column[positions])
+    assert torch.equal(positives.users(), column)
+    # each user's items keep their order in the file
+    for user in range(50):
+        assert torch.equal(positives.items[positives.offsets[user]:positives.offsets[user + 1]],
+                           items[users == user])
 
 
 def test_epoch_labels_and_negatives_per_positive():
@@ -153,7 +182,8 @@ def test_the_epoch_is_the_same_whatever_its_pieces(monkeypatch):
     epochs = []
     for piece in (1, 7, 64, 10 ** 6):
         monkeypatch.setitem(dataloading.PIECE_SAMPLES, "cpu", piece)
-        samples = Epoch(train_users, train_items, 500, 4, 1, 0, epoch_keys(3, 2))
+        samples = Epoch(Positives.from_pairs(train_users, train_items, 17), 500, 4, 1, 0,
+                        epoch_keys(3, 2))
         epochs.append([torch.cat(parts) for parts in zip(*samples.batches(25))])
     for other in epochs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(epochs[0], other))
@@ -164,7 +194,7 @@ def test_the_epoch_is_the_same_whatever_its_pieces(monkeypatch):
                                             ("cuda", [(0, 2 ** 22)])])
 def test_a_gpu_builds_its_epoch_in_fewer_larger_pieces(monkeypatch, device, pieces):
     """On a GPU each piece waits on the host for the queue of training steps to drain."""
-    class Positives:
+    class Items:
         def __init__(self):
             self.device = torch.device(device)
 
@@ -174,7 +204,7 @@ def test_a_gpu_builds_its_epoch_in_fewer_larger_pieces(monkeypatch, device, piec
     built = []
     monkeypatch.setattr(Epoch, "samples", lambda self, start, stop: built.append(
         (start, stop)) or (torch.zeros(stop - start),) * 3)
-    samples = Epoch(Positives(), Positives(), 9, 4, 1, 0, epoch_keys(1, 0))
+    samples = Epoch(Positives(torch.zeros(2), Items()), 9, 4, 1, 0, epoch_keys(1, 0))
     assert sum(1 for _ in samples.batches(2 ** 20)) == 4
     assert built == pieces
 
@@ -187,8 +217,8 @@ def test_share_bounds_cover_without_overlap():
 
 
 def test_batches_drop_the_partial_last_batch():
-    samples = Epoch(torch.arange(2, dtype=torch.int32), torch.arange(2, dtype=torch.int32), 9,
-                    4, 1, 0, epoch_keys(1, 0))
+    pairs = torch.arange(2, dtype=torch.int32)
+    samples = Epoch(Positives.from_pairs(pairs, pairs, 2), 9, 4, 1, 0, epoch_keys(1, 0))
     assert [len(batch[0]) for batch in samples.batches(4)] == [4, 4]
     assert list(samples.batches(11)) == []
 

@@ -115,8 +115,8 @@ def gradients_after_an_epoch(rank, data, store, answers):
         splits = dataloading.load_splits(data, ctx.device)
         model, training_loss = train.build_model(args, splits.nb_users, splits.nb_items, ctx)
         train.train_epoch(training_loss, train.build_optimizer(args, model),
-                          train.grad_scaler(ctx), splits.train_users, splits.train_items,
-                          splits.nb_items, 0, args, ctx)
+                          train.grad_scaler(ctx), splits.positives, splits.nb_items, 0, args,
+                          ctx)
         grads = [parameter.grad for parameter in model.parameters()]
         answers.put((rank, [None if grad is None else (grad.untyped_storage().data_ptr(),
                                                        bool(grad.eq(0).all())) for grad in grads]))

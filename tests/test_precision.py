@@ -96,7 +96,7 @@ def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(cluster
     args = ncf.parse_args(["--data", clustered_data, "-b", "2048"])
     ctx = train.Context(torch.device("cpu"), 0, 1, False, torch.float16)
     splits = dataloading.load_splits(args.data, ctx.device)
-    nb_items, train_users, train_items = splits.nb_items, splits.train_users, splits.train_items
+    nb_items, positives = splits.nb_items, splits.positives
     test_data = (splits.test.users, splits.test.items, splits.test.duplicate_mask)
     model, ddp_model = train.build_model(args, splits.nb_users, nb_items, ctx)
     optimizer = train.build_optimizer(args, model)
@@ -109,8 +109,8 @@ def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(cluster
     before = [parameter.detach().clone() for parameter in model.parameters()]
     overflow = model.final.bias.register_hook(lambda grad: grad * math.inf)
     one_step = 2048 // 5 + 1
-    train.train_epoch(ddp_model, optimizer, scaler, train_users[:one_step],
-                      train_items[:one_step], nb_items, 0, args, ctx)
+    train.train_epoch(ddp_model, optimizer, scaler, positives.prefix(one_step), nb_items, 0,
+                      args, ctx)
     overflow.remove()
     assert output_dtypes == {torch.float16}
     assert all(torch.equal(old, new) for old, new in zip(before, model.parameters()))
@@ -118,8 +118,8 @@ def test_float16_loss_scaling_skips_an_overflowing_step_and_still_learns(cluster
     assert scaler.get_scale() == initial_scale * scaler.get_backoff_factor()
 
     untrained_hr, _, _ = evaluation.val_epoch(model, *test_data, args, ctx)
-    losses = [train.train_epoch(ddp_model, optimizer, scaler, train_users, train_items, nb_items,
-                                epoch, args, ctx) for epoch in range(1, 5)]
+    losses = [train.train_epoch(ddp_model, optimizer, scaler, positives, nb_items, epoch, args,
+                                ctx) for epoch in range(1, 5)]
     hr, _, _ = evaluation.val_epoch(model, *test_data, args, ctx)
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert all(state["step"].item() > 0 for state in optimizer.state.values())

@@ -315,8 +315,8 @@ def test_cpu_pieces_give_the_whole_batch_gradient(clustered_data, monkeypatch):
             {names[id(p)]: p.grad.clone() for group in opt.param_groups for p in group["params"]}))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         positives = 4096 // 5 + 1  # one full batch: one optimiser step
-        loss = train.train_epoch(ddp_model, optimizer, scaler, splits.train_users[:positives],
-                                 splits.train_items[:positives], splits.nb_items, 0, args, ctx)
+        loss = train.train_epoch(ddp_model, optimizer, scaler, splits.positives.prefix(positives),
+                                 splits.nb_items, 0, args, ctx)
         return loss, gradients
 
     whole_loss, whole = one_step(2 ** 18)
