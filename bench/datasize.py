@@ -51,15 +51,16 @@ from child_process import failure_reason  # noqa: E402
 from logger import log_records, read_log  # noqa: E402
 
 # What a step is expected to need: a fixed part plus bytes per rating of the input, fitted to
-# the peaks this script measured at 1x and 5x on the 2-core development machine (2026-12-03;
-# 1x, 2x, 5x: convert.py 0.89, 1.50, 3.33 GB; one process 1.55, 2.22, 4.29; two 3.05, 4.55,
-# 9.24; evaluation 1.06, 1.73, 3.69), rounded up. generate.py's is its ml-20m frame's.
+# the peaks this script measured at 1x and 10x on the 2-core development machine (2026-12-04;
+# 1x, 2x, 5x, 10x: convert.py 0.89, 1.50, 3.33, 6.39 GB; one process 1.46, 2.05, 3.87, 7.30;
+# two 2.93, 4.25, 8.29, 15.55; evaluation 0.97, 1.65, 3.80, 7.31), rounded up. generate.py's
+# is its ml-20m frame's.
 NEEDS = {
     "generate.py": (2.2e9, 0),
     "convert.py": (0.4e9, 33),
-    "ncf.py, 1 process": (0.9e9, 35),
-    "ncf.py, 2 processes": (1.5e9, 80),
-    "ncf.py --mode test": (0.4e9, 34),
+    "ncf.py, 1 process": (0.85e9, 33),
+    "ncf.py, 2 processes": (1.5e9, 71),
+    "ncf.py --mode test": (0.35e9, 36),
 }
 # The share of the available memory a step may plan to take: the rest is left to whatever else
 # the machine runs, which a step near the limit would have the kernel's OOM killer end.
