@@ -534,6 +534,35 @@ class Candidates:
     duplicate_mask: torch.Tensor
 
 
+# Pairs group_by_user sorts at a time: its temporaries stay near 0.1 GB at any size.
+GROUP_PAIRS = 2 ** 22
+
+
+def group_by_user(users, items, nb_users):
+    """(offsets, grouped): user u's items are grouped[offsets[u]:offsets[u + 1]], in the order
+    they come in `items`; offsets int64 [nb_users + 1] (more where `users` holds larger ids).
+
+    A counting sort, a piece of GROUP_PAIRS at a time: one stable argsort of all the users held
+    three int64 copies of them at once (2.4 GB at five times ml-20m's users).
+    """
+    counts = torch.bincount(users, minlength=nb_users)
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64, device=items.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    grouped = torch.empty_like(items)
+    filled = offsets[:-1].clone()
+    for start in range(0, len(users), GROUP_PAIRS):
+        piece = users[start:start + GROUP_PAIRS].long()
+        order = torch.argsort(piece, stable=True)
+        piece = piece[order]
+        piece_counts = torch.bincount(piece, minlength=len(counts))
+        # Each pair's place among its user's pairs of this piece, after the earlier pieces'.
+        within = (torch.arange(len(piece), device=piece.device)
+                  - (torch.cumsum(piece_counts, 0) - piece_counts)[piece])
+        grouped[filled[piece] + within] = items[start:start + GROUP_PAIRS][order]
+        filled += piece_counts
+    return offsets, grouped
+
+
 @dataclass
 class Positives:
     """The training positives grouped by user: user u's items are items[offsets[u]:offsets[u+1]].
@@ -547,15 +576,9 @@ class Positives:
 
     @classmethod
     def from_pairs(cls, users, items, nb_users):
-        """From a user and an item per positive, grouped by user with a stable sort (a
-        converted train_ratings.pt is in time order, as the original writes it)."""
-        order = torch.argsort(users, stable=True)
-        counts = torch.bincount(users, minlength=nb_users)
-        items = items[order]
-        del order
-        offsets = torch.zeros(len(counts) + 1, dtype=torch.int64, device=items.device)
-        torch.cumsum(counts, 0, out=offsets[1:])
-        return cls(offsets, items)
+        """From a user and an item per positive (a converted train_ratings.pt is in time order,
+        as the original writes it)."""
+        return cls(*group_by_user(users, items, nb_users))
 
     def __len__(self):
         return len(self.items)

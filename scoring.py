@@ -15,6 +15,8 @@ import os
 
 import torch
 
+import dataloading
+
 
 def default_chunk_pairs(device):
     """Pairs scored per pass, so a pass's activations (about 1.8 KiB a pair at the default
@@ -198,11 +200,9 @@ class TrainingItems:
     """Each user's training items, grouped by user, to mask them out of a user batch's scores."""
 
     def __init__(self, train_users, train_items, nb_users):
-        train_users = train_users.to(torch.int64)
-        order = torch.argsort(train_users, stable=True)
-        self.items = train_items.to(torch.int64)[order]
-        self.counts = torch.bincount(train_users, minlength=nb_users)
-        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        offsets, self.items = dataloading.group_by_user(train_users, train_items, nb_users)
+        self.counts = offsets.diff()
+        self.starts = offsets[:-1]
 
     def mask(self, users, nb_items):
         """Bool [len(users), nb_items]: True where the row's user trained on the item."""

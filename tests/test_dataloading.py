@@ -102,6 +102,19 @@ def test_positives_are_grouped_by_user_in_their_order():
     assert first.users().tolist() == [0, 0, 1] and first.items.tolist() == [3, 1, 9]
 
 
+@pytest.mark.parametrize("piece", [1, 7, 2000])
+def test_grouping_by_user_in_pieces_is_a_stable_sort(monkeypatch, piece):
+    monkeypatch.setattr(dataloading, "GROUP_PAIRS", piece)
+    generator = torch.Generator().manual_seed(piece)
+    users = torch.randint(0, 40, (1500,), generator=generator)
+    items = torch.randint(0, 10 ** 6, (1500,), generator=generator, dtype=torch.int32)
+    offsets, grouped = dataloading.group_by_user(users, items, 45)
+    order = torch.argsort(users, stable=True)
+    assert torch.equal(grouped, items[order]) and grouped.dtype == torch.int32
+    assert torch.equal(offsets.diff(), torch.bincount(users, minlength=45))
+    assert offsets[0] == 0 and len(offsets) == 46
+
+
 def test_users_of_positions_equal_the_user_column_on_random_data():
     generator = torch.Generator().manual_seed(5)
     users = torch.randint(0, 50, (2000,), generator=generator, dtype=torch.int32)
