@@ -610,11 +610,17 @@ class Splits:
     metadata: Optional[dict]  # None: converted by the original convert.py
 
 
+def smallest_id_dtype(*counts):
+    """int32 for ids below these counts where every count is below 2**31, else int64: int32
+    ids halve the memory of an epoch's samples and of the training items, and embeddings
+    accept them directly."""
+    return torch.int32 if max(counts) < 2 ** 31 else torch.int64
+
+
 def load_splits(data_dir, device, feature_spec_file=FEATURE_SPEC):
     """open_dataset(data_dir, feature_spec_file) as Splits on `device`."""
     dataset = open_dataset(data_dir, feature_spec_file)
-    # int32 ids halve the memory of an epoch's samples; embeddings accept them directly.
-    id_dtype = torch.int32 if max(dataset.nb_users, dataset.nb_items) < 2 ** 31 else torch.int64
+    id_dtype = smallest_id_dtype(dataset.nb_users, dataset.nb_items)
 
     def candidates(pairs, negatives):
         users, items, duplicate_mask = (tensor.to(device) for tensor in

@@ -90,9 +90,9 @@ class Recommender:
         check_matches(model.state_dict(), checkpoint_path, nb_users, nb_items)
         self.scorer = scoring.FactoredScorer(model)
         # int32 items where they fit: half the memory every request's mask reads them from.
-        item_dtype = torch.int32 if nb_items < 2 ** 31 else torch.int64
-        self.trained = scoring.TrainingItems(train_pairs[:, 0].to(device),
-                                             train_pairs[:, 1].to(device, item_dtype), nb_users)
+        self.trained = scoring.TrainingItems(
+            train_pairs[:, 0].to(device),
+            train_pairs[:, 1].to(device, dataloading.smallest_id_dtype(nb_items)), nb_users)
         self.bounds = self.shortlist_scorer = None
         if bounded_topk.bounds_pay(self.scorer):
             # Exact top-k from a few hundred scored items a user instead of all.
